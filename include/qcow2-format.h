@@ -1,0 +1,104 @@
+/* On-disk qcow2 format: header layout, feature bits, entry masks and the
+ * big-endian helpers every reader of the format needs.
+ * See QEMU's docs/interop/qcow2.txt for the authoritative description.
+ */
+#ifndef QCOW2_FORMAT_H
+#define QCOW2_FORMAT_H
+
+#include <stdint.h>
+#include <string.h>
+
+#define QCOW2_MAGIC 0x514649fbu
+
+/* Header field offsets (bytes from the start of the file). */
+#define HDR_MAGIC                0
+#define HDR_VERSION              4
+#define HDR_BACKING_OFFSET       8
+#define HDR_BACKING_SIZE        16
+#define HDR_CLUSTER_BITS        20
+#define HDR_SIZE                24
+#define HDR_CRYPT_METHOD        32
+#define HDR_L1_SIZE             36
+#define HDR_L1_OFFSET           40
+#define HDR_REFTABLE_OFFSET     48
+#define HDR_REFTABLE_CLUSTERS   56
+#define HDR_NB_SNAPSHOTS        60
+#define HDR_SNAPSHOTS_OFFSET    64
+#define HDR_V2_LENGTH           72
+#define HDR_INCOMPAT            72
+#define HDR_COMPAT              80
+#define HDR_AUTOCLEAR           88
+#define HDR_REFCOUNT_ORDER      96
+#define HDR_HEADER_LENGTH      100
+#define HDR_COMPRESSION_TYPE   104
+#define HDR_V3_MIN_LENGTH      104
+
+#define INCOMPAT_DIRTY          (1ull << 0)
+#define INCOMPAT_CORRUPT        (1ull << 1)
+#define INCOMPAT_DATA_FILE      (1ull << 2)
+#define INCOMPAT_COMPRESSION    (1ull << 3)
+#define INCOMPAT_EXTL2          (1ull << 4)
+#define INCOMPAT_KNOWN          ((1ull << 5) - 1)
+
+#define COMPAT_LAZY_REFCOUNTS   (1ull << 0)
+
+#define AUTOCLEAR_BITMAPS       (1ull << 0)
+#define AUTOCLEAR_DATA_FILE_RAW (1ull << 1)
+
+#define COMPRESSION_DEFLATE 0
+#define COMPRESSION_ZSTD    1
+
+/* Header extension types. */
+#define HDR_EXT_END             0x00000000u
+#define HDR_EXT_BACKING_FORMAT  0xe2792acau
+#define HDR_EXT_FEATURE_TABLE   0x6803f857u
+
+/* L1 and L2 entries. */
+#define L1E_OFFSET_MASK   0x00fffffffffffe00ull
+#define L1E_RESERVED_MASK 0x7f000000000001ffull
+#define L2E_OFFSET_MASK   0x00fffffffffffe00ull
+#define L2E_RESERVED_MASK 0x3f000000000001feull
+#define QCOW_OFLAG_COPIED     (1ull << 63)
+#define QCOW_OFLAG_COMPRESSED (1ull << 62)
+#define QCOW_OFLAG_ZERO       (1ull << 0)
+
+#define REFT_OFFSET_MASK  0xfffffffffffffe00ull
+
+/* QEMU's own limits, so that any image QEMU accepts we accept too. */
+#define QCOW2_MIN_CLUSTER_BITS 9
+#define QCOW2_MAX_CLUSTER_BITS 21
+#define QCOW2_MAX_L1_BYTES     (32u << 20)
+#define QCOW2_MAX_REFTABLE_BYTES (8u << 20)
+#define QCOW2_MAX_BACKING_NAME 1023
+
+static inline uint16_t be16_get (const void *p)
+{
+  const uint8_t *b = p;
+  return (uint16_t) (b[0] << 8 | b[1]);
+}
+
+static inline uint32_t be32_get (const void *p)
+{
+  const uint8_t *b = p;
+  return (uint32_t) b[0] << 24 | (uint32_t) b[1] << 16 |
+         (uint32_t) b[2] << 8 | b[3];
+}
+
+static inline uint64_t be64_get (const void *p)
+{
+  return (uint64_t) be32_get (p) << 32 | be32_get ((const uint8_t *) p + 4);
+}
+
+static inline void be32_put (void *p, uint32_t v)
+{
+  uint8_t *b = p;
+  b[0] = v >> 24; b[1] = v >> 16; b[2] = v >> 8; b[3] = v;
+}
+
+static inline void be64_put (void *p, uint64_t v)
+{
+  be32_put (p, v >> 32);
+  be32_put ((uint8_t *) p + 4, (uint32_t) v);
+}
+
+#endif /* QCOW2_FORMAT_H */

@@ -1,0 +1,69 @@
+/* qcow2reclaim engine: the public API used by the nbdkit plugin, the tool
+ * and the tests.  Every call returns 0 or a negative errno; failures have
+ * already been logged as one sentence naming the image and the offset.
+ */
+#ifndef QCOW2RECLAIM_H
+#define QCOW2RECLAIM_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+struct q2_image;
+
+/* Flags for write, zero and discard. */
+#define Q2_FUA        (1u << 0)   /* on stable storage before returning */
+#define Q2_MAY_TRIM   (1u << 1)   /* zero: the range may be deallocated */
+#define Q2_FAST_ZERO  (1u << 2)   /* zero: fail with ENOTSUP rather than write data */
+
+/* Extent types, the same bits as NBD's block status. */
+#define Q2_EXTENT_HOLE (1u << 0)
+#define Q2_EXTENT_ZERO (1u << 1)
+
+enum q2_discard_mode {
+  Q2_DISCARD_PUNCH = 0,     /* unreference and punch host space (default) */
+  Q2_DISCARD_KEEP,          /* zero flag, keep the allocation, punch host range */
+  Q2_DISCARD_IGNORE,        /* accept TRIM and do nothing, as qemu-nbd's default */
+};
+
+struct q2_options {
+  const char *file;
+  bool readonly;
+  const char *backing;      /* NULL: the image's own; "none": refuse backing files */
+  size_t cache_size;        /* bytes of L2 tables and refcount blocks to keep, 0 = default */
+  enum q2_discard_mode discard;
+};
+
+#define Q2_DEFAULT_CACHE_SIZE (32u << 20)
+
+/* Messages go to the logger; level 0 = error, 1 = notice, 2 = debug. */
+typedef void (*q2_log_fn) (int level, const char *msg);
+void q2_set_logger (q2_log_fn fn);
+
+int q2_open (const struct q2_options *opts, struct q2_image **imgp);
+/* Writes back everything and closes; returns the first error seen. */
+int q2_close (struct q2_image *img);
+
+/* Start helper resources that must not exist before a fork (io_uring). */
+int q2_after_fork (struct q2_image *img);
+
+uint64_t q2_virtual_size (const struct q2_image *img);
+uint32_t q2_cluster_size (const struct q2_image *img);
+bool q2_readonly (const struct q2_image *img);
+
+int q2_read (struct q2_image *img, void *buf, uint64_t count, uint64_t offset);
+int q2_write (struct q2_image *img, const void *buf, uint64_t count,
+              uint64_t offset, unsigned flags);
+int q2_zero (struct q2_image *img, uint64_t count, uint64_t offset, unsigned flags);
+int q2_discard (struct q2_image *img, uint64_t count, uint64_t offset, unsigned flags);
+int q2_flush (struct q2_image *img);
+
+/* Calls fn for consecutive extents starting at offset and covering at least
+ * count bytes (fewer calls when req_one); stops at the first non-zero return.
+ */
+typedef int (*q2_extent_fn) (void *opaque, uint64_t offset, uint64_t length,
+                             uint32_t type);
+int q2_extents (struct q2_image *img, uint64_t count, uint64_t offset,
+                bool req_one, q2_extent_fn fn, void *opaque);
+
+#endif /* QCOW2RECLAIM_H */

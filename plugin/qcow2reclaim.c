@@ -1,0 +1,269 @@
+/* nbdkit glue for the qcow2reclaim engine: parameters, callbacks, errno.
+ * No qcow2 knowledge lives here.
+ */
+#include <config.h>
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define NBDKIT_API_VERSION 2
+#include <nbdkit-plugin.h>
+
+#include "qcow2reclaim.h"
+
+static char *file;
+static bool readonly;
+static char *backing;
+static size_t cache_size;
+static enum q2_discard_mode discard = Q2_DISCARD_PUNCH;
+
+/* One image for all connections: one metadata cache, so multi-conn is safe. */
+static struct q2_image *image;
+
+static void logger (int level, const char *msg)
+{
+  if (level == 0)
+    nbdkit_error ("%s", msg);
+  else if (level == 1)
+    fprintf (stderr, "nbdkit: qcow2reclaim: %s\n", msg);
+  else
+    nbdkit_debug ("%s", msg);
+}
+
+static void q2r_load (void)
+{
+  q2_set_logger (logger);
+}
+
+static void q2r_unload (void)
+{
+  if (image && q2_close (image) < 0)
+    nbdkit_error ("%s: metadata could not be written back on exit", file);
+  image = NULL;
+  free (file);
+  free (backing);
+}
+
+static int q2r_config (const char *key, const char *value)
+{
+  int r;
+
+  if (strcmp (key, "file") == 0) {
+    free (file);
+    if (!(file = nbdkit_realpath (value)))
+      return -1;
+  }
+  else if (strcmp (key, "readonly") == 0) {
+    if ((r = nbdkit_parse_bool (value)) == -1)
+      return -1;
+    readonly = r;
+  }
+  else if (strcmp (key, "backing") == 0) {
+    free (backing);
+    if (strcmp (value, "none") == 0)
+      backing = strdup (value);
+    else
+      backing = nbdkit_realpath (value);
+    if (!backing)
+      return -1;
+  }
+  else if (strcmp (key, "cache-size") == 0) {
+    int64_t n = nbdkit_parse_size (value);
+    if (n == -1)
+      return -1;
+    cache_size = n;
+  }
+  else if (strcmp (key, "discard") == 0) {
+    if (strcmp (value, "punch") == 0)
+      discard = Q2_DISCARD_PUNCH;
+    else if (strcmp (value, "keep") == 0)
+      discard = Q2_DISCARD_KEEP;
+    else if (strcmp (value, "ignore") == 0)
+      discard = Q2_DISCARD_IGNORE;
+    else {
+      nbdkit_error ("discard=%s: expected punch, keep or ignore", value);
+      return -1;
+    }
+  }
+  else {
+    nbdkit_error ("unknown parameter '%s' (see nbdkit qcow2reclaim --help)", key);
+    return -1;
+  }
+  return 0;
+}
+
+static int q2r_config_complete (void)
+{
+  if (!file) {
+    nbdkit_error ("you must give the image with file=IMAGE.qcow2");
+    return -1;
+  }
+  return 0;
+}
+
+#define q2r_config_help \
+  "file=<IMAGE>          (required) The qcow2 image to serve.\n" \
+  "readonly=true|false   Serve read-only (default false); also allows images\n" \
+  "                      marked corrupt or dirty to be read.\n" \
+  "backing=<FILE>|none   Use FILE as the backing file instead of the one the\n" \
+  "                      image names; none refuses images with a backing file.\n" \
+  "cache-size=<SIZE>     Bytes of L2 tables and refcount blocks kept in memory\n" \
+  "                      (default 32M, enough for 2 TiB with 64 KiB clusters).\n" \
+  "discard=punch|keep|ignore\n" \
+  "                      What TRIM does (default punch: free the clusters and\n" \
+  "                      punch holes in the host file)."
+
+/* The image is opened before nbdkit forks so that a refusal stops nbdkit
+ * with a message before it serves anything.
+ */
+static int q2r_get_ready (void)
+{
+  struct q2_options o = {
+    .file = file, .readonly = readonly, .backing = backing,
+    .cache_size = cache_size, .discard = discard,
+  };
+
+  return q2_open (&o, &image) < 0 ? -1 : 0;
+}
+
+static int q2r_after_fork (void)
+{
+  return q2_after_fork (image) < 0 ? -1 : 0;
+}
+
+/* Connections share the image: the handle only needs to be non-NULL. */
+static void *q2r_open (int ro)
+{
+  return image;
+}
+
+static int64_t q2r_get_size (void *h)
+{
+  return q2_virtual_size (image);
+}
+
+static int q2r_block_size (void *h, uint32_t *minimum, uint32_t *preferred,
+                           uint32_t *maximum)
+{
+  uint32_t cs = q2_cluster_size (image);
+
+  *minimum = 1;
+  *preferred = cs < 4096 ? 4096 : cs;
+  *maximum = 0xffffffff;
+  return 0;
+}
+
+static int q2r_can_write (void *h)
+{
+  return !q2_readonly (image);
+}
+
+static int q2r_can_flush (void *h) { return 1; }
+static int q2r_can_fua (void *h) { return NBDKIT_FUA_NATIVE; }
+static int q2r_can_multi_conn (void *h) { return 1; }
+static int q2r_can_extents (void *h) { return 1; }
+static int q2r_can_zero (void *h) { return 1; }
+static int q2r_can_fast_zero (void *h) { return 1; }
+
+/* The engine returns -errno; nbdkit wants -1 with errno set. */
+static int ret (int r)
+{
+  if (r >= 0)
+    return 0;
+  nbdkit_set_error (-r);
+  return -1;
+}
+
+static unsigned flags_of (uint32_t f)
+{
+  return (f & NBDKIT_FLAG_FUA ? Q2_FUA : 0) |
+    (f & NBDKIT_FLAG_MAY_TRIM ? Q2_MAY_TRIM : 0) |
+    (f & NBDKIT_FLAG_FAST_ZERO ? Q2_FAST_ZERO : 0);
+}
+
+static int q2r_pread (void *h, void *buf, uint32_t count, uint64_t offset,
+                      uint32_t flags)
+{
+  return ret (q2_read (image, buf, count, offset));
+}
+
+static int q2r_pwrite (void *h, const void *buf, uint32_t count, uint64_t offset,
+                       uint32_t flags)
+{
+  return ret (q2_write (image, buf, count, offset, flags_of (flags)));
+}
+
+static int q2r_flush (void *h, uint32_t flags)
+{
+  return ret (q2_flush (image));
+}
+
+static int q2r_zero (void *h, uint32_t count, uint64_t offset, uint32_t flags)
+{
+  return ret (q2_zero (image, count, offset, flags_of (flags)));
+}
+
+static int add_extent (void *opaque, uint64_t offset, uint64_t length, uint32_t type)
+{
+  return nbdkit_add_extent (opaque, offset, length,
+                            (type & Q2_EXTENT_HOLE ? NBDKIT_EXTENT_HOLE : 0) |
+                            (type & Q2_EXTENT_ZERO ? NBDKIT_EXTENT_ZERO : 0));
+}
+
+static int q2r_extents (void *h, uint32_t count, uint64_t offset, uint32_t flags,
+                        struct nbdkit_extents *extents)
+{
+  int r = q2_extents (image, count, offset, flags & NBDKIT_FLAG_REQ_ONE,
+                      add_extent, extents);
+  return r > 0 ? -1 : ret (r);
+}
+
+static void q2r_dump_plugin (void)
+{
+  printf ("qcow2reclaim_version=%s\n", PACKAGE_VERSION);
+#ifdef HAVE_LIBURING
+  printf ("qcow2reclaim_io_uring=yes\n");
+#else
+  printf ("qcow2reclaim_io_uring=no\n");
+#endif
+  printf ("qcow2reclaim_compression=deflate,zstd\n");
+}
+
+#define THREAD_MODEL NBDKIT_THREAD_MODEL_PARALLEL
+
+static struct nbdkit_plugin plugin = {
+  .name              = "qcow2reclaim",
+  .longname          = "qcow2reclaim: qcow2 images that give discarded space back",
+  .version           = PACKAGE_VERSION,
+  .load              = q2r_load,
+  .unload            = q2r_unload,
+  .config            = q2r_config,
+  .config_complete   = q2r_config_complete,
+  .config_help       = q2r_config_help,
+  .magic_config_key  = "file",
+  .get_ready         = q2r_get_ready,
+  .after_fork        = q2r_after_fork,
+  .open              = q2r_open,
+  .get_size          = q2r_get_size,
+  .block_size        = q2r_block_size,
+  .can_write         = q2r_can_write,
+  .can_flush         = q2r_can_flush,
+  .can_fua           = q2r_can_fua,
+  .can_multi_conn    = q2r_can_multi_conn,
+  .can_extents       = q2r_can_extents,
+  .can_zero          = q2r_can_zero,
+  .can_fast_zero     = q2r_can_fast_zero,
+  .pread             = q2r_pread,
+  .pwrite            = q2r_pwrite,
+  .flush             = q2r_flush,
+  .zero              = q2r_zero,
+  .extents           = q2r_extents,
+  .dump_plugin       = q2r_dump_plugin,
+  .errno_is_preserved = 0,
+};
+
+NBDKIT_REGISTER_PLUGIN (plugin)

@@ -1,0 +1,66 @@
+/* Block status as qemu-nbd reports it: data for normal and compressed
+ * clusters, hole+zero for zero clusters and for unallocated ones without a
+ * backing file, and the backing file's own status where it shows through.
+ */
+#include <config.h>
+
+#include <errno.h>
+
+#include "image.h"
+#include "backing.h"
+#include "cluster.h"
+
+int image_block_status (struct q2_image *img, uint64_t offset, uint64_t len,
+                        uint32_t *type, uint64_t *run)
+{
+  struct mapping m;
+  int r;
+
+  pthread_mutex_lock (&img->meta_lock);
+  r = map_get (img, offset, len, &m);
+  pthread_mutex_unlock (&img->meta_lock);
+  if (r < 0)
+    return r;
+  *run = m.bytes;
+  switch (m.kind) {
+  case MAP_UNALLOC:
+    if (img->backing)
+      return backing_status (img->backing, offset, m.bytes, type, run);
+    /* fall through */
+  case MAP_ZERO_PLAIN:
+  case MAP_ZERO_ALLOC:
+    *type = Q2_EXTENT_HOLE | Q2_EXTENT_ZERO;
+    return 0;
+  default:
+    *type = 0;
+    return 0;
+  }
+}
+
+int q2_extents (struct q2_image *img, uint64_t count, uint64_t offset,
+                bool req_one, q2_extent_fn fn, void *opaque)
+{
+  uint64_t end = offset + count, start = offset, run, len = 0;
+  uint32_t type, cur = 0;
+  int r;
+
+  if (offset >= img->virtual_size || count > img->virtual_size - offset)
+    return -EINVAL;
+  /* Adjacent runs of one type are merged into one extent. */
+  while (offset < end) {
+    if ((r = image_block_status (img, offset, end - offset, &type, &run)) < 0)
+      return r;
+    if (len && type != cur) {
+      if ((r = fn (opaque, start, len, cur)) != 0)
+        return r;
+      if (req_one)
+        return 0;
+      start = offset;
+      len = 0;
+    }
+    cur = type;
+    len += run;
+    offset += run;
+  }
+  return len ? fn (opaque, start, len, cur) : 0;
+}

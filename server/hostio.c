@@ -1,0 +1,226 @@
+#include <config.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <linux/falloc.h>
+
+#ifdef HAVE_LIBURING
+#include <liburing.h>
+#endif
+
+#include "hostio.h"
+#include "log.h"
+
+#define RING_DEPTH 64
+
+int host_open (struct hostfile *hf, const char *name, bool readonly)
+{
+  memset (hf, 0, sizeof *hf);
+  pthread_mutex_init (&hf->ring_lock, NULL);
+  hf->fd = open (name, (readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+  if (hf->fd == -1) {
+    int err = errno;
+    q2_error ("%s: cannot open: %s", name, strerror (err));
+    return -err;
+  }
+  hf->name = strdup (name);
+  if (!hf->name) {
+    close (hf->fd);
+    return -ENOMEM;
+  }
+  return 0;
+}
+
+void host_close (struct hostfile *hf)
+{
+#ifdef HAVE_LIBURING
+  if (hf->ring_ok) {
+    io_uring_queue_exit (hf->ring);
+    free (hf->ring);
+  }
+#endif
+  if (hf->fd >= 0)
+    close (hf->fd);
+  hf->fd = -1;
+  pthread_mutex_destroy (&hf->ring_lock);
+  free (hf->name);
+  hf->name = NULL;
+}
+
+void host_start_ring (struct hostfile *hf)
+{
+#ifdef HAVE_LIBURING
+  struct io_uring *ring;
+
+  if (hf->ring_ok)
+    return;
+  ring = calloc (1, sizeof *ring);
+  if (!ring)
+    return;
+  if (io_uring_queue_init (RING_DEPTH, ring, 0) < 0) {
+    q2_debug ("%s: io_uring is not available, using plain system calls", hf->name);
+    free (ring);
+    return;
+  }
+  hf->ring = ring;
+  hf->ring_ok = true;
+#else
+  (void) hf;
+#endif
+}
+
+int host_pread (struct hostfile *hf, void *buf, size_t len, uint64_t offset)
+{
+  char *p = buf;
+
+  while (len > 0) {
+    ssize_t r = pread (hf->fd, p, len, offset);
+    if (r == -1) {
+      if (errno == EINTR)
+        continue;
+      return -errno;
+    }
+    if (r == 0) {
+      memset (p, 0, len);
+      return 0;
+    }
+    p += r;
+    len -= r;
+    offset += r;
+  }
+  return 0;
+}
+
+int host_pwrite (struct hostfile *hf, const void *buf, size_t len, uint64_t offset)
+{
+  const char *p = buf;
+
+  while (len > 0) {
+    ssize_t r = pwrite (hf->fd, p, len, offset);
+    if (r == -1) {
+      if (errno == EINTR)
+        continue;
+      return -errno;
+    }
+    p += r;
+    len -= r;
+    offset += r;
+  }
+  return 0;
+}
+
+#ifdef HAVE_LIBURING
+/* One submission of up to RING_DEPTH writes; short completions are finished
+ * with plain pwrite so the caller sees all-or-error.
+ */
+static int ring_write_some (struct hostfile *hf, const struct host_write *w, size_t n)
+{
+  struct io_uring *ring = hf->ring;
+  size_t i, done = 0;
+  int err = 0;
+
+  for (i = 0; i < n; i++) {
+    struct io_uring_sqe *sqe = io_uring_get_sqe (ring);
+    io_uring_prep_write (sqe, hf->fd, w[i].buf, w[i].len, w[i].offset);
+    io_uring_sqe_set_data (sqe, (void *) &w[i]);
+  }
+  if (io_uring_submit (ring) < 0)
+    return -EAGAIN;
+  while (done < n) {
+    struct io_uring_cqe *cqe;
+    int r = io_uring_wait_cqe (ring, &cqe);
+    if (r == -EINTR)
+      continue;
+    if (r < 0)
+      return r;
+    const struct host_write *hw = io_uring_cqe_get_data (cqe);
+    int res = cqe->res;
+    io_uring_cqe_seen (ring, cqe);
+    done++;
+    if (res < 0 && !err)
+      err = res;
+    else if (res >= 0 && (size_t) res < hw->len && !err)
+      err = host_pwrite (hf, (const char *) hw->buf + res, hw->len - res,
+                         hw->offset + res);
+  }
+  return err;
+}
+#endif
+
+int host_pwrite_batch (struct hostfile *hf, const struct host_write *w, size_t n)
+{
+  size_t i;
+  int r;
+
+#ifdef HAVE_LIBURING
+  if (hf->ring_ok && n > 1) {
+    pthread_mutex_lock (&hf->ring_lock);
+    for (i = 0, r = 0; i < n && r == 0; i += RING_DEPTH)
+      r = ring_write_some (hf, &w[i], n - i < RING_DEPTH ? n - i : RING_DEPTH);
+    pthread_mutex_unlock (&hf->ring_lock);
+    if (r != -EAGAIN)
+      return r;
+  }
+#endif
+  for (i = 0; i < n; i++) {
+    r = host_pwrite (hf, w[i].buf, w[i].len, w[i].offset);
+    if (r < 0)
+      return r;
+  }
+  return 0;
+}
+
+int host_punch (struct hostfile *hf, uint64_t offset, uint64_t len)
+{
+  if (fallocate (hf->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                 offset, len) == -1)
+    return -errno;
+  return 0;
+}
+
+/* Zeroes a range, keeping it allocated where the filesystem can. */
+int host_zero (struct hostfile *hf, uint64_t offset, uint64_t len)
+{
+  static const char zeros[65536];
+
+  if (fallocate (hf->fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
+                 offset, len) == 0)
+    return 0;
+  while (len > 0) {
+    size_t n = len < sizeof zeros ? len : sizeof zeros;
+    int r = host_pwrite (hf, zeros, n, offset);
+    if (r < 0)
+      return r;
+    offset += n;
+    len -= n;
+  }
+  return 0;
+}
+
+int host_truncate (struct hostfile *hf, uint64_t size)
+{
+  if (ftruncate (hf->fd, size) == -1)
+    return -errno;
+  return 0;
+}
+
+int host_sync (struct hostfile *hf)
+{
+  if (fdatasync (hf->fd) == -1)
+    return -errno;
+  return 0;
+}
+
+int host_size (struct hostfile *hf, uint64_t *size)
+{
+  struct stat st;
+
+  if (fstat (hf->fd, &st) == -1)
+    return -errno;
+  *size = st.st_size;
+  return 0;
+}

@@ -1,0 +1,49 @@
+# Shared by the shell tests: temporary directory, server start/stop, skips.
+# Source it with: . "$srcdir/functions.sh"
+set -eu
+: "${PLUGIN:?PLUGIN must name the built plugin (run the tests through make check)}"
+export PATH=/usr/bin:$PATH
+
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/q2r-test.XXXXXX")
+SERVER_PIDS=
+cleanup() {
+    for p in $SERVER_PIDS; do kill "$p" 2>/dev/null || true; done
+    for p in $SERVER_PIDS; do wait "$p" 2>/dev/null || true; done
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+
+# A test that cannot run here says why and exits with automake's skip code.
+skip() { echo "SKIP: $*"; exit 77; }
+require() { command -v "$1" >/dev/null 2>&1 || skip "$1 is not installed"; }
+fail() { echo "FAIL: $*" >&2; exit 1; }
+
+# start_server SOCKET LOGFILE PARAMS...: serve with nbdkit on a Unix socket,
+# wait until it accepts connections; the pid is recorded for cleanup.
+start_server() {
+    local sock=$1 log=$2; shift 2
+    rm -f "$sock"
+    nbdkit -f -v -U "$sock" "$PLUGIN" "$@" >"$log" 2>&1 &
+    local pid=$!
+    SERVER_PIDS="$SERVER_PIDS $pid"
+    LAST_SERVER_PID=$pid
+    local i
+    for i in $(seq 1 300); do
+        [ -S "$sock" ] && return 0
+        kill -0 "$pid" 2>/dev/null || { cat "$log" >&2; fail "nbdkit exited before serving"; }
+        sleep 0.05
+    done
+    cat "$log" >&2; fail "nbdkit did not create $sock"
+}
+
+# stop_server PID: ask nbdkit to finish (it writes back metadata on exit).
+stop_server() {
+    kill "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
+}
+
+# qemu-img check must report no errors and no leaks (exit 0).
+check_clean() {
+    local out
+    out=$(qemu-img check "$1" 2>&1) || { echo "$out" >&2; fail "qemu-img check $1 is not clean"; }
+}
