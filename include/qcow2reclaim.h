@@ -54,6 +54,9 @@ bool q2_readonly (const struct q2_image *img);
 int q2_read (struct q2_image *img, void *buf, uint64_t count, uint64_t offset);
 int q2_write (struct q2_image *img, const void *buf, uint64_t count,
               uint64_t offset, unsigned flags);
+/* Both return 1 (not an error) when an internal snapshot still holds some of
+ * the range, so its space could not go back to the host.
+ */
 int q2_zero (struct q2_image *img, uint64_t count, uint64_t offset, unsigned flags);
 int q2_discard (struct q2_image *img, uint64_t count, uint64_t offset, unsigned flags);
 int q2_flush (struct q2_image *img);
@@ -65,5 +68,16 @@ typedef int (*q2_extent_fn) (void *opaque, uint64_t offset, uint64_t length,
                              uint32_t type);
 int q2_extents (struct q2_image *img, uint64_t count, uint64_t offset,
                 bool req_one, q2_extent_fn fn, void *opaque);
+
+/* What reclaim has done since the image was opened. */
+struct q2_stats {
+  uint64_t bytes_punched;       /* host bytes turned into holes */
+  uint64_t clusters_freed;      /* refcounts that dropped to zero */
+  uint64_t l2_tables_freed;
+  uint64_t refblocks_freed;
+  uint64_t truncations;
+  uint64_t bytes_truncated;
+};
+void q2_get_stats (struct q2_image *img, struct q2_stats *stats);
 
 #endif /* QCOW2RECLAIM_H */

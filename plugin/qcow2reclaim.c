@@ -5,6 +5,7 @@
 
 #include <errno.h>
 #include <inttypes.h>
+#include <pthread.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -20,9 +21,15 @@ static bool readonly;
 static char *backing;
 static size_t cache_size;
 static enum q2_discard_mode discard = Q2_DISCARD_PUNCH;
+static char *statsfile;
 
 /* One image for all connections: one metadata cache, so multi-conn is safe. */
 static struct q2_image *image;
+
+/* Per connection: whether it was told that snapshots keep discarded space. */
+struct handle {
+  bool snapshot_notice_given;
+};
 
 static void logger (int level, const char *msg)
 {
@@ -39,13 +46,61 @@ static void q2r_load (void)
   q2_set_logger (logger);
 }
 
+static void format_stats (char *buf, size_t len)
+{
+  struct q2_stats s;
+
+  q2_get_stats (image, &s);
+  snprintf (buf, len,
+            "bytes_punched=%" PRIu64 "\nclusters_freed=%" PRIu64
+            "\nl2_tables_freed=%" PRIu64 "\nrefcount_blocks_freed=%" PRIu64
+            "\ntruncations=%" PRIu64 "\nbytes_truncated=%" PRIu64 "\n",
+            s.bytes_punched, s.clusters_freed, s.l2_tables_freed,
+            s.refblocks_freed, s.truncations, s.bytes_truncated);
+}
+
+/* The counters go to statsfile=FILE, replaced whole (write, then rename)
+ * after every flush, trim and write-zeroes, so readers never see half.
+ */
+static void write_statsfile (void)
+{
+  static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+  char buf[512], tmp[4096];
+  FILE *f;
+
+  if (!statsfile || !image)
+    return;
+  format_stats (buf, sizeof buf);
+  snprintf (tmp, sizeof tmp, "%s.tmp", statsfile);
+  pthread_mutex_lock (&lock);
+  if ((f = fopen (tmp, "we")) != NULL) {
+    fputs (buf, f);
+    if (fclose (f) == 0)
+      rename (tmp, statsfile);
+  }
+  pthread_mutex_unlock (&lock);
+}
+
+/* The final write-back may free more, so the totals are taken after it. */
 static void q2r_unload (void)
 {
-  if (image && q2_close (image) < 0)
-    nbdkit_error ("%s: metadata could not be written back on exit", file);
-  image = NULL;
+  char buf[512], *p;
+
+  if (image) {
+    if (!q2_readonly (image))
+      q2_flush (image);
+    write_statsfile ();
+    format_stats (buf, sizeof buf);
+    for (p = buf; (p = strchr (p, '\n')) != NULL; )
+      *p = p[1] ? ' ' : '\0';
+    fprintf (stderr, "nbdkit: qcow2reclaim: %s: reclaim totals: %s\n", file, buf);
+    if (q2_close (image) < 0)
+      nbdkit_error ("%s: metadata could not be written back on exit", file);
+    image = NULL;
+  }
   free (file);
   free (backing);
+  free (statsfile);
 }
 
 static int q2r_config (const char *key, const char *value)
@@ -76,6 +131,11 @@ static int q2r_config (const char *key, const char *value)
     if (n == -1)
       return -1;
     cache_size = n;
+  }
+  else if (strcmp (key, "statsfile") == 0) {
+    free (statsfile);
+    if (!(statsfile = strdup (value)))
+      return -1;
   }
   else if (strcmp (key, "discard") == 0) {
     if (strcmp (value, "punch") == 0)
@@ -115,7 +175,10 @@ static int q2r_config_complete (void)
   "                      (default 32M, enough for 2 TiB with 64 KiB clusters).\n" \
   "discard=punch|keep|ignore\n" \
   "                      What TRIM does (default punch: free the clusters and\n" \
-  "                      punch holes in the host file)."
+  "                      punch holes in the host file; keep: zero flag, keep\n" \
+  "                      the clusters, punch the host range; ignore: do nothing).\n" \
+  "statsfile=<FILE>      Keep reclaim counters in FILE (rewritten after each\n" \
+  "                      flush, trim and zero; also logged when nbdkit exits)."
 
 /* The image is opened before nbdkit forks so that a refusal stops nbdkit
  * with a message before it serves anything.
@@ -135,10 +198,18 @@ static int q2r_after_fork (void)
   return q2_after_fork (image) < 0 ? -1 : 0;
 }
 
-/* Connections share the image: the handle only needs to be non-NULL. */
 static void *q2r_open (int ro)
 {
-  return image;
+  struct handle *h = calloc (1, sizeof *h);
+
+  if (!h)
+    nbdkit_error ("calloc: %m");
+  return h;
+}
+
+static void q2r_close (void *h)
+{
+  free (h);
 }
 
 static int64_t q2r_get_size (void *h)
@@ -167,6 +238,7 @@ static int q2r_can_fua (void *h) { return NBDKIT_FUA_NATIVE; }
 static int q2r_can_multi_conn (void *h) { return 1; }
 static int q2r_can_extents (void *h) { return 1; }
 static int q2r_can_zero (void *h) { return 1; }
+static int q2r_can_trim (void *h) { return 1; }
 static int q2r_can_fast_zero (void *h) { return 1; }
 
 /* The engine returns -errno; nbdkit wants -1 with errno set. */
@@ -199,12 +271,33 @@ static int q2r_pwrite (void *h, const void *buf, uint32_t count, uint64_t offset
 
 static int q2r_flush (void *h, uint32_t flags)
 {
-  return ret (q2_flush (image));
+  int r = q2_flush (image);
+
+  write_statsfile ();
+  return ret (r);
+}
+
+/* Said once per connection, so a guest's fstrim does not flood the log. */
+static int reclaimed (struct handle *h, int r)
+{
+  if (r == 1 && !h->snapshot_notice_given) {
+    h->snapshot_notice_given = true;
+    fprintf (stderr, "nbdkit: qcow2reclaim: %s: internal snapshots share some of "
+             "the discarded clusters; their space stays allocated until the "
+             "snapshots are deleted\n", file);
+  }
+  write_statsfile ();
+  return ret (r);
 }
 
 static int q2r_zero (void *h, uint32_t count, uint64_t offset, uint32_t flags)
 {
-  return ret (q2_zero (image, count, offset, flags_of (flags)));
+  return reclaimed (h, q2_zero (image, count, offset, flags_of (flags)));
+}
+
+static int q2r_trim (void *h, uint32_t count, uint64_t offset, uint32_t flags)
+{
+  return reclaimed (h, q2_discard (image, count, offset, flags_of (flags)));
 }
 
 static int add_extent (void *opaque, uint64_t offset, uint64_t length, uint32_t type)
@@ -248,6 +341,7 @@ static struct nbdkit_plugin plugin = {
   .get_ready         = q2r_get_ready,
   .after_fork        = q2r_after_fork,
   .open              = q2r_open,
+  .close             = q2r_close,
   .get_size          = q2r_get_size,
   .block_size        = q2r_block_size,
   .can_write         = q2r_can_write,
@@ -256,11 +350,13 @@ static struct nbdkit_plugin plugin = {
   .can_multi_conn    = q2r_can_multi_conn,
   .can_extents       = q2r_can_extents,
   .can_zero          = q2r_can_zero,
+  .can_trim          = q2r_can_trim,
   .can_fast_zero     = q2r_can_fast_zero,
   .pread             = q2r_pread,
   .pwrite            = q2r_pwrite,
   .flush             = q2r_flush,
   .zero              = q2r_zero,
+  .trim              = q2r_trim,
   .extents           = q2r_extents,
   .dump_plugin       = q2r_dump_plugin,
   .errno_is_preserved = 0,

@@ -7,6 +7,7 @@
 #include "image.h"
 #include "alloc.h"
 #include "refcount.h"
+#include "reclaim.h"
 #include "log.h"
 
 void alloc_note_end (struct q2_image *img, uint64_t end)
@@ -140,6 +141,7 @@ int alloc_clusters (struct q2_image *img, uint64_t max, uint64_t *offset, uint64
   return alloc_run (img, max, false, offset, got);
 }
 
+/* Returns 1 when the count reached zero: the cluster is free. */
 int alloc_release (struct q2_image *img, uint64_t offset)
 {
   uint64_t cluster = offset >> img->cluster_bits, rc;
@@ -156,14 +158,20 @@ int alloc_release (struct q2_image *img, uint64_t offset)
     return 0;
   /* A stale cached table must never be written over the cluster's next use. */
   cache_drop (&img->cache, offset);
+  overlap_del (&img->meta, cluster);
   if (cluster < img->free_hint)
     img->free_hint = cluster;
-  if (img->discard != Q2_DISCARD_IGNORE && offset < img->file_end)
-    host_punch (&img->hf, offset, img->cluster_size);
-  return 0;
+  img->stats.clusters_freed++;
+  img->shrink_wanted = true;
+  return 1;
 }
 
-int alloc_free_later (struct q2_image *img, uint64_t offset)
+/* The low bit of a pending offset (clusters are aligned) says the host
+ * range was punched already, when the request dropped its only reference.
+ */
+#define PENDING_PUNCHED 1ull
+
+int alloc_free_later (struct q2_image *img, uint64_t offset, bool punched)
 {
   if (img->npending == img->pending_cap) {
     size_t cap = img->pending_cap ? img->pending_cap * 2 : 64;
@@ -173,21 +181,45 @@ int alloc_free_later (struct q2_image *img, uint64_t offset)
     img->pending_free = p;
     img->pending_cap = cap;
   }
-  img->pending_free[img->npending++] = offset;
+  img->pending_free[img->npending++] = offset | (punched ? PENDING_PUNCHED : 0);
   return 0;
 }
 
+static int cmp_u64 (const void *a, const void *b)
+{
+  uint64_t x = *(const uint64_t *) a, y = *(const uint64_t *) b;
+  return x < y ? -1 : x > y;
+}
+
+/* Sorted, so that clusters freed side by side are punched with one call. */
 int alloc_apply_pending (struct q2_image *img)
 {
+  uint64_t run_start = 0, run_len = 0;
   size_t i;
   int r = 0;
 
-  for (i = 0; i < img->npending && r == 0; i++)
-    r = alloc_release (img, img->pending_free[i]);
+  qsort (img->pending_free, img->npending, sizeof (uint64_t), cmp_u64);
+  for (i = 0; i < img->npending; i++) {
+    uint64_t off = img->pending_free[i] & ~PENDING_PUNCHED;
+    if ((r = alloc_release (img, off)) < 0)
+      break;
+    if (r == 0 || (img->pending_free[i] & PENDING_PUNCHED))
+      continue;
+    if (run_len && run_start + run_len == off)
+      run_len += img->cluster_size;
+    else {
+      if (run_len)
+        reclaim_punch (img, run_start, run_len);
+      run_start = off;
+      run_len = img->cluster_size;
+    }
+  }
+  if (run_len)
+    reclaim_punch (img, run_start, run_len);
   if (r < 0) {
-    memmove (img->pending_free, img->pending_free + i - 1,
-             (img->npending - i + 1) * sizeof *img->pending_free);
-    img->npending -= i - 1;
+    memmove (img->pending_free, img->pending_free + i,
+             (img->npending - i) * sizeof *img->pending_free);
+    img->npending -= i;
     return r;
   }
   img->npending = 0;

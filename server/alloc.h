@@ -5,6 +5,7 @@
 #ifndef Q2_ALLOC_H
 #define Q2_ALLOC_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
 struct q2_image;
@@ -15,10 +16,14 @@ int alloc_find_free (struct q2_image *img, uint64_t n, uint64_t *offset);
 int alloc_contiguous (struct q2_image *img, uint64_t n, uint64_t *offset);
 /* Claims between 1 and max contiguous clusters at the lowest free place. */
 int alloc_clusters (struct q2_image *img, uint64_t max, uint64_t *offset, uint64_t *got);
-/* Drops one reference now: only for references that are not on disk. */
+/* Drops one reference now: only for references that are not on disk.
+ * Returns 1 when the cluster became free (the caller may punch it).
+ */
 int alloc_release (struct q2_image *img, uint64_t offset);
-/* Drops one reference once the metadata that used it has been written. */
-int alloc_free_later (struct q2_image *img, uint64_t offset);
+/* Drops one reference once the metadata that used it has been written;
+ * punched says the host range is already a hole.
+ */
+int alloc_free_later (struct q2_image *img, uint64_t offset, bool punched);
 int alloc_apply_pending (struct q2_image *img);
 void alloc_note_end (struct q2_image *img, uint64_t end);
 

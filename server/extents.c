@@ -5,10 +5,33 @@
 #include <config.h>
 
 #include <errno.h>
+#include <unistd.h>
 
 #include "image.h"
 #include "backing.h"
 #include "cluster.h"
+
+/* Holes in the host file inside allocated clusters (never-written parts
+ * of partially written clusters, sub-cluster discards) read as zeros:
+ * report them as zero, allocated, as qemu-nbd does.
+ */
+static int host_status (struct q2_image *img, uint64_t host, uint32_t *type,
+                        uint64_t *run)
+{
+  off_t d = lseek (img->hf.fd, host, SEEK_DATA), h;
+
+  if (d == (off_t) -1 || (uint64_t) d > host) {
+    if (d != (off_t) -1 && (uint64_t) d - host < *run)
+      *run = d - host;
+    *type = Q2_EXTENT_ZERO;
+    return 0;
+  }
+  h = lseek (img->hf.fd, host, SEEK_HOLE);
+  if (h != (off_t) -1 && (uint64_t) h - host < *run)
+    *run = h - host;
+  *type = 0;
+  return 0;
+}
 
 int image_block_status (struct q2_image *img, uint64_t offset, uint64_t len,
                         uint32_t *type, uint64_t *run)
@@ -31,6 +54,8 @@ int image_block_status (struct q2_image *img, uint64_t offset, uint64_t len,
   case MAP_ZERO_ALLOC:
     *type = Q2_EXTENT_HOLE | Q2_EXTENT_ZERO;
     return 0;
+  case MAP_NORMAL:
+    return host_status (img, m.host, type, run);
   default:
     *type = 0;
     return 0;

@@ -8,6 +8,7 @@
 #include "flush.h"
 #include "alloc.h"
 #include "l1.h"
+#include "reclaim.h"
 #include "log.h"
 
 struct batch {
@@ -155,5 +156,5 @@ int flush_metadata (struct q2_image *img, bool *synced)
     if ((r = flush_refcounts (img)) < 0)
       return r;
   }
-  return 0;
+  return reclaim_shrink (img);
 }

@@ -34,9 +34,17 @@ static bool overlaps (uint64_t a, uint64_t alen, uint64_t b, uint64_t blen)
   return blen && a < b + blen && b < a + alen;
 }
 
+/* self is what the range is meant to hold: data (META_NONE), or one kind
+ * of metadata, which must then be known as that kind.
+ */
 int check_host_range (struct q2_image *img, uint64_t offset, uint64_t len,
-                      const char *what, uint64_t guest)
+                      enum meta_kind self, const char *what, uint64_t guest)
 {
+  static const char *const held[] = {
+    [META_L2] = "which holds an L2 table", [META_REFBLOCK] = "which holds a refcount block",
+  };
+  enum meta_kind k;
+  uint64_t c;
   const char *why = NULL;
   uint64_t cs = img->cluster_size;
   char gbuf[48] = "";
@@ -49,6 +57,9 @@ int check_host_range (struct q2_image *img, uint64_t offset, uint64_t len,
     why = "inside the L1 table";
   else if (overlaps (offset, len, img->reftable.offset, img->reftable_clusters * cs))
     why = "inside the refcount table";
+  for (c = offset >> img->cluster_bits; !why && c <= (offset + len - 1) >> img->cluster_bits; c++)
+    if ((k = overlap_kind (&img->meta, c)) != META_NONE && k != self)
+      why = held[k];
   if (!why)
     return 0;
   if (guest != UINT64_MAX)
@@ -135,6 +146,8 @@ static int image_open (const struct q2_options *o, int depth, struct q2_image **
   if ((r = table_load (img, &img->l1, "L1 table")) < 0 ||
       (r = table_load (img, &img->reftable, "refcount table")) < 0)
     goto fail;
+  if ((r = overlap_build (img)) < 0)
+    goto fail;
   r = cache_init (&img->cache, o->cache_size ? o->cache_size : Q2_DEFAULT_CACHE_SIZE,
                   img->cluster_size);
   if (r < 0)
@@ -186,6 +199,7 @@ int q2_close (struct q2_image *img)
   backing_close (img->backing);
   if (img->cache.buckets)
     cache_free (&img->cache);
+  overlap_free (&img->meta);
   table_free (&img->l1);
   table_free (&img->reftable);
   free (img->pending_free);

@@ -14,6 +14,7 @@
 #include "hostio.h"
 #include "cache.h"
 #include "lock.h"
+#include "overlap.h"
 
 struct backing;
 
@@ -54,6 +55,7 @@ struct q2_image {
   uint64_t reftable_clusters;
 
   struct meta_cache cache;
+  struct meta_set meta;       /* clusters holding L2 tables and refcount blocks */
 
   /* Allocation state. */
   uint64_t file_end;          /* bytes: max(host file size, allocated end) */
@@ -65,7 +67,9 @@ struct q2_image {
    */
   uint64_t *pending_free;     /* host offsets of single clusters */
   size_t npending, pending_cap;
-  bool snapshot_notice_given;
+  bool shrink_wanted;         /* clusters were freed since the last shrink */
+  bool punch_unsupported;     /* the host filesystem cannot punch holes */
+  struct q2_stats stats;
   bool quiet_corruption;      /* looking ahead: do not log what is found */
 
   struct backing *backing;
@@ -95,7 +99,7 @@ int q2_corrupt (struct q2_image *img, const char *fmt, ...)
 
 /* Is [offset, offset+len) a valid place for a table or data cluster? */
 int check_host_range (struct q2_image *img, uint64_t offset, uint64_t len,
-                      const char *what, uint64_t guest_offset);
+                      enum meta_kind self, const char *what, uint64_t guest_offset);
 
 /* Opens a backing image of the chain, depth images below the served one. */
 int image_open_chain (const char *path, int depth, struct q2_image **imgp);

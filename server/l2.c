@@ -38,7 +38,7 @@ static int l1_entry_offset (struct q2_image *img, uint64_t guest_offset, uint64_
   if (e & L1E_RESERVED_MASK & ~QCOW_OFLAG_COPIED || *off & (img->cluster_size - 1))
     return q2_corrupt (img, "L1 entry %" PRIu64 " (0x%" PRIx64 ") for guest offset 0x%"
                        PRIx64 " is not a valid L2 table offset", i, e, table_start);
-  return check_host_range (img, *off, img->cluster_size, "L1 entry (L2 table)",
+  return check_host_range (img, *off, img->cluster_size, META_L2, "L1 entry",
                            table_start);
 }
 
@@ -80,10 +80,14 @@ int l2_table_get_writable (struct q2_image *img, uint64_t guest_offset,
   if (old) {
     memcpy (e->buf, old->buf, img->cluster_size);
     cache_put (old);
-    if ((r = alloc_free_later (img, old_off)) < 0) {
+    if ((r = alloc_free_later (img, old_off, false)) < 0) {
       cache_put (e);
       return r;
     }
+  }
+  if ((r = overlap_add (&img->meta, new_off >> img->cluster_bits, META_L2)) < 0) {
+    cache_put (e);
+    return r;
   }
   table_set (&img->l1, i, new_off | QCOW_OFLAG_COPIED);
   *ep = e;

@@ -1,36 +1,360 @@
-/* Write-zeroes and discard. */
+/* Discard and write-zeroes (DESIGN.md "Discard", "Write-zeroes").
+ *
+ * Whole clusters lose their L2 entry (or get the zero flag where a backing
+ * file would show through); clusters only we reference are punched at once,
+ * their refcount drops once the L2 change is on disk.  Parts of clusters are
+ * punched on host block boundaries, and a cluster that has become all hole
+ * is freed like a whole one.
+ */
 #include <config.h>
 
 #include <errno.h>
 #include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
 
 #include "image.h"
+#include "alloc.h"
+#include "flush.h"
+#include "l1.h"
+#include "l2.h"
 #include "log.h"
+#include "reclaim.h"
+#include "rw.h"
 
-#define ZERO_CHUNK (1u << 20)
+#define HOST_BLOCK 4096u
+
+enum op { OP_DISCARD, OP_ZERO };
+
+struct reclaim {
+  struct q2_image *img;
+  enum op op;
+  bool release;               /* give clusters up (discard, or zero + MAY_TRIM) */
+  bool keep;                  /* discard=keep: zero flag, allocation kept */
+  bool fast;                  /* FAST_ZERO: never write data */
+  bool shared_seen;           /* a snapshot kept some of the space */
+  uint64_t punch_start, punch_len;
+  uint64_t l1_pending;        /* L2 table to check for emptiness */
+};
+
+void reclaim_punch (struct q2_image *img, uint64_t offset, uint64_t len)
+{
+  int r;
+
+  if (img->punch_unsupported || len == 0)
+    return;
+  r = host_punch (&img->hf, offset, len);
+  if (r == -EOPNOTSUPP) {
+    img->punch_unsupported = true;
+    q2_notice ("%s: the host filesystem cannot punch holes; freed clusters are "
+               "reused, but their space does not go back to the host", img->name);
+  }
+  else if (r < 0)
+    q2_error ("%s: cannot punch host range 0x%" PRIx64 "+%" PRIu64 ": %s",
+              img->name, offset, len, strerror (-r));
+  else
+    __atomic_add_fetch (&img->stats.bytes_punched, len, __ATOMIC_RELAXED);
+}
+
+/* Adjacent punches of one request become one fallocate call. */
+static void punch_add (struct reclaim *rc, uint64_t offset, uint64_t len)
+{
+  if (rc->punch_len && rc->punch_start + rc->punch_len == offset) {
+    rc->punch_len += len;
+    return;
+  }
+  reclaim_punch (rc->img, rc->punch_start, rc->punch_len);
+  rc->punch_start = offset;
+  rc->punch_len = len;
+}
+
+/* The entry that reads as zeros without any allocation, if there is one:
+ * v2 images with a backing file have none.
+ */
+static bool zero_entry (const struct q2_image *img, uint64_t *e)
+{
+  if (!img->backing)
+    *e = 0;
+  else if (img->version >= 3)
+    *e = QCOW_OFLAG_ZERO;
+  else
+    return false;
+  return true;
+}
+
+static int set_entry (struct q2_image *img, uint64_t guest, uint64_t old, uint64_t e,
+                      bool free_old, bool punched)
+{
+  struct cache_entry *t;
+  int r;
+
+  pthread_mutex_lock (&img->meta_lock);
+  r = l2_table_get_writable (img, guest, &t);
+  if (r == 0) {
+    l2_entry_set (img, t, l2_index (img, guest), e);
+    cache_put (t);
+    if (free_old)
+      r = free_old_entry (img, old, punched);
+  }
+  pthread_mutex_unlock (&img->meta_lock);
+  return r;
+}
+
+static int write_zeros (struct reclaim *rc, uint64_t guest, uint64_t len)
+{
+  char *z;
+  int r;
+
+  if (rc->fast)
+    return -ENOTSUP;
+  if (!(z = calloc (1, len)))
+    return -ENOMEM;
+  r = write_locked (rc->img, z, len, guest);
+  free (z);
+  return r;
+}
+
+/* A whole cluster that is ours alone, with data. */
+static int whole_owned (struct reclaim *rc, uint64_t guest, const struct mapping *m)
+{
+  struct q2_image *img = rc->img;
+  uint64_t host = m->entry & L2E_OFFSET_MASK, e;
+  bool v3 = img->version >= 3;
+  int r;
+
+  if (rc->release && !rc->keep && zero_entry (img, &e)) {
+    punch_add (rc, host, img->cluster_size);
+    return set_entry (img, guest, m->entry, e, true, true);
+  }
+  if (m->kind == MAP_ZERO_ALLOC)
+    return 0;
+  if (rc->release) {
+    /* keep mode, or a v2 image over a backing file: the hole reads zeros. */
+    punch_add (rc, host, img->cluster_size);
+  }
+  else if ((r = host_zero (&img->hf, host, img->cluster_size)) < 0) {
+    q2_error ("%s: cannot zero host offset 0x%" PRIx64 ": %s", img->name, host,
+              strerror (-r));
+    return r;
+  }
+  return v3 ? set_entry (img, guest, m->entry, m->entry | QCOW_OFLAG_ZERO, false, false) : 0;
+}
+
+/* A whole cluster shared with a snapshot, or compressed. */
+static int whole_shared (struct reclaim *rc, uint64_t guest, const struct mapping *m)
+{
+  uint64_t e;
+
+  if (m->kind != MAP_COMPRESSED)
+    rc->shared_seen = true;
+  if (!zero_entry (rc->img, &e))
+    return rc->op == OP_ZERO ? write_zeros (rc, guest, rc->img->cluster_size) : 0;
+  return set_entry (rc->img, guest, m->entry, e, true, false);
+}
+
+static int whole_cluster (struct reclaim *rc, uint64_t guest, const struct mapping *m)
+{
+  uint64_t e;
+
+  switch (m->kind) {
+  case MAP_ZERO_PLAIN:
+    return 0;
+  case MAP_UNALLOC:
+    if (rc->op == OP_DISCARD || !rc->img->backing)
+      return 0;
+    if (!zero_entry (rc->img, &e))
+      return write_zeros (rc, guest, rc->img->cluster_size);
+    return set_entry (rc->img, guest, 0, e, false, false);
+  case MAP_NORMAL:
+  case MAP_ZERO_ALLOC:
+    return m->copied ? whole_owned (rc, guest, m) : whole_shared (rc, guest, m);
+  case MAP_COMPRESSED:
+    return whole_shared (rc, guest, m);
+  }
+  return -EIO;
+}
+
+static bool host_is_hole (struct q2_image *img, uint64_t offset, uint64_t len)
+{
+  off_t d = lseek (img->hf.fd, offset, SEEK_DATA);
+
+  return d == (off_t) -1 ? errno == ENXIO : (uint64_t) d >= offset + len;
+}
+
+/* Part of a cluster we own: punch what host blocks it covers. */
+static int partial_owned (struct reclaim *rc, uint64_t guest, uint64_t len,
+                          const struct mapping *m)
+{
+  struct q2_image *img = rc->img;
+  uint64_t h = m->host, start = (h + HOST_BLOCK - 1) & ~(uint64_t) (HOST_BLOCK - 1);
+  uint64_t end = (h + len) & ~(uint64_t) (HOST_BLOCK - 1);
+  uint64_t cluster = h - offset_in_cluster (img, guest);
+  struct mapping whole = *m;
+  int r = 0;
+
+  if (!rc->release)
+    r = host_zero (&img->hf, h, len);
+  else {
+    if (start < end)
+      reclaim_punch (img, start, end - start);
+    /* The edges must read as zeros after write-zeroes. */
+    if (rc->op == OP_ZERO && start < end) {
+      if (start > h)
+        r = host_zero (&img->hf, h, start - h);
+      if (r == 0 && h + len > end)
+        r = host_zero (&img->hf, end, h + len - end);
+    }
+    else if (rc->op == OP_ZERO)
+      r = host_zero (&img->hf, h, len);
+  }
+  if (r < 0) {
+    q2_error ("%s: cannot zero host offset 0x%" PRIx64 ": %s", img->name, h, strerror (-r));
+    return r;
+  }
+  if (!rc->release || rc->keep || !host_is_hole (img, cluster, img->cluster_size))
+    return 0;
+  whole.host = cluster;
+  return whole_cluster (rc, guest - offset_in_cluster (img, guest), &whole);
+}
+
+static int partial_cluster (struct reclaim *rc, uint64_t guest, uint64_t len,
+                            const struct mapping *m)
+{
+  switch (m->kind) {
+  case MAP_ZERO_PLAIN:
+  case MAP_ZERO_ALLOC:
+    return 0;
+  case MAP_UNALLOC:
+    return rc->op == OP_ZERO && rc->img->backing ? write_zeros (rc, guest, len) : 0;
+  case MAP_NORMAL:
+    if (m->copied)
+      return partial_owned (rc, guest, len, m);
+    rc->shared_seen = true;
+    /* fall through */
+  case MAP_COMPRESSED:
+    return rc->op == OP_ZERO ? write_zeros (rc, guest, len) : 0;
+  }
+  return -EIO;
+}
+
+/* An L2 table whose entries are all empty is freed (L1 entry cleared). */
+static int free_l2_if_empty (struct q2_image *img, uint64_t l1i)
+{
+  uint64_t e = img->l1.entries[l1i], off = e & L1E_OFFSET_MASK, i;
+  struct cache_entry *t;
+  bool empty = true;
+  int r;
+
+  if (!off || !(e & QCOW_OFLAG_COPIED))
+    return 0;
+  if ((r = cache_get (img, CACHE_L2, off, &t)) < 0)
+    return r;
+  for (i = 0; i < l2_entries (img) && empty; i++)
+    empty = l2_entry_get (t, i) == 0;
+  cache_put (t);
+  if (!empty)
+    return 0;
+  table_set (&img->l1, l1i, 0);
+  img->stats.l2_tables_freed++;
+  return alloc_free_later (img, off, false);
+}
+
+static int check_l2 (struct reclaim *rc, uint64_t next_l1)
+{
+  int r = 0;
+
+  if (rc->l1_pending != next_l1 && rc->l1_pending != UINT64_MAX) {
+    pthread_mutex_lock (&rc->img->meta_lock);
+    r = free_l2_if_empty (rc->img, rc->l1_pending);
+    pthread_mutex_unlock (&rc->img->meta_lock);
+  }
+  rc->l1_pending = next_l1;
+  return r;
+}
+
+/* Nothing to do over a run that already reads as zeros and owns nothing. */
+static bool nothing_to_do (const struct reclaim *rc, const struct mapping *m)
+{
+  return m->kind == MAP_ZERO_PLAIN ||
+    (m->kind == MAP_UNALLOC && (rc->op == OP_DISCARD || !rc->img->backing));
+}
+
+static int reclaim_range (struct q2_image *img, uint64_t count, uint64_t offset,
+                          struct reclaim *rc)
+{
+  uint64_t l1_shift = img->cluster_bits + img->l2_bits;
+  struct range_held h;
+  struct mapping m;
+  int r;
+
+  if (img->readonly)
+    return -EROFS;
+  if ((r = check_request (img, count, offset)) < 0)
+    return r;
+  rc->img = img;
+  rc->l1_pending = UINT64_MAX;
+  lock_guest (img, &h, count, offset, true);
+  while (count > 0 && r == 0) {
+    uint64_t in = offset_in_cluster (img, offset), len;
+    if ((r = mapping_at (img, offset, count, &m)) < 0)
+      break;
+    if (nothing_to_do (rc, &m))
+      len = m.bytes;
+    else {
+      len = img->cluster_size - in < count ? img->cluster_size - in : count;
+      if ((r = check_l2 (rc, offset >> l1_shift)) < 0)
+        break;
+      if (in == 0 && len == img->cluster_size)
+        r = whole_cluster (rc, offset, &m);
+      else
+        r = partial_cluster (rc, offset, len, &m);
+    }
+    offset += len;
+    count -= len;
+  }
+  reclaim_punch (img, rc->punch_start, rc->punch_len);
+  if (r == 0)
+    r = check_l2 (rc, UINT64_MAX);
+  range_unlock (&img->guest_lock, &h);
+  return r;
+}
+
+static int finish (struct q2_image *img, struct reclaim *rc, unsigned flags, int r)
+{
+  if (r == 0 && (flags & Q2_FUA))
+    r = q2_flush (img);
+  return r < 0 ? r : rc->shared_seen;
+}
 
 int q2_zero (struct q2_image *img, uint64_t count, uint64_t offset, unsigned flags)
 {
-  char *zeros;
-  int r = 0;
+  struct reclaim rc = {
+    .op = OP_ZERO,
+    .release = (flags & Q2_MAY_TRIM) && img->discard != Q2_DISCARD_IGNORE,
+    .keep = img->discard == Q2_DISCARD_KEEP,
+    .fast = !!(flags & Q2_FAST_ZERO),
+  };
 
-  if (flags & Q2_FAST_ZERO)
-    return -ENOTSUP;
-  zeros = calloc (1, ZERO_CHUNK);
-  if (!zeros)
-    return -ENOMEM;
-  while (count > 0 && r == 0) {
-    uint64_t n = count < ZERO_CHUNK ? count : ZERO_CHUNK;
-    r = q2_write (img, zeros, n, offset, flags & Q2_FUA);
-    offset += n;
-    count -= n;
-  }
-  free (zeros);
-  return r;
+  return finish (img, &rc, flags, reclaim_range (img, count, offset, &rc));
 }
 
 int q2_discard (struct q2_image *img, uint64_t count, uint64_t offset, unsigned flags)
 {
-  (void) img; (void) count; (void) offset; (void) flags;
-  return -ENOTSUP;
+  struct reclaim rc = {
+    .op = OP_DISCARD,
+    .release = true,
+    .keep = img->discard == Q2_DISCARD_KEEP,
+  };
+
+  if (img->discard == Q2_DISCARD_IGNORE)
+    return img->readonly ? -EROFS : 0;
+  return finish (img, &rc, flags, reclaim_range (img, count, offset, &rc));
+}
+
+void q2_get_stats (struct q2_image *img, struct q2_stats *stats)
+{
+  pthread_mutex_lock (&img->meta_lock);
+  *stats = img->stats;
+  stats->bytes_punched = __atomic_load_n (&img->stats.bytes_punched, __ATOMIC_RELAXED);
+  pthread_mutex_unlock (&img->meta_lock);
 }

@@ -7,6 +7,7 @@
 #include "refcount.h"
 #include "alloc.h"
 #include "header.h"
+#include "reclaim.h"
 #include "flush.h"
 #include "l1.h"
 #include "log.h"
@@ -61,8 +62,8 @@ static int block_offset (struct q2_image *img, uint64_t cluster, uint64_t *offse
   if (e & ~REFT_OFFSET_MASK || *offset & (img->cluster_size - 1))
     return q2_corrupt (img, "refcount table entry %" PRIu64 " (0x%" PRIx64
                        ") is not a valid cluster offset", idx, e);
-  r = check_host_range (img, *offset, img->cluster_size, "refcount block",
-                        UINT64_MAX);
+  r = check_host_range (img, *offset, img->cluster_size, META_REFBLOCK,
+                        "refcount table entry", UINT64_MAX);
   return r;
 }
 
@@ -130,6 +131,8 @@ static int create_block (struct q2_image *img, uint64_t idx)
     return r;
   table_set (&img->reftable, idx, where);
   cache_put (e);
+  if ((r = overlap_add (&img->meta, self, META_REFBLOCK)) < 0)
+    return r;
   alloc_note_end (img, where + img->cluster_size);
   return refcount_set (img, self, 1);
 }
@@ -191,6 +194,7 @@ static int grow_table (struct q2_image *img, uint64_t idx)
   for (i = 0; i < old_clusters; i++)
     if ((r = alloc_release (img, old_offset + (i << img->cluster_bits))) < 0)
       return r;
+  reclaim_punch (img, old_offset, old_clusters << img->cluster_bits);
   return 1;
 }
 

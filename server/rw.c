@@ -15,11 +15,12 @@
 #include "flush.h"
 #include "l2.h"
 #include "log.h"
+#include "rw.h"
 
 /* Past this many deferred frees, write back early so they can apply. */
 #define PENDING_FLUSH_THRESHOLD 4096
 
-static int check_request (struct q2_image *img, uint64_t count, uint64_t offset)
+int check_request (struct q2_image *img, uint64_t count, uint64_t offset)
 {
   if (offset > img->virtual_size || count > img->virtual_size - offset) {
     q2_error ("%s: request at 0x%" PRIx64 " for %" PRIu64 " bytes is beyond the "
@@ -29,7 +30,7 @@ static int check_request (struct q2_image *img, uint64_t count, uint64_t offset)
   return 0;
 }
 
-static void lock_guest (struct q2_image *img, struct range_held *h, uint64_t count,
+void lock_guest (struct q2_image *img, struct range_held *h, uint64_t count,
                         uint64_t offset, bool exclusive)
 {
   uint64_t last = count ? offset + count - 1 : offset;
@@ -37,7 +38,7 @@ static void lock_guest (struct q2_image *img, struct range_held *h, uint64_t cou
               last >> img->cluster_bits, exclusive);
 }
 
-static int mapping_at (struct q2_image *img, uint64_t offset, uint64_t count,
+int mapping_at (struct q2_image *img, uint64_t offset, uint64_t count,
                        struct mapping *m)
 {
   int r;
@@ -134,12 +135,28 @@ static int old_cluster (struct q2_image *img, const struct mapping *m, uint64_t 
   return -EIO;
 }
 
-/* One partially written cluster: old contents with the new bytes on top. */
+static bool reads_zero (const struct q2_image *img, const struct mapping *m)
+{
+  return m->kind == MAP_ZERO_PLAIN || m->kind == MAP_ZERO_ALLOC ||
+    (m->kind == MAP_UNALLOC && !img->backing);
+}
+
+/* One partially written cluster: old contents with the new bytes on top.
+ * Where the old contents are zeros, the rest of the cluster becomes a hole
+ * rather than written zeros, as QEMU does: less I/O and less host space.
+ */
 static int write_partial (struct q2_image *img, const struct mapping *m, uint64_t k,
                           uint64_t guest, uint64_t target, const char *data,
                           uint64_t in, uint64_t len, char *cbuf)
 {
-  int r = old_cluster (img, m, k, guest, cbuf);
+  int r;
+
+  if (reads_zero (img, m) && !img->punch_unsupported &&
+      host_punch (&img->hf, target, img->cluster_size) == 0) {
+    r = host_pwrite (&img->hf, data, len, target + in);
+    return r < 0 ? host_io_error (img, "write", target + in, guest + in, r) : 0;
+  }
+  r = old_cluster (img, m, k, guest, cbuf);
 
   if (r < 0)
     return r;
@@ -182,8 +199,7 @@ static int fill_clusters (struct q2_image *img, const struct mapping *m, const c
   return r;
 }
 
-/* Drops the reference an L2 entry held, once the new entry is on disk. */
-static int free_old_entry (struct q2_image *img, uint64_t entry)
+int free_old_entry (struct q2_image *img, uint64_t entry, bool punched)
 {
   uint64_t off, len, c;
   int r = 0;
@@ -191,11 +207,11 @@ static int free_old_entry (struct q2_image *img, uint64_t entry)
   if (entry & QCOW_OFLAG_COMPRESSED) {
     compressed_extent (img, entry, &off, &len);
     for (c = off & ~(img->cluster_size - 1); c < off + len && r == 0; c += img->cluster_size)
-      r = alloc_free_later (img, c);
+      r = alloc_free_later (img, c, punched);
     return r;
   }
   off = entry & L2E_OFFSET_MASK;
-  return off ? alloc_free_later (img, off) : 0;
+  return off ? alloc_free_later (img, off, punched) : 0;
 }
 
 static int link_clusters (struct q2_image *img, uint64_t offset, uint64_t n,
@@ -215,7 +231,7 @@ static int link_clusters (struct q2_image *img, uint64_t offset, uint64_t n,
                   (target + (i << img->cluster_bits)) | QCOW_OFLAG_COPIED);
     cache_put (e);
     if (!reuse)
-      r = free_old_entry (img, old);
+      r = free_old_entry (img, old, false);
   }
   if (r == 0 && img->npending > PENDING_FLUSH_THRESHOLD)
     r = flush_metadata (img, &synced);
@@ -257,19 +273,12 @@ static int write_new (struct q2_image *img, const struct mapping *m, const char 
   return r;
 }
 
-int q2_write (struct q2_image *img, const void *buf, uint64_t count,
-              uint64_t offset, unsigned flags)
+int write_locked (struct q2_image *img, const void *buf, uint64_t count, uint64_t offset)
 {
-  struct range_held h;
   struct mapping m;
   uint64_t len;
-  int r;
+  int r = 0;
 
-  if (img->readonly)
-    return -EROFS;
-  if ((r = check_request (img, count, offset)) < 0)
-    return r;
-  lock_guest (img, &h, count, offset, true);
   while (count > 0 && r == 0) {
     if ((r = mapping_at (img, offset, count, &m)) < 0)
       break;
@@ -285,6 +294,21 @@ int q2_write (struct q2_image *img, const void *buf, uint64_t count,
     offset += len;
     count -= len;
   }
+  return r;
+}
+
+int q2_write (struct q2_image *img, const void *buf, uint64_t count,
+              uint64_t offset, unsigned flags)
+{
+  struct range_held h;
+  int r;
+
+  if (img->readonly)
+    return -EROFS;
+  if ((r = check_request (img, count, offset)) < 0)
+    return r;
+  lock_guest (img, &h, count, offset, true);
+  r = write_locked (img, buf, count, offset);
   if (r == 0 && (flags & Q2_FUA))
     r = q2_flush (img);
   range_unlock (&img->guest_lock, &h);

@@ -1,0 +1,304 @@
+#!/usr/bin/env bash
+# Differential test: a seeded random workload runs through the server against
+# many kinds of qcow2 image while every operation is mirrored into a raw
+# reference.  Afterwards QEMU itself must read the image back identical to the
+# reference, and qemu-img check must find it clean.
+#
+# Environment:
+#   SEED=N       base seed (variant i uses N+i); default fixed so failures
+#                reproduce.  The seed of each variant is printed.
+#   OPS=N        operations per variant (default 2000)
+#   OPS_MIX=...  passed to nbd_random_ops.py --ops-mix (default: writes,
+#                reads, flushes); with trim in the mix, variants without a
+#                backing file check that trimmed whole clusters read as
+#                zeros
+#   VARIANTS="v2 chain ..."  run only these variants
+#   SERVER=qemu-nbd  serve with qemu-nbd instead of the plugin, to check the
+#                harness itself
+#   KEEP=1       keep the work directory of a failed variant
+
+set -eu
+SERVER=${SERVER:-nbdkit}
+# qemu-nbd needs no plugin, but functions.sh insists on the variable.
+[ "$SERVER" = qemu-nbd ] && : "${PLUGIN:=unused-with-qemu-nbd}"
+srcdir=$(cd "${srcdir:-$(dirname "$0")}" && pwd)
+. "$srcdir/functions.sh"
+# Servers run from a directory that holds no images, so relative backing
+# names can only resolve against the image's own directory.
+cd /
+
+require qemu-img
+require qemu-io
+/usr/bin/python3 -c 'import nbd' 2>/dev/null ||
+    skip "/usr/bin/python3 has no nbd module (python3-libnbd)"
+case $SERVER in
+    nbdkit) require nbdkit
+            [ -f "$PLUGIN" ] || fail "plugin $PLUGIN does not exist" ;;
+    qemu-nbd) require qemu-nbd ;;
+    *) fail "SERVER must be nbdkit or qemu-nbd, not $SERVER" ;;
+esac
+
+SEED=${SEED:-4217}
+OPS=${OPS:-2000}
+OPS_MIX=${OPS_MIX:-}
+ALL_VARIANTS="v2 v3 c4k c64k c2m rc1 rc64 zlib zstd chain rawback snap"
+VARIANTS=${VARIANTS:-$ALL_VARIANTS}
+SIZE=64M
+DRIVER=$srcdir/nbd_random_ops.py
+
+# serve SOCK LOG IMAGE: the plugin through start_server, or qemu-nbd with
+# the same socket, log and pid bookkeeping (so cleanup kills it too).
+serve() {
+    local sock=$1 log=$2 img=$3
+    if [ "$SERVER" = nbdkit ]; then
+        start_server "$sock" "$log" file="$img"
+        return
+    fi
+    rm -f "$sock"
+    # -t: stay up across the driver's connection; discard=unmap is the
+    # closest QEMU gets to our plugin's default.
+    qemu-nbd -f qcow2 -t -k "$sock" --discard=unmap "$img" >"$log" 2>&1 &
+    local pid=$!
+    SERVER_PIDS="$SERVER_PIDS $pid"
+    LAST_SERVER_PID=$pid
+    local i
+    for i in $(seq 1 300); do
+        [ -S "$sock" ] && return 0
+        kill -0 "$pid" 2>/dev/null || { cat "$log" >&2; fail "qemu-nbd exited"; }
+        sleep 0.05
+    done
+    cat "$log" >&2; fail "qemu-nbd did not create $sock"
+}
+
+# qio IMAGE FORMAT CMD...: run qemu-io commands, quietly unless they fail.
+qio() {
+    local img=$1 fmt=$2 out; shift 2
+    local args=()
+    local c
+    for c in "$@"; do args+=(-c "$c"); done
+    out=$(qemu-io -f "$fmt" "${args[@]}" "$img" 2>&1) ||
+        { echo "$out" >&2; fail "qemu-io on $img failed"; }
+    if echo "$out" | grep -q -e 'failed' -e 'error'; then
+        echo "$out" >&2; fail "qemu-io on $img reported a failure"
+    fi
+}
+
+# Prefill touches the start, an unaligned run, a large run, zeroed clusters
+# (zero flag in v3), a discarded range, and the last megabyte, so the
+# workload meets every kind of existing entry.
+prefill() {
+    local img=$1
+    qio "$img" qcow2 \
+        'write -P 0x11 0 1M' \
+        'write -P 0x22 5243392 300K' \
+        'write -P 0x33 20M 4M' \
+        'write -z 21M 1M' \
+        'discard 23M 512K' \
+        'write -P 0x44 30M 2M' \
+        'write -z 30208K 64K' \
+        'write -P 0x55 40000000 70000' \
+        'write -P 0x66 63M 1M'
+}
+
+# Compressible and incompressible clusters mixed, so compressed lengths vary
+# from a few sectors to nearly a cluster and straddle host clusters.
+make_mixed_raw() {
+    local out=$1 seed=$2
+    /usr/bin/python3 - "$out" "$seed" <<'EOF'
+import random, sys
+out, seed = sys.argv[1], int(sys.argv[2])
+rng = random.Random(seed)
+cs = 65536
+size = 64 << 20
+text = b"qcow2reclaim compressed cluster test line %d\n"
+with open(out, "wb") as f:
+    f.truncate(size)
+    for i in range((48 << 20) // cs):
+        kind = rng.random()
+        if kind < 0.15:
+            continue                        # leave a hole
+        frac = rng.choice((0.0, 0.05, 0.3, 0.6, 0.9, 1.0))
+        nrand = int(cs * frac)
+        filler = b"".join(text % (i * 1000 + j) for j in range(cs // 40 + 1))
+        f.seek(i * cs)
+        f.write((rng.randbytes(nrand) + filler)[:cs])
+EOF
+}
+
+# Each prepare_* sets IMG (absolute path), CS (cluster size), TRIM_ARG, and
+# optionally SNAP and BACKING_FILES, working inside directory $1.
+prepare_plain() {
+    local dir=$1; shift
+    IMG=$dir/img.qcow2
+    qemu-img create -q -f qcow2 "$@" "$IMG" $SIZE
+}
+
+prepare_v2()   { prepare_plain "$1" -o compat=0.10; prefill "$IMG"; }
+prepare_v3()   { prepare_plain "$1"; prefill "$IMG"; }
+prepare_c4k()  { prepare_plain "$1" -o cluster_size=4096; CS=4096; prefill "$IMG"; }
+# Left empty on purpose: every cluster is allocated by the server.
+prepare_c64k() { prepare_plain "$1" -o cluster_size=65536; }
+prepare_c2m()  { prepare_plain "$1" -o cluster_size=2097152; CS=2097152; prefill "$IMG"; }
+prepare_rc1()  { prepare_plain "$1" -o refcount_bits=1; prefill "$IMG"; }
+prepare_rc64() { prepare_plain "$1" -o refcount_bits=64; prefill "$IMG"; }
+
+prepare_compressed() {
+    local dir=$1 seed=$2; shift 2
+    IMG=$dir/img.qcow2
+    make_mixed_raw "$dir/src.raw" "$seed"
+    qemu-img convert -c -O qcow2 "$@" "$dir/src.raw" "$IMG"
+    rm -f "$dir/src.raw"
+    # Without compressed clusters this variant would test nothing new.
+    qemu-img check "$IMG" | grep -q ' [1-9][0-9.]*% compressed clusters' ||
+        fail "$IMG has no compressed clusters"
+}
+prepare_zlib() { prepare_compressed "$1" "$2"; }
+prepare_zstd() { prepare_compressed "$1" "$2" -o compression_type=zstd; }
+
+# base <- mid <- top with relative backing names, created from inside the
+# directory; the server runs elsewhere, so it must resolve the names
+# relative to the image, as QEMU does.  The base is shorter than the top so
+# reads and copy-on-write past its end must produce zeros.
+prepare_chain() {
+    local dir=$1
+    (
+        cd "$dir"
+        qemu-img create -q -f qcow2 base.qcow2 40M
+        qio base.qcow2 qcow2 \
+            'write -P 0xa1 0 8M' \
+            'write -P 0xa2 20M 1M' \
+            'write -P 0xa3 39M 1M'
+        qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 mid.qcow2 $SIZE
+        qio mid.qcow2 qcow2 \
+            'write -P 0xb1 4M 2M' \
+            'write -P 0xb2 6291968 1000' \
+            'write -z 20M 256K' \
+            'write -P 0xb3 50M 1M'
+        qemu-img create -q -f qcow2 -b mid.qcow2 -F qcow2 top.qcow2 $SIZE
+        qio top.qcow2 qcow2 'write -P 0xc1 7M 64K' 'write -P 0xc2 62M 3000'
+    )
+    IMG=$dir/top.qcow2
+    BACKING_FILES="$dir/base.qcow2 $dir/mid.qcow2"
+}
+
+# A raw backing file that is not a whole number of clusters long.
+prepare_rawback() {
+    local dir=$1 seed=$2
+    (
+        cd "$dir"
+        head -c $((50 * 1024 * 1024 + 1536)) /dev/urandom >base.raw
+        qemu-img create -q -f qcow2 -b base.raw -F raw top.qcow2 $SIZE
+        qio top.qcow2 qcow2 'write -P 0xd1 1M 1M' 'write -P 0xd2 49M 2M'
+    )
+    IMG=$dir/top.qcow2
+    BACKING_FILES=$dir/base.raw
+}
+
+# Clusters shared with an internal snapshot must be copied, never
+# overwritten, and the snapshot table must survive.
+prepare_snap() {
+    local dir=$1
+    prepare_plain "$dir"
+    prefill "$IMG"
+    qemu-img snapshot -c snap1 "$IMG"
+    qio "$IMG" qcow2 'write -P 0x77 512K 1M' 'write -P 0x78 21M 3M'
+    SNAP=snap1
+}
+
+variant_failed() {
+    local v=$1 seed=$2 dir=$3; shift 3
+    echo "FAIL: variant $v seed $seed: $*" >&2
+    if [ -f "$dir/server.log" ]; then
+        echo "--- last lines of the server log ($dir/server.log):" >&2
+        tail -n 40 "$dir/server.log" >&2
+    fi
+    echo "reproduce: SEED=$SEED VARIANTS=$v $0" >&2
+    if [ "${KEEP:-}" = 1 ]; then
+        cp -a "$dir" "${TMPDIR:-/tmp}/q2r-failed-$v.$$"
+        echo "kept ${TMPDIR:-/tmp}/q2r-failed-$v.$$" >&2
+    fi
+    exit 1
+}
+
+run_variant() {
+    local v=$1 seed=$2
+    local dir=$TMP/$v start=$SECONDS
+    mkdir "$dir"
+    IMG= CS=65536 SNAP= BACKING_FILES=
+    "prepare_$v" "$dir" "$seed"
+
+    qemu-img convert -O raw "$IMG" "$dir/ref.raw"
+    if [ -n "$SNAP" ]; then
+        qemu-img convert -l snapshot.name="$SNAP" -O raw "$IMG" "$dir/snap-before.raw"
+    fi
+    local f sums=
+    for f in $BACKING_FILES; do sums="$sums $(md5sum <"$f")"; done
+    local compat
+    compat=$(qemu-img info --output=json "$IMG" | grep '"compat"')
+
+    local mix_args=()
+    if [ -n "$OPS_MIX" ]; then
+        mix_args=(--ops-mix "$OPS_MIX")
+        case $OPS_MIX in
+            *trim*)
+                # Without a backing file, discarded whole clusters read as
+                # zeros (partial ones may keep data: the plugin only punches
+                # whole host blocks, QEMU ignores them); with a backing file
+                # the contents are the server's choice.
+                if [ -z "$BACKING_FILES" ]; then mix_args+=(--trim-zero-clusters)
+                else mix_args+=(--trim-undefined); fi ;;
+        esac
+    fi
+
+    local sock=$dir/nbd.sock out rc=0
+    serve "$sock" "$dir/server.log" "$IMG"
+    local pid=$LAST_SERVER_PID
+    out=$(/usr/bin/python3 "$DRIVER" --uri "nbd+unix:///?socket=$sock" \
+            --ref "$dir/ref.raw" --seed "$seed" --ops "$OPS" \
+            --cluster-size "$CS" --verify-all ${mix_args[@]+"${mix_args[@]}"} 2>&1) || rc=$?
+    stop_server "$pid"
+    if [ $rc -ne 0 ]; then
+        echo "$out" >&2
+        variant_failed "$v" "$seed" "$dir" "workload failed (exit $rc)"
+    fi
+
+    qemu-img convert -O raw "$IMG" "$dir/out.raw"
+    cmp "$dir/ref.raw" "$dir/out.raw" >&2 ||
+        variant_failed "$v" "$seed" "$dir" \
+            "qemu-img reads the image differently from what NBD returned"
+    check_clean "$IMG"
+
+    local now=
+    for f in $BACKING_FILES; do now="$now $(md5sum <"$f")"; done
+    [ "$now" = "$sums" ] ||
+        variant_failed "$v" "$seed" "$dir" "a backing file was modified"
+    [ "$(qemu-img info --output=json "$IMG" | grep '"compat"')" = "$compat" ] ||
+        variant_failed "$v" "$seed" "$dir" "the image version changed"
+
+    if [ -n "$SNAP" ]; then
+        qemu-img snapshot -l "$IMG" | grep -qw "$SNAP" ||
+            variant_failed "$v" "$seed" "$dir" "snapshot $SNAP is gone"
+        qemu-img convert -l snapshot.name="$SNAP" -O raw "$IMG" "$dir/snap-after.raw"
+        cmp "$dir/snap-before.raw" "$dir/snap-after.raw" >&2 ||
+            variant_failed "$v" "$seed" "$dir" "snapshot $SNAP contents changed"
+    fi
+
+    printf '%-8s seed=%-6s %3ds  %s\n' "$v" "$seed" $((SECONDS - start)) \
+        "$(echo "$out" | sed -n 's/^nbd_random_ops: //p' | tail -n 1)"
+    rm -rf "$dir"
+}
+
+for v in $VARIANTS; do
+    case " $ALL_VARIANTS " in *" $v "*) ;; *) fail "unknown variant $v" ;; esac
+done
+echo "test-differential: server=$SERVER seed=$SEED ops=$OPS${OPS_MIX:+ mix=$OPS_MIX}"
+# The seed of a variant depends on its place in ALL_VARIANTS, not on which
+# variants run, so VARIANTS=x reproduces a failure of x in a full run.
+IDX=0
+for v in $ALL_VARIANTS; do
+    case " $VARIANTS " in
+        *" $v "*) run_variant "$v" $((SEED + IDX)) ;;
+    esac
+    IDX=$((IDX + 1))
+done
+echo "test-differential: all variants passed"

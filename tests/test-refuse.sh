@@ -1,0 +1,195 @@
+#!/usr/bin/env bash
+# Images the plugin must refuse before it serves anything: opening them
+# read-write (or at all) would either return wrong data or damage them.  Each
+# refusal must say why in words a user can act on, and must leave the image
+# untouched.  The corrupt and dirty bits only forbid writing, so those images
+# must still be readable with readonly=true.
+set -eu
+: "${srcdir:=$(cd "$(dirname "$0")" && pwd)}"
+. "$srcdir/functions.sh"
+
+require nbdkit
+require qemu-img
+require qemu-io
+require nbdsh
+
+PATCH=$srcdir/qcow2_patch.py
+
+# expect_refused DESCRIPTION NBDKIT-PARAMS... -- PHRASE...
+# nbdkit must exit non-zero without ever creating its socket, and its stderr
+# must contain every phrase (case-insensitive).
+expect_refused() {
+    local desc=$1; shift
+    local params=()
+    while [ "$1" != -- ]; do params+=("$1"); shift; done
+    shift
+
+    local sock=$TMP/refuse.sock err=$TMP/refuse.err img='' sum_before='' p
+    for p in "${params[@]}"; do
+        case $p in file=*) img=${p#file=} ;; esac
+    done
+    [ -f "$img" ] && sum_before=$(md5sum <"$img")
+
+    rm -f "$sock"
+    timeout 20 nbdkit -f -U "$sock" "$PLUGIN" "${params[@]}" >/dev/null 2>"$err" &
+    local pid=$!
+    SERVER_PIDS="$SERVER_PIDS $pid"
+    # Poll rather than wait, so a plugin that wrongly serves is caught as
+    # soon as the socket appears instead of after the 20 s timeout.
+    while kill -0 "$pid" 2>/dev/null; do
+        if [ -S "$sock" ]; then
+            stop_server "$pid"
+            cat "$err" >&2
+            fail "$desc: nbdkit served the image instead of refusing it"
+        fi
+        sleep 0.02
+    done
+    local rc=0
+    wait "$pid" || rc=$?
+    if [ "$rc" -eq 0 ]; then
+        cat "$err" >&2; fail "$desc: nbdkit exited with status 0"
+    fi
+    if [ "$rc" -eq 124 ]; then
+        cat "$err" >&2; fail "$desc: nbdkit hung for 20 s without serving or exiting"
+    fi
+    for p in "$@"; do
+        if ! grep -qiF -- "$p" "$err"; then
+            cat "$err" >&2
+            fail "$desc: the error message does not contain \"$p\""
+        fi
+    done
+    if [ -n "$sum_before" ] && [ "$(md5sum <"$img")" != "$sum_before" ]; then
+        fail "$desc: the refused image was modified"
+    fi
+    echo "ok: $desc: $(grep -iF -m1 -- "$1" "$err")"
+}
+
+# expect_readonly_serves DESCRIPTION IMAGE BYTE: with readonly=true the image
+# must be served, read correctly, and come out byte-for-byte unchanged.
+expect_readonly_serves() {
+    local desc=$1 img=$2 byte=$3
+    local sum_before sock=$TMP/ro.sock log=$TMP/ro.log
+    sum_before=$(md5sum <"$img")
+    start_server "$sock" "$log" file="$img" readonly=true
+    if ! timeout 20 nbdsh -u "nbd+unix:///?socket=$sock" -c "
+import sys
+b = h.pread(512, 0)
+sys.exit(0 if b == bytes([$byte]) * 512 else 1)
+"; then
+        stop_server "$LAST_SERVER_PID"
+        cat "$log" >&2
+        fail "$desc: reading the first sector read-only failed or returned wrong data"
+    fi
+    stop_server "$LAST_SERVER_PID"
+    [ "$(md5sum <"$img")" = "$sum_before" ] ||
+        fail "$desc: serving read-only modified the image"
+    echo "ok: $desc: served read-only, first sector correct, image unchanged"
+}
+
+# Run one case in a subshell so that a failure is counted and the remaining
+# cases still run: a report listing every broken case is worth more than
+# the first one alone.
+FAILED=0
+run_case() {
+    set +e
+    (set -e; "$@")
+    local rc=$?
+    set -e
+    [ "$rc" -eq 0 ] || FAILED=$((FAILED + 1))
+}
+
+# A small qcow2 with a known first sector, the base of the patched cases.
+new_image() {
+    qemu-img create -q -f qcow2 "$@"
+}
+new_image "$TMP/good.qcow2" 16M
+qemu-io -c 'write -P 0x5a 0 64k' -c 'write -P 0x22 8M 64k' "$TMP/good.qcow2" >/dev/null
+
+# --- Not qcow2 at all -------------------------------------------------------
+qemu-img create -q -f raw "$TMP/raw.img" 1M
+run_case expect_refused "raw image" file="$TMP/raw.img" -- "not a qcow2 image"
+
+head -c 1M /dev/urandom >"$TMP/random.img"
+run_case expect_refused "random bytes" file="$TMP/random.img" -- "not a qcow2 image"
+
+# --- Header values we cannot honour ------------------------------------------
+cp "$TMP/good.qcow2" "$TMP/v4.qcow2"
+"$PATCH" set-header "$TMP/v4.qcow2" version 4
+run_case expect_refused "version 4 header" file="$TMP/v4.qcow2" -- "version"
+
+# A short iter-time keeps LUKS creation from spending 2 s in PBKDF.
+qemu-img create -q -f qcow2 --object secret,id=sec0,data=123456 \
+    -o encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10 \
+    "$TMP/luks.qcow2" 16M
+run_case expect_refused "LUKS encrypted image" file="$TMP/luks.qcow2" -- "encrypted"
+
+# QEMU no longer creates AES images, but old ones exist; the header field
+# alone must be enough to refuse.
+cp "$TMP/good.qcow2" "$TMP/aes.qcow2"
+"$PATCH" set-header "$TMP/aes.qcow2" crypt_method 1
+run_case expect_refused "AES encrypted image (crypt_method 1)" file="$TMP/aes.qcow2" -- "encrypted"
+
+cp "$TMP/good.qcow2" "$TMP/unknown.qcow2"
+"$PATCH" set-bit "$TMP/unknown.qcow2" incompatible_features 10
+run_case expect_refused "unknown incompatible bit 10" file="$TMP/unknown.qcow2" \
+    -- "unknown incompatible feature"
+
+new_image -o extended_l2=on "$TMP/extl2.qcow2" 16M
+run_case expect_refused "extended L2 entries" file="$TMP/extl2.qcow2" -- "extended L2" "not supported"
+
+new_image -o data_file="$TMP/ext.raw" "$TMP/datafile.qcow2" 16M
+run_case expect_refused "external data file" file="$TMP/datafile.qcow2" \
+    -- "external data file" "not supported"
+
+# --- Corrupt and dirty: refuse to write, still readable ------------------------
+cp "$TMP/good.qcow2" "$TMP/corrupt.qcow2"
+"$PATCH" set-bit "$TMP/corrupt.qcow2" incompatible_features 1
+run_case expect_refused "corrupt bit" file="$TMP/corrupt.qcow2" -- "corrupt"
+run_case expect_readonly_serves "corrupt bit, readonly=true" "$TMP/corrupt.qcow2" 0x5a
+
+# The dirty bit only means something with lazy refcounts: the refcounts on
+# disk may be too low, so any allocation could hand out a used cluster.
+new_image -o lazy_refcounts=on "$TMP/dirty.qcow2" 16M
+qemu-io -c 'write -P 0x5a 0 64k' "$TMP/dirty.qcow2" >/dev/null
+"$PATCH" set-bit "$TMP/dirty.qcow2" incompatible_features 0
+run_case expect_refused "dirty bit (lazy refcounts)" file="$TMP/dirty.qcow2" \
+    -- "dirty" "qemu-img check -r all"
+run_case expect_readonly_serves "dirty bit, readonly=true" "$TMP/dirty.qcow2" 0x5a
+
+# --- Tables cut short ------------------------------------------------------------
+# 4 GiB virtual gives an 8-entry L1 table, so the cut lands inside it.
+new_image "$TMP/trunc-l1.qcow2" 4G
+qemu-io -c 'write -P 0x11 0 1M' -c 'write -P 0x22 3G 1M' "$TMP/trunc-l1.qcow2" >/dev/null
+l1_off=$("$PATCH" header "$TMP/trunc-l1.qcow2" l1_table_offset)
+"$PATCH" truncate "$TMP/trunc-l1.qcow2" $((l1_off + 12))
+run_case expect_refused "file truncated inside the L1 table" file="$TMP/trunc-l1.qcow2" -- "truncated"
+
+# QEMU puts the refcount table before the L1 table, so cutting it in place
+# would cut the L1 table too.  Move it to the end of the file first, so the
+# only thing wrong is the refcount table itself.
+cp "$TMP/good.qcow2" "$TMP/trunc-rt.qcow2"
+rt_off=$("$PATCH" header "$TMP/trunc-rt.qcow2" refcount_table_offset)
+rt_clusters=$("$PATCH" header "$TMP/trunc-rt.qcow2" refcount_table_clusters)
+csize=$("$PATCH" header "$TMP/trunc-rt.qcow2" cluster_size)
+fsize=$(stat -c %s "$TMP/trunc-rt.qcow2")
+new_rt=$(( (fsize + csize - 1) / csize * csize ))
+dd if="$TMP/trunc-rt.qcow2" of="$TMP/trunc-rt.qcow2" bs="$csize" conv=notrunc status=none \
+    skip=$((rt_off / csize)) seek=$((new_rt / csize)) count="$rt_clusters"
+"$PATCH" set-header "$TMP/trunc-rt.qcow2" refcount_table_offset "$new_rt"
+"$PATCH" truncate "$TMP/trunc-rt.qcow2" $((new_rt + 12))
+run_case expect_refused "file truncated inside the refcount table" file="$TMP/trunc-rt.qcow2" -- "truncated"
+
+# --- Files that are not there ---------------------------------------------------
+run_case expect_refused "missing image file" file="$TMP/no-such-image.qcow2" -- "no-such-image.qcow2"
+
+new_image "$TMP/base.qcow2" 16M
+new_image -b "$TMP/base.qcow2" -F qcow2 "$TMP/overlay.qcow2"
+run_case expect_refused "backing file with backing=none" file="$TMP/overlay.qcow2" backing=none \
+    -- "backing file"
+
+new_image "$TMP/gone-base-q2r.qcow2" 16M
+new_image -b "$TMP/gone-base-q2r.qcow2" -F qcow2 "$TMP/orphan.qcow2"
+rm "$TMP/gone-base-q2r.qcow2"
+run_case expect_refused "missing backing file" file="$TMP/orphan.qcow2" -- "gone-base-q2r.qcow2"
+
+[ "$FAILED" -eq 0 ] || fail "$FAILED case(s) failed"
