@@ -1,5 +1,5 @@
 /* Drives the engine directly (built with ASan and UBSan): seeded random
- * writes, zeroes, reads and flushes mirrored into memory, then a full
+ * writes, zeroes, discards, reads and flushes mirrored into memory, then a full
  * comparison, close, reopen and compare again.
  *
  *   engine-ops-asan IMAGE SEED OPS
@@ -49,6 +49,26 @@ static int compare (struct q2_image *img, const unsigned char *ref, uint64_t siz
   return 0;
 }
 
+/* Discarded bytes may read as before or as zeros, nothing else. */
+static int discard (struct q2_image *img, unsigned char *ref, unsigned char *buf,
+                    uint64_t len, uint64_t off)
+{
+  uint64_t i;
+  int r = q2_discard (img, len, off, 0);
+
+  if (r == 0)
+    r = q2_read (img, buf, len, off);
+  for (i = 0; r == 0 && i < len; i++) {
+    if (buf[i] && buf[i] != ref[off + i]) {
+      fprintf (stderr, "engine-ops: discard at 0x%" PRIx64 " left byte 0x%" PRIx64
+               " neither old nor zero\n", off, off + i);
+      return -1;
+    }
+    ref[off + i] = buf[i];
+  }
+  return r < 0 ? r : 0;
+}
+
 static int run (struct q2_image *img, unsigned char *ref, uint64_t size, long ops)
 {
   uint32_t cs = q2_cluster_size (img);
@@ -71,9 +91,12 @@ static int run (struct q2_image *img, unsigned char *ref, uint64_t size, long op
         memcpy (ref + off, buf, len);
       break;
     case 3:
-      r = q2_zero (img, len, off, 0);
+      r = q2_zero (img, len, off, next () % 2 ? Q2_MAY_TRIM : 0);
       if (r == 0)
         memset (ref + off, 0, len);
+      break;
+    case 7:
+      r = discard (img, ref, buf, len, off);
       break;
     case 4:
       r = q2_flush (img);
