@@ -35,6 +35,13 @@ struct reclaim {
   bool shared_seen;           /* a snapshot kept some of the space */
   uint64_t punch_start, punch_len;
   uint64_t l1_pending;        /* L2 table to check for emptiness */
+  /* Clusters whose entries are gone but whose punch may still be queued:
+   * they are handed to the deferred frees only after every punch of the
+   * request ran, or a flush could free them, a write reuse them, and the
+   * late punch wipe the new data.
+   */
+  uint64_t *unref;
+  size_t nunref, unref_cap;
 };
 
 void reclaim_punch (struct q2_image *img, uint64_t offset, uint64_t len)
@@ -100,6 +107,33 @@ static int set_entry (struct q2_image *img, uint64_t guest, uint64_t old, uint64
   return r;
 }
 
+static int defer_unref (struct reclaim *rc, uint64_t host)
+{
+  if (rc->nunref == rc->unref_cap) {
+    size_t cap = rc->unref_cap ? rc->unref_cap * 2 : 64;
+    uint64_t *p = realloc (rc->unref, cap * sizeof *p);
+    if (!p)
+      return -ENOMEM;
+    rc->unref = p;
+    rc->unref_cap = cap;
+  }
+  rc->unref[rc->nunref++] = host;
+  return 0;
+}
+
+static int release_unrefs (struct reclaim *rc)
+{
+  size_t i;
+  int r = 0;
+
+  pthread_mutex_lock (&rc->img->meta_lock);
+  for (i = 0; i < rc->nunref && r == 0; i++)
+    r = alloc_free_later (rc->img, rc->unref[i], true);
+  pthread_mutex_unlock (&rc->img->meta_lock);
+  free (rc->unref);
+  return r;
+}
+
 static int write_zeros (struct reclaim *rc, uint64_t guest, uint64_t len)
 {
   char *z;
@@ -123,8 +157,10 @@ static int whole_owned (struct reclaim *rc, uint64_t guest, const struct mapping
   int r;
 
   if (rc->release && !rc->keep && zero_entry (img, &e)) {
+    if ((r = defer_unref (rc, host)) < 0)
+      return r;
     punch_add (rc, host, img->cluster_size);
-    return set_entry (img, guest, m->entry, e, true, true);
+    return set_entry (img, guest, m->entry, e, false, false);
   }
   if (m->kind == MAP_ZERO_ALLOC)
     return 0;
@@ -160,11 +196,14 @@ static int whole_cluster (struct reclaim *rc, uint64_t guest, const struct mappi
   case MAP_ZERO_PLAIN:
     return 0;
   case MAP_UNALLOC:
-    if (rc->op == OP_DISCARD || !rc->img->backing)
+    /* Over a backing file, discarded clusters read zeros too (v3), as in
+     * QEMU: a guest that trimmed expects its old data gone.
+     */
+    if (!rc->img->backing)
       return 0;
-    if (!zero_entry (rc->img, &e))
-      return write_zeros (rc, guest, rc->img->cluster_size);
-    return set_entry (rc->img, guest, 0, e, false, false);
+    if (zero_entry (rc->img, &e))
+      return set_entry (rc->img, guest, 0, e, false, false);
+    return rc->op == OP_ZERO ? write_zeros (rc, guest, rc->img->cluster_size) : 0;
   case MAP_NORMAL:
   case MAP_ZERO_ALLOC:
     return m->copied ? whole_owned (rc, guest, m) : whole_shared (rc, guest, m);
@@ -276,7 +315,8 @@ static int check_l2 (struct reclaim *rc, uint64_t next_l1)
 static bool nothing_to_do (const struct reclaim *rc, const struct mapping *m)
 {
   return m->kind == MAP_ZERO_PLAIN ||
-    (m->kind == MAP_UNALLOC && (rc->op == OP_DISCARD || !rc->img->backing));
+    (m->kind == MAP_UNALLOC &&
+     (!rc->img->backing || (rc->op == OP_DISCARD && rc->img->version < 3)));
 }
 
 static int reclaim_range (struct q2_image *img, uint64_t count, uint64_t offset,
@@ -285,7 +325,7 @@ static int reclaim_range (struct q2_image *img, uint64_t count, uint64_t offset,
   uint64_t l1_shift = img->cluster_bits + img->l2_bits;
   struct range_held h;
   struct mapping m;
-  int r;
+  int r, rr;
 
   if (img->readonly)
     return -EROFS;
@@ -313,6 +353,9 @@ static int reclaim_range (struct q2_image *img, uint64_t count, uint64_t offset,
     count -= len;
   }
   reclaim_punch (img, rc->punch_start, rc->punch_len);
+  rr = release_unrefs (rc);
+  if (r == 0)
+    r = rr;
   if (r == 0)
     r = check_l2 (rc, UINT64_MAX);
   range_unlock (&img->guest_lock, &h);

@@ -7,14 +7,16 @@
 #   1 TiB, 64 KiB clusters: an L2 table maps 512 MiB; scattered writes hit
 #     many L1 entries and straddle L2 boundaries; the host file must stay
 #     a few MiB.
-#   512-byte clusters at the largest size qemu-img accepts: an L2 table maps
-#     32 KiB and a refcount block counts 128 KiB of host file, so a few MiB
-#     of writes cross hundreds of L2 tables, dozens of refcount blocks and
-#     make the refcount table grow.
+#   512-byte clusters at the largest size qemu-img accepts (128 GiB, a
+#     32 MiB L1 table): an L2 table maps 32 KiB and a refcount block counts
+#     128 KiB of host file, so a few MiB of writes cross hundreds of L2
+#     tables and dozens of refcount blocks.
+#   512-byte clusters with 64-bit refcounts: the refcount table must grow.
 #
-# Afterwards QEMU checks the image (qemu-img check), reads every written
-# range and the zeros around it (qemu-io), and compares the whole disk with
-# an image QEMU wrote itself with the same data (qemu-img compare).
+# Afterwards QEMU checks the image (qemu-img check, which must also count
+# exactly the clusters the writes touched as allocated), reads every
+# written range and the zeros around it (qemu-io), and for the 1 TiB disk
+# compares everything with an image QEMU wrote itself (qemu-img compare).
 #
 # SERVER=qemu-nbd serves with qemu-nbd instead of the plugin (harness check).
 

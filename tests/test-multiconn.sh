@@ -78,7 +78,7 @@ run_case() {
     touch "$dir/go"
     for pid in $pids; do wait "$pid" || rc=1; done
     if [ $rc -ne 0 ]; then
-        tail -n 30 "$log" >&2
+        grep -E ' error: |Assertion|Sanitizer' "$log" | head -n 20 >&2 || true
         fail "$name: a writer failed (details above)"
     fi
 
