@@ -26,12 +26,19 @@ enum q2_discard_mode {
   Q2_DISCARD_IGNORE,        /* accept TRIM and do nothing, as qemu-nbd's default */
 };
 
+enum q2_detect_zeroes {
+  Q2_DETECT_ZEROES_OFF = 0,
+  Q2_DETECT_ZEROES_ON,      /* all-zero writes become write-zeroes */
+  Q2_DETECT_ZEROES_UNMAP,   /* ... with MAY_TRIM, so they free space */
+};
+
 struct q2_options {
   const char *file;
   bool readonly;
   const char *backing;      /* NULL: the image's own; "none": refuse backing files */
   size_t cache_size;        /* bytes of L2 tables and refcount blocks to keep, 0 = default */
   enum q2_discard_mode discard;
+  enum q2_detect_zeroes detect_zeroes;
 };
 
 #define Q2_DEFAULT_CACHE_SIZE (32u << 20)

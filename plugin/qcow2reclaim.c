@@ -22,6 +22,7 @@ static char *backing;
 static size_t cache_size;
 static enum q2_discard_mode discard = Q2_DISCARD_PUNCH;
 static char *statsfile;
+static enum q2_detect_zeroes detect_zeroes = Q2_DETECT_ZEROES_OFF;
 
 /* One image for all connections: one metadata cache, so multi-conn is safe. */
 static struct q2_image *image;
@@ -132,6 +133,16 @@ static int q2r_config (const char *key, const char *value)
       return -1;
     cache_size = n;
   }
+  else if (strcmp (key, "detect-zeroes") == 0) {
+    if (strcmp (value, "unmap") == 0)
+      detect_zeroes = Q2_DETECT_ZEROES_UNMAP;
+    else if (strcmp (value, "on") == 0 || strcmp (value, "off") == 0)
+      detect_zeroes = value[1] == 'n' ? Q2_DETECT_ZEROES_ON : Q2_DETECT_ZEROES_OFF;
+    else {
+      nbdkit_error ("detect-zeroes=%s: expected off, on or unmap", value);
+      return -1;
+    }
+  }
   else if (strcmp (key, "statsfile") == 0) {
     free (statsfile);
     if (!(statsfile = strdup (value)))
@@ -177,6 +188,9 @@ static int q2r_config_complete (void)
   "                      What TRIM does (default punch: free the clusters and\n" \
   "                      punch holes in the host file; keep: zero flag, keep\n" \
   "                      the clusters, punch the host range; ignore: do nothing).\n" \
+  "detect-zeroes=off|on|unmap\n" \
+  "                      Turn writes of all-zero data into write-zeroes (on),\n" \
+  "                      or into write-zeroes that free the space (unmap).\n" \
   "statsfile=<FILE>      Keep reclaim counters in FILE (rewritten after each\n" \
   "                      flush, trim and zero; also logged when nbdkit exits)."
 
@@ -187,7 +201,7 @@ static int q2r_get_ready (void)
 {
   struct q2_options o = {
     .file = file, .readonly = readonly, .backing = backing,
-    .cache_size = cache_size, .discard = discard,
+    .cache_size = cache_size, .discard = discard, .detect_zeroes = detect_zeroes,
   };
 
   return q2_open (&o, &image) < 0 ? -1 : 0;

@@ -135,6 +135,7 @@ static int image_open (const struct q2_options *o, int depth, struct q2_image **
   range_lock_init (&img->guest_lock);
   img->readonly = o->readonly;
   img->discard = o->discard;
+  img->detect_zeroes = o->detect_zeroes;
   img->hf.fd = -1;
   pthread_mutex_init (&img->hf.ring_lock, NULL);
   r = host_open (&img->hf, o->file, o->readonly);

@@ -32,6 +32,7 @@ struct q2_image {
   const char *name;           /* = hf.name, for messages */
   bool readonly;
   enum q2_discard_mode discard;
+  enum q2_detect_zeroes detect_zeroes;
 
   /* Geometry and features from the header. */
   uint32_t version;

@@ -297,6 +297,16 @@ int write_locked (struct q2_image *img, const void *buf, uint64_t count, uint64_
   return r;
 }
 
+static bool is_zero (const void *buf, uint64_t count)
+{
+  const unsigned char *p = buf;
+
+  /* Compare the buffer with itself shifted by one byte after checking the
+   * first: all equal and the first is zero means all zero.
+   */
+  return count == 0 || (p[0] == 0 && memcmp (p, p + 1, count - 1) == 0);
+}
+
 int q2_write (struct q2_image *img, const void *buf, uint64_t count,
               uint64_t offset, unsigned flags)
 {
@@ -307,6 +317,11 @@ int q2_write (struct q2_image *img, const void *buf, uint64_t count,
     return -EROFS;
   if ((r = check_request (img, count, offset)) < 0)
     return r;
+  if (img->detect_zeroes && is_zero (buf, count)) {
+    r = q2_zero (img, count, offset, (flags & Q2_FUA) |
+                 (img->detect_zeroes == Q2_DETECT_ZEROES_UNMAP ? Q2_MAY_TRIM : 0));
+    return r < 0 ? r : 0;
+  }
   lock_guest (img, &h, count, offset, true);
   r = write_locked (img, buf, count, offset);
   if (r == 0 && (flags & Q2_FUA))
