@@ -216,3 +216,38 @@ int refcount_ensure_block (struct q2_image *img, uint64_t cluster)
   r = create_block (img, idx);
   return r < 0 ? r : 1;
 }
+
+/* Works on bytes, so that mostly-empty blocks cost a memory scan rather
+ * than one lookup per count; only non-zero bytes are decoded.
+ */
+int refcount_block_scan (struct q2_image *img, uint64_t idx, uint64_t self,
+                         uint64_t *last, bool *only_self)
+{
+  uint64_t per_byte_bits = 1u << img->refcount_order, first = idx << img->rb_bits;
+  uint64_t off = img->reftable.entries[idx] & REFT_OFFSET_MASK, b, i;
+  struct cache_entry *e;
+  const uint8_t *buf;
+  int r;
+
+  *last = UINT64_MAX;
+  *only_self = true;
+  if ((r = cache_get (img, CACHE_REFBLOCK, off, &e)) < 0)
+    return r;
+  buf = e->buf;
+  for (b = 0; b < img->cluster_size; b++) {
+    if (!buf[b])
+      continue;
+    /* The counts that share (or span) byte b. */
+    uint64_t lo = b * 8 / per_byte_bits, hi = ((b + 1) * 8 + per_byte_bits - 1) / per_byte_bits;
+    for (i = lo; i < hi; i++) {
+      uint64_t v = rb_read (buf, img->refcount_order, i);
+      if (!v)
+        continue;
+      *last = first + i;
+      if (first + i != self || v != 1)
+        *only_self = false;
+    }
+  }
+  cache_put (e);
+  return 0;
+}

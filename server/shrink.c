@@ -15,27 +15,9 @@
 #include "reclaim.h"
 #include "refcount.h"
 
-/* Does block idx count nothing but, possibly, its own cluster? */
-static int block_is_empty (struct q2_image *img, uint64_t idx, uint64_t off, bool *empty)
-{
-  uint64_t per = 1ull << img->rb_bits, first = idx << img->rb_bits;
-  uint64_t self = off >> img->cluster_bits, c, v;
-  int r;
-
-  *empty = false;
-  for (c = first; c < first + per; c++) {
-    if ((r = refcount_get (img, c, &v)) < 0)
-      return r;
-    if (v && !(c == self && v == 1))
-      return 0;
-  }
-  *empty = true;
-  return 0;
-}
-
 static int drop_empty_blocks (struct q2_image *img)
 {
-  uint64_t idx, dropped[64], n = 0, i;
+  uint64_t idx, dropped[64], n = 0, i, last;
   bool empty;
   int r = 0;
 
@@ -44,7 +26,7 @@ static int drop_empty_blocks (struct q2_image *img)
     uint64_t off = img->reftable.entries[idx] & REFT_OFFSET_MASK;
     if (!off)
       continue;
-    if ((r = block_is_empty (img, idx, off, &empty)) < 0)
+    if ((r = refcount_block_scan (img, idx, off >> img->cluster_bits, &last, &empty)) < 0)
       return r;
     if (!empty)
       continue;
@@ -78,20 +60,19 @@ static int drop_empty_blocks (struct q2_image *img)
 /* The end of the last cluster still in use. */
 static int used_end (struct q2_image *img, uint64_t *end)
 {
-  uint64_t idx = img->reftable.size, c, v;
+  uint64_t idx = img->reftable.size, last;
+  bool only_self;
   int r;
 
   *end = img->cluster_size;
   while (idx-- > 0) {
     if (!(img->reftable.entries[idx] & REFT_OFFSET_MASK))
       continue;
-    for (c = ((idx + 1) << img->rb_bits); c-- > (idx << img->rb_bits);) {
-      if ((r = refcount_get (img, c, &v)) < 0)
-        return r;
-      if (v) {
-        *end = (c + 1) << img->cluster_bits;
-        return 0;
-      }
+    if ((r = refcount_block_scan (img, idx, UINT64_MAX, &last, &only_self)) < 0)
+      return r;
+    if (last != UINT64_MAX) {
+      *end = (last + 1) << img->cluster_bits;
+      return 0;
     }
   }
   return 0;
