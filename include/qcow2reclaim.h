@@ -87,4 +87,36 @@ struct q2_stats {
 };
 void q2_get_stats (struct q2_image *img, struct q2_stats *stats);
 
+/* Consistency check and figures for the tool (qcow2reclaim info/check). */
+struct q2_check {
+  uint64_t corruptions;         /* refcount lower than references, bad COPIED, bad offsets */
+  uint64_t leaks;               /* refcount higher than references */
+  uint64_t total_clusters;      /* guest clusters of the virtual disk */
+  uint64_t allocated_clusters;  /* guest clusters with host space (as qemu-img check) */
+  uint64_t fragmented_clusters;
+  uint64_t compressed_clusters;
+  uint64_t image_end_offset;    /* end of the last referenced cluster */
+  uint64_t snapshot_only_clusters;  /* referenced only by internal snapshots */
+  uint64_t reclaimable_bytes;   /* host space in unreferenced clusters and past the end */
+};
+typedef void (*q2_progress_fn) (void *opaque, uint64_t done, uint64_t total);
+int q2_check (struct q2_image *img, struct q2_check *res, q2_progress_fn progress,
+              void *opaque);
+
+/* The guest-to-host map, as qemu-img map reports it. */
+struct q2_map_entry {
+  uint64_t start, length;
+  int depth;                    /* 0: this image, 1: its backing file, ... */
+  bool present, zero, data;
+  bool has_offset;
+  uint64_t offset;              /* host offset in file */
+  const char *file;
+};
+typedef int (*q2_map_fn) (void *opaque, const struct q2_map_entry *e);
+int q2_map (struct q2_image *img, q2_map_fn fn, void *opaque);
+const char *q2_file_name (const struct q2_image *img);
+uint32_t q2_format_version (const struct q2_image *img);
+uint32_t q2_snapshot_count (const struct q2_image *img);
+int q2_file_size (struct q2_image *img, uint64_t *size);
+
 #endif /* QCOW2RECLAIM_H */

@@ -27,7 +27,10 @@ static char *resolve (const char *image, const char *name)
 {
   char *copy, *dir, *path;
 
-  if (name[0] == '/')
+  /* An image named without a folder has its backing file beside it, in
+   * the current folder: keep the name as written, as QEMU does.
+   */
+  if (name[0] == '/' || !strchr (image, '/'))
     return strdup (name);
   copy = strdup (image);
   if (!copy)
@@ -172,4 +175,33 @@ int backing_status (struct backing *b, uint64_t off, uint64_t len,
   if (b->qcow2)
     return image_block_status (b->qcow2, off, len, type, run);
   return raw_status (b, off, len, type, run);
+}
+
+int backing_map_status (struct backing *b, uint64_t off, uint64_t len, int depth,
+                        struct q2_map_entry *e)
+{
+  uint32_t type;
+  uint64_t run;
+  int r;
+
+  if (off >= b->size) {
+    e->length = len;
+    return 0;
+  }
+  if (len > b->size - off)
+    len = b->size - off;
+  if (b->qcow2)
+    return image_map_status (b->qcow2, off, len, depth, e);
+  /* A raw file maps one to one. */
+  if ((r = raw_status (b, off, len, &type, &run)) < 0)
+    return r;
+  e->length = run;
+  e->depth = depth;
+  e->file = b->raw.name;
+  e->present = true;
+  e->zero = !!(type & Q2_EXTENT_ZERO);
+  e->data = !(type & Q2_EXTENT_ZERO);
+  e->has_offset = true;
+  e->offset = off;
+  return 0;
 }

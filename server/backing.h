@@ -22,4 +22,8 @@ int backing_read (struct backing *b, void *buf, uint64_t len, uint64_t off);
 int backing_status (struct backing *b, uint64_t off, uint64_t len,
                     uint32_t *type, uint64_t *run);
 
+struct q2_map_entry;
+int backing_map_status (struct backing *b, uint64_t off, uint64_t len, int depth,
+                        struct q2_map_entry *e);
+
 #endif

@@ -104,6 +104,9 @@ int check_host_range (struct q2_image *img, uint64_t offset, uint64_t len,
 
 /* Opens a backing image of the chain, depth images below the served one. */
 int image_open_chain (const char *path, int depth, struct q2_image **imgp);
+/* qemu-img map's view of one run at offset, depth layers below the top. */
+int image_map_status (struct q2_image *img, uint64_t offset, uint64_t len, int depth,
+                      struct q2_map_entry *e);
 /* Block status of one run starting at offset (at most len bytes). */
 int image_block_status (struct q2_image *img, uint64_t offset, uint64_t len,
                         uint32_t *type, uint64_t *run);

@@ -1,0 +1,305 @@
+/* Consistency check: every reference in the image (header, L1 tables of the
+ * active layer and of each internal snapshot, L2 tables, data and
+ * compressed clusters, refcount table and blocks, snapshot table) is counted
+ * and compared with the stored refcounts, as `qemu-img check` does.
+ */
+#include <config.h>
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "image.h"
+#include "cluster.h"
+#include "log.h"
+#include "refcount.h"
+
+struct walk {
+  struct q2_image *img;
+  struct q2_check *res;
+  uint32_t *refs;             /* references found, per host cluster */
+  uint8_t *active;            /* referenced by the active layer or global metadata */
+  uint64_t nclusters;
+  uint64_t next_contiguous;   /* for fragmentation, as qemu-img counts it */
+  q2_progress_fn progress;
+  void *opaque;
+  uint64_t done, total;
+};
+
+static void add_ref (struct walk *w, uint64_t offset, uint64_t len, bool active,
+                     const char *what)
+{
+  uint64_t c, first = offset >> w->img->cluster_bits;
+  uint64_t last = (offset + len - 1) >> w->img->cluster_bits;
+
+  for (c = first; c <= last; c++) {
+    if (c >= w->nclusters) {
+      q2_error ("%s: ERROR %s at host offset 0x%" PRIx64 " is past the end of the file",
+                w->img->name, what, offset);
+      w->res->corruptions++;
+      return;
+    }
+    w->refs[c]++;
+    if (active)
+      w->active[c] = 1;
+  }
+}
+
+static uint64_t read_be64 (struct q2_image *img, uint64_t off, int *r)
+{
+  uint8_t b[8];
+
+  *r = host_pread (&img->hf, b, 8, off);
+  return be64_get (b);
+}
+
+static void count_l2_entry (struct walk *w, uint64_t e, bool active, bool frag)
+{
+  struct q2_image *img = w->img;
+  uint64_t off = e & L2E_OFFSET_MASK;
+
+  if (e & QCOW_OFLAG_COMPRESSED) {
+    uint64_t coff, clen;
+    compressed_extent (img, e, &coff, &clen);
+    add_ref (w, coff, clen, active, "compressed cluster");
+    if (frag) {
+      w->res->allocated_clusters++;
+      w->res->compressed_clusters++;
+      w->res->fragmented_clusters++;
+    }
+    return;
+  }
+  if (!off)
+    return;
+  add_ref (w, off, img->cluster_size, active, "data cluster");
+  if (frag) {
+    w->res->allocated_clusters++;
+    if (w->next_contiguous && off != w->next_contiguous)
+      w->res->fragmented_clusters++;
+    w->next_contiguous = off + img->cluster_size;
+  }
+}
+
+static int walk_l2 (struct walk *w, uint64_t l2off, bool active)
+{
+  struct q2_image *img = w->img;
+  uint8_t *t = malloc (img->cluster_size);
+  uint64_t i;
+  int r;
+
+  if (!t)
+    return -ENOMEM;
+  w->next_contiguous = 0;     /* qemu-img counts fragmentation per L2 table */
+  r = host_pread (&img->hf, t, img->cluster_size, l2off);
+  for (i = 0; r == 0 && i < l2_entries (img); i++)
+    count_l2_entry (w, be64_get (t + i * 8), active, active);
+  free (t);
+  return r;
+}
+
+static int walk_l1 (struct walk *w, uint64_t l1off, uint64_t l1size, bool active)
+{
+  struct q2_image *img = w->img;
+  uint64_t i, e, l2;
+  int r = 0;
+
+  if (l1size == 0)
+    return 0;
+  add_ref (w, l1off, l1size * 8, active, "L1 table");
+  for (i = 0; i < l1size && r == 0; i++) {
+    e = active ? img->l1.entries[i] : read_be64 (img, l1off + i * 8, &r);
+    l2 = e & L1E_OFFSET_MASK;
+    if (r < 0 || !l2)
+      continue;
+    if (l2 & (img->cluster_size - 1) || (l2 >> img->cluster_bits) >= w->nclusters) {
+      q2_error ("%s: ERROR L1 entry %" PRIu64 " points to invalid L2 table offset 0x%"
+                PRIx64, img->name, i, l2);
+      w->res->corruptions++;
+      continue;
+    }
+    add_ref (w, l2, img->cluster_size, active, "L2 table");
+    r = walk_l2 (w, l2, active);
+    if (w->progress && active)
+      w->progress (w->opaque, ++w->done, w->total);
+  }
+  return r;
+}
+
+/* Internal snapshots: the table, and each snapshot's L1 and L2 tables. */
+static int walk_snapshots (struct walk *w)
+{
+  struct q2_image *img = w->img;
+  uint64_t off = img->snapshots_offset, start = off;
+  uint8_t h[40];
+  uint32_t i;
+  int r;
+
+  for (i = 0; i < img->nb_snapshots; i++) {
+    if ((r = host_pread (&img->hf, h, sizeof h, off)) < 0)
+      return r;
+    uint64_t l1off = be64_get (h);
+    uint32_t l1size = be32_get (h + 8);
+    uint16_t idlen = be16_get (h + 12), namelen = be16_get (h + 14);
+    uint32_t extra = be32_get (h + 36);
+    if ((r = walk_l1 (w, l1off, l1size, false)) < 0)
+      return r;
+    off += (40 + extra + idlen + namelen + 7) & ~7ull;
+  }
+  if (off > start)
+    add_ref (w, start, off - start, true, "snapshot table");
+  return 0;
+}
+
+static int walk_refcount_structures (struct walk *w)
+{
+  struct q2_image *img = w->img;
+  uint64_t i, b;
+
+  add_ref (w, img->reftable.offset, img->reftable_clusters << img->cluster_bits, true,
+           "refcount table");
+  for (i = 0; i < img->reftable.size; i++)
+    if ((b = img->reftable.entries[i] & REFT_OFFSET_MASK))
+      add_ref (w, b, img->cluster_size, true, "refcount block");
+  return 0;
+}
+
+/* COPIED must say exactly "refcount is 1" in the active tables. */
+static int check_copied (struct walk *w)
+{
+  struct q2_image *img = w->img;
+  uint8_t *t = malloc (img->cluster_size);
+  uint64_t i, j, rc;
+  int r = 0;
+
+  if (!t)
+    return -ENOMEM;
+  for (i = 0; i < img->l1.size && r == 0; i++) {
+    uint64_t e = img->l1.entries[i], l2 = e & L1E_OFFSET_MASK;
+    if (!l2 || (l2 >> img->cluster_bits) >= w->nclusters)
+      continue;
+    if ((r = refcount_get (img, l2 >> img->cluster_bits, &rc)) < 0)
+      break;
+    if (!!(e & QCOW_OFLAG_COPIED) != (rc == 1)) {
+      q2_error ("%s: ERROR OFLAG_COPIED L2 table at 0x%" PRIx64 ": refcount=%" PRIu64,
+                img->name, l2, rc);
+      w->res->corruptions++;
+    }
+    if ((r = host_pread (&img->hf, t, img->cluster_size, l2)) < 0)
+      break;
+    for (j = 0; j < l2_entries (img) && r == 0; j++) {
+      uint64_t d = be64_get (t + j * 8), off = d & L2E_OFFSET_MASK;
+      if (!off || (d & QCOW_OFLAG_COMPRESSED) || (off >> img->cluster_bits) >= w->nclusters)
+        continue;
+      if ((r = refcount_get (img, off >> img->cluster_bits, &rc)) < 0)
+        break;
+      if (!!(d & QCOW_OFLAG_COPIED) != (rc == 1)) {
+        q2_error ("%s: ERROR OFLAG_COPIED data cluster at 0x%" PRIx64 ": refcount=%" PRIu64,
+                  img->name, off, rc);
+        w->res->corruptions++;
+      }
+    }
+  }
+  free (t);
+  return r;
+}
+
+static int compare_refcounts (struct walk *w)
+{
+  struct q2_image *img = w->img;
+  uint64_t covered = img->reftable.size << img->rb_bits, c, rc;
+  uint64_t end = covered > w->nclusters ? covered : w->nclusters;
+  int r;
+
+  for (c = 0; c < end; c++) {
+    uint64_t want = c < w->nclusters ? w->refs[c] : 0;
+    if (c < covered) {
+      if (!(img->reftable.entries[c >> img->rb_bits] & REFT_OFFSET_MASK)) {
+        rc = 0;
+        if (!want) {
+          c |= (1ull << img->rb_bits) - 1;   /* skip the absent block */
+          continue;
+        }
+      }
+      else if ((r = refcount_get (img, c, &rc)) < 0)
+        return r;
+    }
+    else
+      rc = 0;
+    if (want)
+      w->res->image_end_offset = (c + 1) << img->cluster_bits;
+    if (rc < want) {
+      q2_error ("%s: ERROR cluster %" PRIu64 " refcount=%" PRIu64 " reference=%" PRIu64,
+                img->name, c, rc, want);
+      w->res->corruptions++;
+    }
+    else if (rc > want) {
+      q2_notice ("%s: Leaked cluster %" PRIu64 " refcount=%" PRIu64 " reference=%" PRIu64,
+                 img->name, c, rc, want);
+      w->res->leaks++;
+    }
+    if (want && !w->active[c])
+      w->res->snapshot_only_clusters++;
+  }
+  return 0;
+}
+
+static uint64_t host_bytes_in_free (struct walk *w)
+{
+  struct q2_image *img = w->img;
+  uint64_t total = 0, cs = img->cluster_size;
+  off_t pos = 0, d, h;
+
+  while ((d = lseek (img->hf.fd, pos, SEEK_DATA)) != (off_t) -1) {
+    h = lseek (img->hf.fd, d, SEEK_HOLE);
+    if (h == (off_t) -1)
+      break;
+    for (uint64_t o = d; o < (uint64_t) h; ) {
+      uint64_t c = o / cs, next = (c + 1) * cs < (uint64_t) h ? (c + 1) * cs : (uint64_t) h;
+      if (c >= w->nclusters || w->refs[c] == 0)
+        total += next - o;
+      o = next;
+    }
+    pos = h;
+  }
+  return total;
+}
+
+int q2_check (struct q2_image *img, struct q2_check *res, q2_progress_fn progress,
+              void *opaque)
+{
+  struct walk w = { .img = img, .res = res, .progress = progress, .opaque = opaque };
+  uint64_t size;
+  int r;
+
+  memset (res, 0, sizeof *res);
+  if ((r = host_size (&img->hf, &size)) < 0)
+    return r;
+  w.nclusters = size_to_clusters (img, size);
+  w.total = img->l1.size;
+  w.refs = calloc (w.nclusters + 1, sizeof *w.refs);
+  w.active = calloc (w.nclusters + 1, 1);
+  if (!w.refs || !w.active) {
+    free (w.refs);
+    free (w.active);
+    return -ENOMEM;
+  }
+  res->total_clusters = size_to_clusters (img, img->virtual_size);
+  pthread_mutex_lock (&img->meta_lock);
+  add_ref (&w, 0, img->cluster_size, true, "header");
+  r = walk_l1 (&w, img->l1.offset, img->l1.size, true);
+  if (r == 0)
+    r = walk_snapshots (&w);
+  if (r == 0)
+    r = walk_refcount_structures (&w);
+  if (r == 0)
+    r = compare_refcounts (&w);
+  if (r == 0)
+    r = check_copied (&w);
+  pthread_mutex_unlock (&img->meta_lock);
+  if (r == 0)
+    res->reclaimable_bytes = host_bytes_in_free (&w);
+  free (w.refs);
+  free (w.active);
+  return r;
+}

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# qcow2reclaim info/map/check against qemu-img's own figures on images
+# qemu-img made, plus leaks, corruption and the lock while a server writes.
+. "$srcdir/functions.sh"
+require qemu-img
+TOOL=$top_builddir/tools/qcow2reclaim
+[ -x "$TOOL" ] || fail "$TOOL was not built"
+PATCH="/usr/bin/python3 $srcdir/qcow2_patch.py"
+cd "$TMP"
+
+# The line qemu-img check prints with the allocation figures, and the end.
+qemu_figures() { qemu-img check "$1" 2>/dev/null | grep -E 'allocated|Image end offset'; }
+tool_figures() { "$TOOL" check "$1" 2>/dev/null | grep -E 'allocated|Image end offset'; }
+
+compare_image() {
+    local name=$1 img=$2 q t
+    q=$(qemu_figures "$img"); t=$(tool_figures "$img")
+    [ "$q" = "$t" ] || fail "$name: check figures differ:
+qemu-img: $q
+ours:     $t"
+    q=$(qemu-img map --output=json "$img" | tr -d ' \n' | sed 's/,"compressed":[a-z]*//g')
+    t=$("$TOOL" map --output=json "$img" | tr -d ' \n')
+    [ "$q" = "$t" ] || fail "$name: map differs from qemu-img map --output=json:
+qemu-img: $q
+ours:     $t"
+    # qemu-img refuses the human map of compressed images; we list the rest.
+    if q=$(qemu-img map "$img" 2>/dev/null); then
+        t=$("$TOOL" map "$img")
+        [ "$q" = "$t" ] || fail "$name: human map differs from qemu-img map"
+    fi
+    "$TOOL" info "$img" >info.out || fail "$name: info failed"
+    echo "ok: $name: $(grep 'allocated clusters' info.out)"
+}
+
+qemu-img create -q -f qcow2 plain.qcow2 256M
+qemu-io -f qcow2 -c 'write -P 1 0 8M' -c 'write -P 2 100M 3M' -c 'write -z 50M 2M' plain.qcow2 >/dev/null
+compare_image plain plain.qcow2
+
+cp plain.qcow2 snap.qcow2
+qemu-img snapshot -c s1 snap.qcow2
+qemu-io -f qcow2 -c 'write -P 3 0 2M' snap.qcow2 >/dev/null
+compare_image snapshot snap.qcow2
+held=$("$TOOL" info --json snap.qcow2 | sed -n 's/.*"snapshot-held": \([0-9]*\).*/\1/p')
+# 2 MiB of data the top overwrote, plus the snapshot's own L1 and L2 tables.
+[ "$held" -ge $((2 << 20)) ] && [ "$held" -le $(((2 << 20) + 3 * 65536)) ] ||
+    fail "snapshot: held by the snapshot is $held bytes, want 2 MiB and its tables"
+echo "ok: snapshot holds $held bytes only it uses"
+
+# Half random, half repetitive: some clusters compress, some do not.
+{ head -c 2M /dev/urandom; yes qcow2reclaim | head -c 2M; } >rnd.raw
+qemu-img convert -q -c -O qcow2 rnd.raw comp.qcow2
+compare_image compressed comp.qcow2
+
+qemu-img create -q -f qcow2 -o cluster_size=4096,compat=0.10 v2.qcow2 64M
+qemu-io -f qcow2 -c 'write -P 4 1M 3M' v2.qcow2 >/dev/null
+compare_image v2-4k v2.qcow2
+
+qemu-img create -q -f qcow2 -b plain.qcow2 -F qcow2 top.qcow2
+qemu-io -f qcow2 -c 'write -P 5 4M 1M' top.qcow2 >/dev/null
+compare_image backing top.qcow2
+
+# A count for a cluster nothing uses is a leak (exit 3); a count below the
+# references is a corruption (exit 2); qemu-img agrees on both.
+cp plain.qcow2 leak.qcow2
+free_off=$(( ($(stat -c %s leak.qcow2) + 65535) / 65536 * 65536 ))
+truncate -s $((free_off + 131072)) leak.qcow2   # qemu-img looks only inside the file
+$PATCH refcount leak.qcow2 "$free_off" 1 >/dev/null
+set +e; "$TOOL" check leak.qcow2 >out 2>&1; rc=$?; qemu-img check leak.qcow2 >/dev/null 2>&1; qrc=$?; set -e
+[ $rc -eq 3 ] && [ $qrc -eq 3 ] || { cat out; fail "leak: exit $rc (qemu-img $qrc), want 3"; }
+echo "ok: leak found (exit 3), as qemu-img check"
+data_off=$($PATCH l2 leak.qcow2 0 --json | /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["host_offset"])')
+$PATCH refcount leak.qcow2 "$data_off" 0 >/dev/null
+set +e; "$TOOL" check leak.qcow2 >out 2>&1; rc=$?; qemu-img check leak.qcow2 >/dev/null 2>&1; qrc=$?; set -e
+[ $rc -eq 2 ] && [ $qrc -eq 2 ] || { cat out; fail "corruption: exit $rc (qemu-img $qrc), want 2"; }
+grep -q "ERROR cluster" out || fail "corruption: no ERROR line"
+echo "ok: corruption found (exit 2), as qemu-img check"
+
+# Reclaimable space: a cluster freed on disk but not punched counts.
+[ "$("$TOOL" info --json plain.qcow2 | sed -n 's/.*"reclaimable": \([0-9]*\).*/\1/p')" -eq 0 ] ||
+    fail "a fresh image has reclaimable space"
+echo "ok: nothing reclaimable in a fresh image"
+
+# No progress noise when stderr is not a terminal.
+"$TOOL" check plain.qcow2 2>err >/dev/null
+[ ! -s err ] || fail "check printed to a non-terminal stderr: $(cat err)"
+
+# While a server writes the image, the tool refuses it as qemu-img does.
+start_server "$TMP/s" "$TMP/log" file="$TMP/plain.qcow2"
+set +e; "$TOOL" info plain.qcow2 >out 2>&1; rc=$?; set -e
+[ $rc -ne 0 ] && grep -q 'lock' out || { cat out; fail "info on a served image did not fail with a lock message"; }
+echo "ok: refused while served: $(head -1 out)"
+stop_server "$LAST_SERVER_PID"

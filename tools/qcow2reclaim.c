@@ -1,0 +1,224 @@
+/* qcow2reclaim: info, map and check on the engine the nbdkit plugin uses.
+ * The image is opened read-only, with the shared locks qemu-img takes.
+ */
+#include <config.h>
+
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "qcow2reclaim.h"
+
+static const char usage[] =
+  "usage: qcow2reclaim info [--json] IMAGE\n"
+  "       qcow2reclaim map [--output=human|json] IMAGE\n"
+  "       qcow2reclaim check [--json] IMAGE\n"
+  "       qcow2reclaim --help | --version\n"
+  "\n"
+  "info   sizes, allocation, space held by snapshots, space reclaimable, fragmentation\n"
+  "map    where each guest range lives (as qemu-img map)\n"
+  "check  rebuild refcounts from every table and compare; exit 0 clean,\n"
+  "       1 check failed, 2 corruptions, 3 leaks only (as qemu-img check)\n";
+
+static bool json;
+
+/* Progress on a terminal only, so scripts and logs stay clean. */
+static void progress (void *opaque, uint64_t done, uint64_t total)
+{
+  static int last = -1;
+  int pct = total ? (int) (done * 100 / total) : 100;
+
+  if (pct != last) {
+    fprintf (stderr, "\r    (%d.00/100%%)", pct);
+    last = pct;
+  }
+}
+
+static int open_image (const char *file, struct q2_image **img)
+{
+  struct q2_options o = { .file = file, .readonly = true };
+
+  return q2_open (&o, img);
+}
+
+static int run_check (struct q2_image *img, struct q2_check *res)
+{
+  bool tty = isatty (2);
+  int r = q2_check (img, res, tty ? progress : NULL, NULL);
+
+  if (tty)
+    fprintf (stderr, "\r                    \r");
+  if (r < 0)
+    fprintf (stderr, "qcow2reclaim: %s: the check could not complete: %s\n",
+             q2_file_name (img), strerror (-r));
+  return r;
+}
+
+static double pct (uint64_t a, uint64_t b)
+{
+  return b ? 100.0 * a / b : 0;
+}
+
+static int cmd_info (struct q2_image *img)
+{
+  struct q2_check c;
+  struct stat st;
+  uint64_t cs = q2_cluster_size (img), fsize;
+
+  if (run_check (img, &c) < 0 || q2_file_size (img, &fsize) < 0 ||
+      stat (q2_file_name (img), &st) < 0)
+    return 1;
+  uint64_t host = (uint64_t) st.st_blocks * 512, snap = c.snapshot_only_clusters * cs;
+  if (json) {
+    printf ("{\n  \"filename\": \"%s\",\n  \"format-version\": %u,\n"
+            "  \"cluster-size\": %" PRIu64 ",\n  \"virtual-size\": %" PRIu64 ",\n"
+            "  \"file-size\": %" PRIu64 ",\n  \"host-allocated\": %" PRIu64 ",\n"
+            "  \"allocated-clusters\": %" PRIu64 ",\n  \"total-clusters\": %" PRIu64 ",\n"
+            "  \"compressed-clusters\": %" PRIu64 ",\n  \"fragmented-clusters\": %" PRIu64 ",\n"
+            "  \"image-end-offset\": %" PRIu64 ",\n  \"snapshots\": %u,\n"
+            "  \"snapshot-held\": %" PRIu64 ",\n  \"reclaimable\": %" PRIu64 ",\n"
+            "  \"corruptions\": %" PRIu64 ",\n  \"leaks\": %" PRIu64 "\n}\n",
+            q2_file_name (img), q2_format_version (img), cs, q2_virtual_size (img),
+            fsize, host, c.allocated_clusters, c.total_clusters, c.compressed_clusters,
+            c.fragmented_clusters, c.image_end_offset, q2_snapshot_count (img), snap,
+            c.reclaimable_bytes, c.corruptions, c.leaks);
+    return 0;
+  }
+  printf ("image: %s\n", q2_file_name (img));
+  printf ("format: qcow2 version %u, cluster size %" PRIu64 "\n", q2_format_version (img), cs);
+  printf ("virtual size: %" PRIu64 " bytes\n", q2_virtual_size (img));
+  printf ("file size: %" PRIu64 " bytes\n", fsize);
+  printf ("allocated on the host: %" PRIu64 " bytes\n", host);
+  printf ("allocated clusters: %" PRIu64 "/%" PRIu64 " = %.2f%% (%.2f%% fragmented, "
+          "%.2f%% compressed)\n", c.allocated_clusters, c.total_clusters,
+          pct (c.allocated_clusters, c.total_clusters),
+          pct (c.fragmented_clusters, c.allocated_clusters),
+          pct (c.compressed_clusters, c.allocated_clusters));
+  printf ("image end offset: %" PRIu64 "\n", c.image_end_offset);
+  printf ("internal snapshots: %u, holding %" PRIu64 " bytes only they use\n",
+          q2_snapshot_count (img), snap);
+  printf ("reclaimable: %" PRIu64 " bytes (host space in unused clusters and past the end)\n",
+          c.reclaimable_bytes);
+  if (c.corruptions || c.leaks)
+    printf ("consistency: %" PRIu64 " corruptions, %" PRIu64 " leaked clusters "
+            "(see qcow2reclaim check)\n", c.corruptions, c.leaks);
+  return 0;
+}
+
+static int print_map (void *opaque, const struct q2_map_entry *e)
+{
+  bool *first = opaque;
+
+  if (json) {
+    printf ("%s{ \"start\": %" PRIu64 ", \"length\": %" PRIu64 ", \"depth\": %d, "
+            "\"present\": %s, \"zero\": %s, \"data\": %s",
+            *first ? "[" : ",\n", e->start, e->length, e->depth,
+            e->present ? "true" : "false", e->zero ? "true" : "false",
+            e->data ? "true" : "false");
+    if (e->has_offset)
+      printf (", \"offset\": %" PRIu64, e->offset);
+    printf ("}");
+  }
+  else if (e->data && e->has_offset)
+    printf ("%#-16" PRIx64 "%#-16" PRIx64 "%#-16" PRIx64 "%s\n",
+            e->start, e->length, e->offset, e->file);
+  *first = false;
+  return 0;
+}
+
+static int cmd_map (struct q2_image *img)
+{
+  bool first = true;
+  int r;
+
+  if (!json)
+    printf ("%-16s%-16s%-16s%s\n", "Offset", "Length", "Mapped to", "File");
+  r = q2_map (img, print_map, &first);
+  if (json)
+    printf ("%s]\n", first ? "[" : "");
+  return r < 0 ? 1 : 0;
+}
+
+static int cmd_check (struct q2_image *img)
+{
+  struct q2_check c;
+
+  if (run_check (img, &c) < 0)
+    return 1;
+  if (json)
+    printf ("{\n  \"filename\": \"%s\",\n  \"check-errors\": 0,\n  \"corruptions\": %"
+            PRIu64 ",\n  \"leaks\": %" PRIu64 ",\n  \"allocated-clusters\": %" PRIu64
+            ",\n  \"total-clusters\": %" PRIu64 ",\n  \"image-end-offset\": %" PRIu64 "\n}\n",
+            q2_file_name (img), c.corruptions, c.leaks, c.allocated_clusters,
+            c.total_clusters, c.image_end_offset);
+  else {
+    if (!c.corruptions && !c.leaks)
+      printf ("No errors were found on the image.\n");
+    if (c.corruptions)
+      printf ("%" PRIu64 " errors were found on the image.\n"
+              "Data may be corrupted, or further writes to the image may corrupt it.\n",
+              c.corruptions);
+    if (c.leaks)
+      printf ("%" PRIu64 " leaked clusters were found on the image.\n"
+              "This means waste of disk space, but no harm to data.\n", c.leaks);
+    printf ("%" PRIu64 "/%" PRIu64 " = %.2f%% allocated, %.2f%% fragmented, "
+            "%.2f%% compressed clusters\nImage end offset: %" PRIu64 "\n",
+            c.allocated_clusters, c.total_clusters,
+            pct (c.allocated_clusters, c.total_clusters),
+            pct (c.fragmented_clusters, c.allocated_clusters),
+            pct (c.compressed_clusters, c.allocated_clusters), c.image_end_offset);
+  }
+  return c.corruptions ? 2 : c.leaks ? 3 : 0;
+}
+
+int main (int argc, char **argv)
+{
+  static const struct option opts[] = {
+    { "json", no_argument, NULL, 'j' },
+    { "output", required_argument, NULL, 'o' },
+    { "help", no_argument, NULL, 'h' },
+    { "version", no_argument, NULL, 'V' },
+    { NULL, 0, NULL, 0 },
+  };
+  struct q2_image *img;
+  const char *cmd;
+  int c, r;
+
+  while ((c = getopt_long (argc, argv, "ho:", opts, NULL)) != -1) {
+    switch (c) {
+    case 'j': json = true; break;
+    case 'o':
+      if (strcmp (optarg, "json") == 0)
+        json = true;
+      else if (strcmp (optarg, "human") != 0) {
+        fprintf (stderr, "qcow2reclaim: --output=%s: expected human or json\n", optarg);
+        return 1;
+      }
+      break;
+    case 'h': fputs (usage, stdout); return 0;
+    case 'V': printf ("qcow2reclaim %s\n", PACKAGE_VERSION); return 0;
+    default: fputs (usage, stderr); return 1;
+    }
+  }
+  if (argc - optind != 2) {
+    fputs (usage, stderr);
+    return 1;
+  }
+  cmd = argv[optind];
+  if (strcmp (cmd, "info") && strcmp (cmd, "map") && strcmp (cmd, "check")) {
+    fprintf (stderr, "qcow2reclaim: unknown command '%s'\n%s", cmd, usage);
+    return 1;
+  }
+  if (open_image (argv[optind + 1], &img) < 0)
+    return 1;
+  r = strcmp (cmd, "info") == 0 ? cmd_info (img)
+    : strcmp (cmd, "map") == 0 ? cmd_map (img) : cmd_check (img);
+  q2_close (img);
+  return r;
+}
