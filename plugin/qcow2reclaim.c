@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #define NBDKIT_API_VERSION 2
 #include <nbdkit-plugin.h>
@@ -60,20 +61,31 @@ static void format_stats (char *buf, size_t len)
             s.refblocks_freed, s.truncations, s.bytes_truncated);
 }
 
-/* The counters go to statsfile=FILE, replaced whole (write, then rename)
- * after every flush, trim and write-zeroes, so readers never see half.
+/* The counters go to statsfile=FILE, replaced whole (write, then rename),
+ * so readers never see half.  Flush and exit always write it; a stream of
+ * small TRIMs (fstrim sends thousands) rewrites it at most ten times a
+ * second.
  */
-static void write_statsfile (void)
+static void write_statsfile (bool always)
 {
   static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+  static struct timespec last;
+  struct timespec now;
   char buf[512], tmp[4096];
   FILE *f;
 
   if (!statsfile || !image)
     return;
+  clock_gettime (CLOCK_MONOTONIC, &now);
+  pthread_mutex_lock (&lock);
+  if (!always && (now.tv_sec - last.tv_sec) * 1000000000L + now.tv_nsec - last.tv_nsec
+      < 100000000L) {
+    pthread_mutex_unlock (&lock);
+    return;
+  }
+  last = now;
   format_stats (buf, sizeof buf);
   snprintf (tmp, sizeof tmp, "%s.tmp", statsfile);
-  pthread_mutex_lock (&lock);
   if ((f = fopen (tmp, "we")) != NULL) {
     fputs (buf, f);
     if (fclose (f) == 0)
@@ -90,7 +102,7 @@ static void q2r_unload (void)
   if (image) {
     if (!q2_readonly (image))
       q2_flush (image);
-    write_statsfile ();
+    write_statsfile (true);
     format_stats (buf, sizeof buf);
     for (p = buf; (p = strchr (p, '\n')) != NULL; )
       *p = p[1] ? ' ' : '\0';
@@ -183,7 +195,8 @@ static int q2r_config_complete (void)
   "backing=<FILE>|none   Use FILE as the backing file instead of the one the\n" \
   "                      image names; none refuses images with a backing file.\n" \
   "cache-size=<SIZE>     Bytes of L2 tables and refcount blocks kept in memory\n" \
-  "                      (default 32M, enough for 2 TiB with 64 KiB clusters).\n" \
+  "                      (default 32M: 256 GiB of disk at 64 KiB clusters stays\n" \
+  "                      cached; larger disks work, re-reading tables).\n" \
   "discard=punch|keep|ignore\n" \
   "                      What TRIM does (default punch: free the clusters and\n" \
   "                      punch holes in the host file; keep: zero flag, keep\n" \
@@ -287,7 +300,7 @@ static int q2r_flush (void *h, uint32_t flags)
 {
   int r = q2_flush (image);
 
-  write_statsfile ();
+  write_statsfile (true);
   return ret (r);
 }
 
@@ -300,7 +313,7 @@ static int reclaimed (struct handle *h, int r)
              "the discarded clusters; their space stays allocated until the "
              "snapshots are deleted\n", file);
   }
-  write_statsfile ();
+  write_statsfile (false);
   return ret (r);
 }
 
