@@ -1,0 +1,155 @@
+#!/usr/bin/env bash
+# Socket activation, the way systemd/qcow2reclaim@.socket runs us, without
+# needing systemd as PID 1: a small Python launcher plays systemd's part.
+# It owns the listening Unix socket, waits until a client is queued on it
+# (systemd starts the service on the first connection), then execs nbdkit
+# with the socket as fd 3 and LISTEN_FDS/LISTEN_PID set.  Exec'ing in place
+# keeps the pid, so LISTEN_PID is simply the launcher's own pid.
+#
+# Then a client writes, trims and flushes through that socket and the host
+# file's allocation must drop; the statsfile must show it; SIGTERM must
+# write back and exit cleanly; qemu-img check must be clean.
+#
+# When systemd-analyze is installed, the unit files in systemd/ are also
+# checked with `systemd-analyze verify` on an instantiated copy.
+set -eu
+srcdir=$(cd "${srcdir:-$(dirname "$0")}" && pwd)
+. "$srcdir/functions.sh"
+
+require qemu-img
+require nbdkit
+PY=/usr/bin/python3
+$PY -c 'import nbd' 2>/dev/null || skip "/usr/bin/python3 has no nbd module (python3-libnbd)"
+[ -f "$PLUGIN" ] || fail "plugin $PLUGIN does not exist"
+
+alloc_of() { echo $(( $(stat -c %b "$1") * 512 )); }
+mib() { awk -v b="$1" 'BEGIN { printf "%.2f MiB", b / 1048576 }'; }
+
+# ---- the unit files ----------------------------------------------------------
+units=${top_srcdir:-$srcdir/..}/systemd
+if ! command -v systemd-analyze >/dev/null 2>&1; then
+    echo "note: systemd-analyze is not installed; unit files not verified"
+elif [ ! -f "$units/qcow2reclaim@.service" ]; then
+    echo "note: $units/qcow2reclaim@.service not found; unit files not verified"
+else
+    # verify wants a concrete instance: the template names it as the real
+    # commands do, from an escaped path with a '-' (\x2d) in it.
+    inst=$(systemd-escape --path /var/lib/images/vm-1.qcow2)
+    mkdir "$TMP/units"
+    cp "$units/qcow2reclaim@.socket" "$TMP/units/qcow2reclaim@$inst.socket"
+    cp "$units/qcow2reclaim@.service" "$TMP/units/qcow2reclaim@$inst.service"
+    # Warnings (unknown keys, bad specifiers, missing binaries) make it fail.
+    out=$(cd "$TMP/units" && systemd-analyze verify --man=no \
+              "./qcow2reclaim@$inst.socket" "./qcow2reclaim@$inst.service" 2>&1) ||
+        { echo "$out" >&2; fail "systemd-analyze verify rejects the unit files"; }
+    [ -z "$out" ] || { echo "$out" >&2; fail "systemd-analyze verify warns about the unit files"; }
+    echo "ok: systemd-analyze verify: qcow2reclaim@$inst.socket and .service, no warnings"
+fi
+
+# ---- the launcher --------------------------------------------------------------
+cat >"$TMP/activate.py" <<'PY'
+import os, select, socket, sys
+path, argv = sys.argv[1], sys.argv[2:]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind(path)
+s.listen(16)
+# Like systemd: nothing runs until a client is waiting on the socket.
+select.select([s], [], [])
+# The socket may already be fd 3; dup2 onto itself would leave it close-on-exec.
+if s.fileno() != 3:
+    os.dup2(s.fileno(), 3)
+os.set_inheritable(3, True)
+env = dict(os.environ, LISTEN_FDS="1", LISTEN_PID=str(os.getpid()))
+env.pop("LISTEN_FDNAMES", None)
+os.execvpe(argv[0], argv, env)
+PY
+
+img=$TMP/disk.qcow2
+sock=$TMP/activated.sock
+stats=$TMP/disk.stats
+log=$TMP/nbdkit.log
+qemu-img create -q -f qcow2 "$img" 1G
+
+# No -f/-U/-p: with LISTEN_FDS nbdkit stays in the foreground by itself and
+# refuses listening options.
+$PY "$TMP/activate.py" "$sock" nbdkit -v "$PLUGIN" file="$img" statsfile="$stats" >"$log" 2>&1 &
+pid=$!
+SERVER_PIDS="$SERVER_PIDS $pid"
+for _ in $(seq 1 200); do [ -S "$sock" ] && break; sleep 0.05; done
+[ -S "$sock" ] || { cat "$log" >&2; fail "the launcher did not create $sock"; }
+[ "$(cat /proc/$pid/comm)" != nbdkit ] ||
+    fail "nbdkit started before any client connected"
+
+# The client connects while only the launcher exists; its handshake is
+# answered once nbdkit has taken over the socket.
+alloc0=$(alloc_of "$img")
+out=$($PY - "$sock" "$img" <<'PY'
+import os, sys, time, nbd
+sock, img = sys.argv[1:]
+alloc = lambda: os.stat(img).st_blocks * 512
+n = 32 << 20
+t0 = time.monotonic()
+h = nbd.NBD()
+h.connect_unix(sock)
+connect_ms = (time.monotonic() - t0) * 1000
+h.pwrite(b"\x5a" * n, 0)
+h.flush()
+written = alloc()
+h.trim(n, 0)
+h.flush()
+trimmed = alloc()
+zeros = h.pread(n, 0) == bytes(n)
+h.shutdown()
+print(connect_ms, written, trimmed, int(zeros))
+PY
+) || { cat "$log" >&2; fail "the first client failed"; }
+read -r connect_ms written trimmed zeros <<<"$out"
+[ "$(cat /proc/$pid/comm 2>/dev/null)" = nbdkit ] ||
+    { cat "$log" >&2; fail "pid $pid is not nbdkit after the first connection"; }
+grep -q "socket activation" "$log" ||
+    { cat "$log" >&2; fail "nbdkit did not report socket activation"; }
+printf 'ok: first client, queued before nbdkit existed, served by nbdkit pid %s on the inherited socket (handshake %.0f ms)\n' \
+    "$pid" "$connect_ms"
+
+[ "$written" -ge $(( alloc0 + 32 * 1048576 )) ] ||
+    fail "allocation after writing 32 MiB is $(mib "$written") (was $(mib "$alloc0"))"
+echo "ok: write 32 MiB + flush: host allocation $(mib "$alloc0") -> $(mib "$written")"
+
+[ "$trimmed" -le $(( written - 32 * 1048576 )) ] ||
+    fail "allocation after trimming 32 MiB is $(mib "$trimmed") (was $(mib "$written"))"
+[ "$zeros" = 1 ] || fail "the trimmed range does not read back as zeros"
+echo "ok: trim 32 MiB + flush: host allocation $(mib "$written") -> $(mib "$trimmed"), reads back as zeros"
+
+punched=$(sed -n 's/^bytes_punched=//p' "$stats")
+if [ -z "$punched" ] || [ "$punched" -lt $(( 32 * 1048576 )) ]; then
+    cat "$stats" >&2; fail "statsfile shows bytes_punched=${punched:-none}, want >= 32 MiB"
+fi
+echo "ok: statsfile while serving: bytes_punched=$punched ($(mib "$punched"))"
+
+# A socket-activated server is started once and serves every later client
+# (systemd's Accept=no), so a second connection must reach the same process.
+$PY - "$sock" <<'PY' || fail "a second client was not served"
+import sys, nbd
+h = nbd.NBD()
+h.connect_unix(sys.argv[1])
+h.pwrite(b"\xa5" * 65536, 1 << 20)
+assert h.pread(65536, 1 << 20) == b"\xa5" * 65536
+h.flush()
+h.shutdown()
+PY
+[ "$(cat /proc/$pid/comm)" = nbdkit ] || fail "nbdkit did not survive the first client"
+echo "ok: second client served by the same nbdkit pid $pid"
+
+# systemctl stop sends SIGTERM: metadata is written back, exit status 0.
+t0=$(date +%s%N)
+kill -TERM "$pid"
+rc=0; wait "$pid" || rc=$?
+SERVER_PIDS=
+ms=$(( ($(date +%s%N) - t0) / 1000000 ))
+[ "$rc" = 0 ] || { cat "$log" >&2; fail "nbdkit exited with status $rc on SIGTERM"; }
+totals=$(grep -o 'reclaim totals: .*' "$log") ||
+    { cat "$log" >&2; fail "nbdkit did not log its reclaim totals on exit"; }
+echo "ok: SIGTERM: exit 0 after $ms ms, logged '$totals'"
+
+check_clean "$img"
+echo "ok: qemu-img check clean; host file $(stat -c %s "$img") bytes, $(mib "$(alloc_of "$img")") allocated"
