@@ -173,16 +173,7 @@ int alloc_release (struct q2_image *img, uint64_t offset)
 
 int alloc_free_later (struct q2_image *img, uint64_t offset, bool punched)
 {
-  if (img->npending == img->pending_cap) {
-    size_t cap = img->pending_cap ? img->pending_cap * 2 : 64;
-    uint64_t *p = realloc (img->pending_free, cap * sizeof *p);
-    if (!p)
-      return -ENOMEM;
-    img->pending_free = p;
-    img->pending_cap = cap;
-  }
-  img->pending_free[img->npending++] = offset | (punched ? PENDING_PUNCHED : 0);
-  return 0;
+  return u64_list_push (&img->pending, offset | (punched ? PENDING_PUNCHED : 0));
 }
 
 static int cmp_u64 (const void *a, const void *b)
@@ -198,12 +189,12 @@ int alloc_apply_pending (struct q2_image *img)
   size_t i;
   int r = 0;
 
-  qsort (img->pending_free, img->npending, sizeof (uint64_t), cmp_u64);
-  for (i = 0; i < img->npending; i++) {
-    uint64_t off = img->pending_free[i] & ~PENDING_PUNCHED;
+  qsort (img->pending.v, img->pending.n, sizeof (uint64_t), cmp_u64);
+  for (i = 0; i < img->pending.n; i++) {
+    uint64_t off = img->pending.v[i] & ~PENDING_PUNCHED;
     if ((r = alloc_release (img, off)) < 0)
       break;
-    if (r == 0 || (img->pending_free[i] & PENDING_PUNCHED))
+    if (r == 0 || (img->pending.v[i] & PENDING_PUNCHED))
       continue;
     if (run_len && run_start + run_len == off)
       run_len += img->cluster_size;
@@ -217,11 +208,11 @@ int alloc_apply_pending (struct q2_image *img)
   if (run_len)
     reclaim_punch (img, run_start, run_len);
   if (r < 0) {
-    memmove (img->pending_free, img->pending_free + i,
-             (img->npending - i) * sizeof *img->pending_free);
-    img->npending -= i;
+    memmove (img->pending.v, img->pending.v + i,
+             (img->pending.n - i) * sizeof *img->pending.v);
+    img->pending.n -= i;
     return r;
   }
-  img->npending = 0;
+  img->pending.n = 0;
   return 0;
 }

@@ -107,3 +107,14 @@ out:
     cache_put (e);
   return r;
 }
+
+int map_get_locked (struct q2_image *img, uint64_t offset, uint64_t bytes,
+                    struct mapping *m)
+{
+  int r;
+
+  pthread_mutex_lock (&img->meta_lock);
+  r = map_get (img, offset, bytes, m);
+  pthread_mutex_unlock (&img->meta_lock);
+  return r;
+}

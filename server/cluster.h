@@ -29,6 +29,9 @@ struct mapping {
  * one L2 table) whose clusters are alike and, if allocated, contiguous.
  */
 int map_get (struct q2_image *img, uint64_t offset, uint64_t bytes, struct mapping *m);
+/* The same, taking meta_lock for the lookup. */
+int map_get_locked (struct q2_image *img, uint64_t offset, uint64_t bytes,
+                    struct mapping *m);
 
 /* Decodes a compressed entry: start and length of the compressed bytes. */
 void compressed_extent (const struct q2_image *img, uint64_t entry,

@@ -116,7 +116,7 @@ bool flush_needed (const struct q2_image *img)
   return cache_any_dirty (&img->cache, CACHE_REFBLOCK) ||
     cache_any_dirty (&img->cache, CACHE_L2) ||
     table_any_dirty (&img->reftable) || table_any_dirty (&img->l1) ||
-    img->npending > 0;
+    img->pending.n > 0;
 }
 
 int flush_metadata (struct q2_image *img, bool *synced)
@@ -133,7 +133,7 @@ int flush_metadata (struct q2_image *img, bool *synced)
   /* Pending decrements need their L2 changes synced, even ones an
    * eviction already wrote.
    */
-  if (l2 || l1 || img->npending) {
+  if (l2 || l1 || img->pending.n) {
     if ((r = write_kind (img, CACHE_L2)) < 0)
       return r;
     /* A new L2 table must be on disk before the L1 entry pointing at it. */
@@ -150,7 +150,7 @@ int flush_metadata (struct q2_image *img, bool *synced)
   /* The references are gone on disk: the counts may now drop.  They reach
    * disk with the next flush; until then a crash only leaks.
    */
-  if (img->npending) {
+  if (img->pending.n) {
     if ((r = alloc_apply_pending (img)) < 0)
       return r;
     if ((r = flush_refcounts (img)) < 0)

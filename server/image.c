@@ -206,7 +206,7 @@ int q2_close (struct q2_image *img)
   overlap_free (&img->meta);
   table_free (&img->l1);
   table_free (&img->reftable);
-  free (img->pending_free);
+  u64_list_free (&img->pending);
   host_close (&img->hf);
   range_lock_destroy (&img->guest_lock);
   pthread_mutex_destroy (&img->meta_lock);

@@ -15,6 +15,7 @@
 #include "cache.h"
 #include "lock.h"
 #include "overlap.h"
+#include "u64list.h"
 
 struct backing;
 
@@ -66,8 +67,7 @@ struct q2_image {
   /* Decrements that wait until the L2/L1 changes dropping the references
    * are on disk (DESIGN.md: refcount >= references at every instant).
    */
-  uint64_t *pending_free;     /* host offsets of single clusters */
-  size_t npending, pending_cap;
+  struct u64_list pending;    /* host offsets of single clusters */
   bool shrink_wanted;         /* clusters were freed since the last shrink */
   bool punch_unsupported;     /* the host filesystem cannot punch holes */
   struct q2_stats stats;

@@ -29,10 +29,7 @@ int image_map_status (struct q2_image *img, uint64_t offset, uint64_t len, int d
   struct mapping m;
   int r;
 
-  pthread_mutex_lock (&img->meta_lock);
-  r = map_get (img, offset, len, &m);
-  pthread_mutex_unlock (&img->meta_lock);
-  if (r < 0)
+  if ((r = map_get_locked (img, offset, len, &m)) < 0)
     return r;
   memset (e, 0, sizeof *e);
   e->start = offset;

@@ -40,8 +40,7 @@ struct reclaim {
    * request ran, or a flush could free them, a write reuse them, and the
    * late punch wipe the new data.
    */
-  uint64_t *unref;
-  size_t nunref, unref_cap;
+  struct u64_list unref;
 };
 
 void reclaim_punch (struct q2_image *img, uint64_t offset, uint64_t len)
@@ -107,30 +106,16 @@ static int set_entry (struct q2_image *img, uint64_t guest, uint64_t old, uint64
   return r;
 }
 
-static int defer_unref (struct reclaim *rc, uint64_t host)
-{
-  if (rc->nunref == rc->unref_cap) {
-    size_t cap = rc->unref_cap ? rc->unref_cap * 2 : 64;
-    uint64_t *p = realloc (rc->unref, cap * sizeof *p);
-    if (!p)
-      return -ENOMEM;
-    rc->unref = p;
-    rc->unref_cap = cap;
-  }
-  rc->unref[rc->nunref++] = host;
-  return 0;
-}
-
 static int release_unrefs (struct reclaim *rc)
 {
   size_t i;
   int r = 0;
 
   pthread_mutex_lock (&rc->img->meta_lock);
-  for (i = 0; i < rc->nunref && r == 0; i++)
-    r = alloc_free_later (rc->img, rc->unref[i], true);
+  for (i = 0; i < rc->unref.n && r == 0; i++)
+    r = alloc_free_later (rc->img, rc->unref.v[i], true);
   pthread_mutex_unlock (&rc->img->meta_lock);
-  free (rc->unref);
+  u64_list_free (&rc->unref);
   return r;
 }
 
@@ -157,7 +142,7 @@ static int whole_owned (struct reclaim *rc, uint64_t guest, const struct mapping
   int r;
 
   if (rc->release && !rc->keep && zero_entry (img, &e)) {
-    if ((r = defer_unref (rc, host)) < 0)
+    if ((r = u64_list_push (&rc->unref, host)) < 0)
       return r;
     punch_add (rc, host, img->cluster_size);
     return set_entry (img, guest, m->entry, e, false, false);
@@ -336,7 +321,7 @@ static int reclaim_range (struct q2_image *img, uint64_t count, uint64_t offset,
   lock_guest (img, &h, count, offset, true);
   while (count > 0 && r == 0) {
     uint64_t in = offset_in_cluster (img, offset), len;
-    if ((r = mapping_at (img, offset, count, &m)) < 0)
+    if ((r = map_get_locked (img, offset, count, &m)) < 0)
       break;
     if (nothing_to_do (rc, &m))
       len = m.bytes;

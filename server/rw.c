@@ -38,17 +38,6 @@ void lock_guest (struct q2_image *img, struct range_held *h, uint64_t count,
               last >> img->cluster_bits, exclusive);
 }
 
-int mapping_at (struct q2_image *img, uint64_t offset, uint64_t count,
-                       struct mapping *m)
-{
-  int r;
-
-  pthread_mutex_lock (&img->meta_lock);
-  r = map_get (img, offset, count, m);
-  pthread_mutex_unlock (&img->meta_lock);
-  return r;
-}
-
 static int host_io_error (struct q2_image *img, const char *what, uint64_t host,
                           uint64_t guest, int r)
 {
@@ -98,7 +87,7 @@ int q2_read (struct q2_image *img, void *buf, uint64_t count, uint64_t offset)
     return r;
   lock_guest (img, &h, count, offset, false);
   while (count > 0 && r == 0) {
-    if ((r = mapping_at (img, offset, count, &m)) < 0)
+    if ((r = map_get_locked (img, offset, count, &m)) < 0)
       break;
     r = read_run (img, &m, buf, offset);
     buf = (char *) buf + m.bytes;
@@ -233,7 +222,7 @@ static int link_clusters (struct q2_image *img, uint64_t offset, uint64_t n,
     if (!reuse)
       r = free_old_entry (img, old, false);
   }
-  if (r == 0 && img->npending > PENDING_FLUSH_THRESHOLD)
+  if (r == 0 && img->pending.n > PENDING_FLUSH_THRESHOLD)
     r = flush_metadata (img, &synced);
   return r;
 }
@@ -280,7 +269,7 @@ int write_locked (struct q2_image *img, const void *buf, uint64_t count, uint64_
   int r = 0;
 
   while (count > 0 && r == 0) {
-    if ((r = mapping_at (img, offset, count, &m)) < 0)
+    if ((r = map_get_locked (img, offset, count, &m)) < 0)
       break;
     len = m.bytes;
     if (m.kind == MAP_NORMAL && m.copied) {

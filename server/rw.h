@@ -13,7 +13,6 @@ struct q2_image;
 int check_request (struct q2_image *img, uint64_t count, uint64_t offset);
 void lock_guest (struct q2_image *img, struct range_held *h, uint64_t count,
                  uint64_t offset, bool exclusive);
-int mapping_at (struct q2_image *img, uint64_t offset, uint64_t count, struct mapping *m);
 /* A guest write with the range lock already held. */
 int write_locked (struct q2_image *img, const void *buf, uint64_t count, uint64_t offset);
 /* Drops the reference an L2 entry held, once the new entry is on disk.
