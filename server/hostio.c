@@ -13,6 +13,7 @@
 #endif
 
 #include "hostio.h"
+#include "hosttest.h"
 #include "log.h"
 
 #define RING_DEPTH 64
@@ -32,6 +33,7 @@ int host_open (struct hostfile *hf, const char *name, bool readonly)
     close (hf->fd);
     return -ENOMEM;
   }
+  hf->test = hosttest_new (name, !readonly);
   return 0;
 }
 
@@ -46,6 +48,8 @@ void host_close (struct hostfile *hf)
   if (hf->fd >= 0)
     close (hf->fd);
   hf->fd = -1;
+  hosttest_free (hf->test);
+  hf->test = NULL;
   pthread_mutex_destroy (&hf->ring_lock);
   free (hf->name);
   hf->name = NULL;
@@ -73,10 +77,22 @@ void host_start_ring (struct hostfile *hf)
 #endif
 }
 
+/* Test hooks: an injected fault, then the operation, then its record. */
+#define FAULT(hf, op) do {                                      \
+    int fault_ = (hf)->test ? hosttest_fault ((hf)->test, op) : 0; \
+    if (fault_)                                                 \
+      return fault_;                                            \
+  } while (0)
+#define RECORD(hf, op, data, off, len) do {                     \
+    if ((hf)->test)                                             \
+      hosttest_record ((hf)->test, op, data, off, len);         \
+  } while (0)
+
 int host_pread (struct hostfile *hf, void *buf, size_t len, uint64_t offset)
 {
   char *p = buf;
 
+  FAULT (hf, HOP_READ);
   while (len > 0) {
     ssize_t r = pread (hf->fd, p, len, offset);
     if (r == -1) {
@@ -95,7 +111,7 @@ int host_pread (struct hostfile *hf, void *buf, size_t len, uint64_t offset)
   return 0;
 }
 
-int host_pwrite (struct hostfile *hf, const void *buf, size_t len, uint64_t offset)
+static int pwrite_all (struct hostfile *hf, const void *buf, size_t len, uint64_t offset)
 {
   const char *p = buf;
 
@@ -111,6 +127,17 @@ int host_pwrite (struct hostfile *hf, const void *buf, size_t len, uint64_t offs
     offset += r;
   }
   return 0;
+}
+
+int host_pwrite (struct hostfile *hf, const void *buf, size_t len, uint64_t offset)
+{
+  int r;
+
+  FAULT (hf, HOP_WRITE);
+  r = pwrite_all (hf, buf, len, offset);
+  if (r == 0)
+    RECORD (hf, HOP_WRITE, buf, offset, len);
+  return r;
 }
 
 #ifdef HAVE_LIBURING
@@ -144,7 +171,7 @@ static int ring_write_some (struct hostfile *hf, const struct host_write *w, siz
     if (res < 0 && !err)
       err = res;
     else if (res >= 0 && (size_t) res < hw->len && !err)
-      err = host_pwrite (hf, (const char *) hw->buf + res, hw->len - res,
+      err = pwrite_all (hf, (const char *) hw->buf + res, hw->len - res,
                          hw->offset + res);
   }
   return err;
@@ -157,7 +184,7 @@ int host_pwrite_batch (struct hostfile *hf, const struct host_write *w, size_t n
   int r;
 
 #ifdef HAVE_LIBURING
-  if (hf->ring_ok && n > 1) {
+  if (hf->ring_ok && n > 1 && !hf->test) {
     pthread_mutex_lock (&hf->ring_lock);
     for (i = 0, r = 0; i < n && r == 0; i += RING_DEPTH)
       r = ring_write_some (hf, &w[i], n - i < RING_DEPTH ? n - i : RING_DEPTH);
@@ -176,9 +203,11 @@ int host_pwrite_batch (struct hostfile *hf, const struct host_write *w, size_t n
 
 int host_punch (struct hostfile *hf, uint64_t offset, uint64_t len)
 {
+  FAULT (hf, HOP_PUNCH);
   if (fallocate (hf->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                  offset, len) == -1)
     return -errno;
+  RECORD (hf, HOP_PUNCH, NULL, offset, len);
   return 0;
 }
 
@@ -187,9 +216,12 @@ int host_zero (struct hostfile *hf, uint64_t offset, uint64_t len)
 {
   static const char zeros[65536];
 
+  FAULT (hf, HOP_ZERO);
   if (fallocate (hf->fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
-                 offset, len) == 0)
+                 offset, len) == 0) {
+    RECORD (hf, HOP_ZERO, NULL, offset, len);
     return 0;
+  }
   while (len > 0) {
     size_t n = len < sizeof zeros ? len : sizeof zeros;
     int r = host_pwrite (hf, zeros, n, offset);
@@ -203,15 +235,19 @@ int host_zero (struct hostfile *hf, uint64_t offset, uint64_t len)
 
 int host_truncate (struct hostfile *hf, uint64_t size)
 {
+  FAULT (hf, HOP_TRUNCATE);
   if (ftruncate (hf->fd, size) == -1)
     return -errno;
+  RECORD (hf, HOP_TRUNCATE, NULL, size, 0);
   return 0;
 }
 
 int host_sync (struct hostfile *hf)
 {
+  FAULT (hf, HOP_SYNC);
   if (fdatasync (hf->fd) == -1)
     return -errno;
+  RECORD (hf, HOP_SYNC, NULL, 0, 0);
   return 0;
 }
 

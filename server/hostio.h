@@ -21,6 +21,7 @@ struct hostfile {
   bool ring_ok;
   pthread_mutex_t ring_lock;
   void *ring;                 /* struct io_uring *, opaque here */
+  struct hosttest *test;      /* fault injection and I/O log, normally NULL */
 };
 
 int host_open (struct hostfile *hf, const char *name, bool readonly);
