@@ -320,13 +320,20 @@ static int reclaim_range (struct q2_image *img, uint64_t count, uint64_t offset,
   rc->l1_pending = UINT64_MAX;
   lock_guest (img, &h, count, offset, true);
   while (count > 0 && r == 0) {
-    uint64_t in = offset_in_cluster (img, offset), len;
-    if ((r = map_get_locked (img, offset, count, &m)) < 0)
+    uint64_t in = offset_in_cluster (img, offset);
+    uint64_t len = img->cluster_size - in < count ? img->cluster_size - in : count;
+    /* One cluster at a time, except over runs with nothing to do, which
+     * are measured whole and skipped: asking for the whole remaining range
+     * each time would walk the rest of the L2 table per cluster.
+     */
+    if ((r = map_get_locked (img, offset, len, &m)) < 0)
       break;
-    if (nothing_to_do (rc, &m))
+    if (nothing_to_do (rc, &m)) {
+      if ((r = map_get_locked (img, offset, count, &m)) < 0)
+        break;
       len = m.bytes;
+    }
     else {
-      len = img->cluster_size - in < count ? img->cluster_size - in : count;
       if ((r = check_l2 (rc, offset >> l1_shift)) < 0)
         break;
       if (in == 0 && len == img->cluster_size)
