@@ -70,6 +70,7 @@
 #define QCOW2_MAX_L1_BYTES     (32u << 20)
 #define QCOW2_MAX_REFTABLE_BYTES (8u << 20)
 #define QCOW2_MAX_BACKING_NAME 1023
+#define QCOW2_MAX_SNAPSHOTS    65536
 
 static inline uint16_t be16_get (const void *p)
 {

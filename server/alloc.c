@@ -142,11 +142,16 @@ int alloc_clusters (struct q2_image *img, uint64_t max, uint64_t *offset, uint64
 }
 
 /* Returns 1 when the count reached zero: the cluster is free. */
-int alloc_release (struct q2_image *img, uint64_t offset)
+int alloc_release (struct q2_image *img, uint64_t offset, enum meta_kind kind)
 {
+  static const char *const names[] = { "data", "an L2 table", "a refcount block" };
   uint64_t cluster = offset >> img->cluster_bits, rc;
+  enum meta_kind held = overlap_kind (&img->meta, cluster);
   int r;
 
+  if (held != kind)
+    return q2_corrupt (img, "a reference to host offset 0x%" PRIx64 " as %s would "
+                       "free %s", offset, names[kind], names[held]);
   if ((r = refcount_get (img, cluster, &rc)) < 0)
     return r;
   if (rc == 0)
@@ -170,10 +175,14 @@ int alloc_release (struct q2_image *img, uint64_t offset)
  * range was punched already, when the request dropped its only reference.
  */
 #define PENDING_PUNCHED 1ull
+#define PENDING_KIND_SHIFT 1
+#define PENDING_FLAGS 7ull
 
-int alloc_free_later (struct q2_image *img, uint64_t offset, bool punched)
+int alloc_free_later (struct q2_image *img, uint64_t offset, enum meta_kind kind,
+                      bool punched)
 {
-  return u64_list_push (&img->pending, offset | (punched ? PENDING_PUNCHED : 0));
+  return u64_list_push (&img->pending, offset | (punched ? PENDING_PUNCHED : 0) |
+                        (uint64_t) kind << PENDING_KIND_SHIFT);
 }
 
 static int cmp_u64 (const void *a, const void *b)
@@ -191,8 +200,9 @@ int alloc_apply_pending (struct q2_image *img)
 
   qsort (img->pending.v, img->pending.n, sizeof (uint64_t), cmp_u64);
   for (i = 0; i < img->pending.n; i++) {
-    uint64_t off = img->pending.v[i] & ~PENDING_PUNCHED;
-    if ((r = alloc_release (img, off)) < 0)
+    uint64_t off = img->pending.v[i] & ~PENDING_FLAGS;
+    enum meta_kind kind = (img->pending.v[i] & PENDING_FLAGS) >> PENDING_KIND_SHIFT;
+    if ((r = alloc_release (img, off, kind)) < 0)
       break;
     if (r == 0 || (img->pending.v[i] & PENDING_PUNCHED))
       continue;

@@ -142,7 +142,20 @@ static int walk_snapshots (struct walk *w)
     uint32_t l1size = be32_get (h + 8);
     uint16_t idlen = be16_get (h + 12), namelen = be16_get (h + 14);
     uint32_t extra = be32_get (h + 36);
-    if ((r = walk_l1 (w, l1off, l1size, false)) < 0)
+    uint64_t file_bytes = w->nclusters << img->cluster_bits;
+    if (off >= file_bytes) {
+      q2_error ("%s: ERROR snapshot %u at 0x%" PRIx64 " is past the end of the file",
+                img->name, i, off);
+      w->res->corruptions++;
+      break;
+    }
+    if ((uint64_t) l1size * 8 > QCOW2_MAX_L1_BYTES || l1off >= file_bytes ||
+        l1size * 8ull > file_bytes - l1off) {
+      q2_error ("%s: ERROR snapshot %u has an invalid L1 table (0x%" PRIx64 ", %u entries)",
+                img->name, i, l1off, l1size);
+      w->res->corruptions++;
+    }
+    else if ((r = walk_l1 (w, l1off, l1size, false)) < 0)
       return r;
     off += (40 + extra + idlen + namelen + 7) & ~7ull;
   }

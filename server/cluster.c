@@ -28,7 +28,7 @@ static int classify (struct q2_image *img, uint64_t guest, uint64_t entry,
     if (entry & QCOW_OFLAG_COPIED)
       return q2_corrupt (img, "compressed L2 entry for guest offset 0x%" PRIx64
                          " has the COPIED bit set", guest);
-    return check_host_range (img, coff, 1, META_NONE, "compressed L2 entry", guest);
+    return check_host_range (img, coff, clen, META_NONE, "compressed L2 entry", guest);
   }
   if (entry & L2E_RESERVED_MASK || off & (img->cluster_size - 1))
     return q2_corrupt (img, "L2 entry 0x%" PRIx64 " for guest offset 0x%" PRIx64

@@ -203,6 +203,11 @@ static int parse_tables (struct q2_image *img, const uint8_t *buf, uint64_t file
 
   img->nb_snapshots = be32_get (buf + HDR_NB_SNAPSHOTS);
   img->snapshots_offset = be64_get (buf + HDR_SNAPSHOTS_OFFSET);
+  if (img->nb_snapshots > QCOW2_MAX_SNAPSHOTS) {
+    q2_error ("%s: the image claims %u internal snapshots, more than the %u QEMU allows",
+              img->name, img->nb_snapshots, QCOW2_MAX_SNAPSHOTS);
+    return -EINVAL;
+  }
   if (img->nb_snapshots &&
       (r = check_table (img, "snapshot table", img->snapshots_offset, 40, file_size)) < 0)
     return r;
@@ -254,7 +259,7 @@ int header_parse (struct q2_image *img, const uint8_t *buf, uint64_t buflen,
   ex->backing_len = be32_get (buf + HDR_BACKING_SIZE);
   if (ex->backing_offset &&
       (ex->backing_len > QCOW2_MAX_BACKING_NAME ||
-       ex->backing_offset + ex->backing_len > ext_end)) {
+       ex->backing_len > ext_end || ex->backing_offset > ext_end - ex->backing_len)) {
     q2_error ("%s: the backing file name at offset 0x%" PRIx64 " (%u bytes) is "
               "invalid", img->name, ex->backing_offset, ex->backing_len);
     return -EINVAL;

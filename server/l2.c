@@ -80,7 +80,7 @@ int l2_table_get_writable (struct q2_image *img, uint64_t guest_offset,
   if (old) {
     memcpy (e->buf, old->buf, img->cluster_size);
     cache_put (old);
-    if ((r = alloc_free_later (img, old_off, false)) < 0) {
+    if ((r = alloc_free_later (img, old_off, META_L2, false)) < 0) {
       cache_put (e);
       return r;
     }

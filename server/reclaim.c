@@ -113,7 +113,7 @@ static int release_unrefs (struct reclaim *rc)
 
   pthread_mutex_lock (&rc->img->meta_lock);
   for (i = 0; i < rc->unref.n && r == 0; i++)
-    r = alloc_free_later (rc->img, rc->unref.v[i], true);
+    r = alloc_free_later (rc->img, rc->unref.v[i], META_NONE, true);
   pthread_mutex_unlock (&rc->img->meta_lock);
   u64_list_free (&rc->unref);
   return r;
@@ -278,9 +278,16 @@ static int free_l2_if_empty (struct q2_image *img, uint64_t l1i)
   cache_put (t);
   if (!empty)
     return 0;
+  /* Two L1 entries naming one table is corruption: freeing it would let
+   * guest data overwrite a table still in use.
+   */
+  for (i = 0; i < img->l1.size; i++)
+    if (i != l1i && (img->l1.entries[i] & L1E_OFFSET_MASK) == off)
+      return q2_corrupt (img, "L1 entries %" PRIu64 " and %" PRIu64 " both point "
+                         "to the L2 table at host offset 0x%" PRIx64, i, l1i, off);
   table_set (&img->l1, l1i, 0);
   img->stats.l2_tables_freed++;
-  return alloc_free_later (img, off, false);
+  return alloc_free_later (img, off, META_L2, false);
 }
 
 static int check_l2 (struct reclaim *rc, uint64_t next_l1)

@@ -192,7 +192,7 @@ static int grow_table (struct q2_image *img, uint64_t idx)
             img->name, where, new_clusters);
   /* The header no longer points at the old table, so it can go at once. */
   for (i = 0; i < old_clusters; i++)
-    if ((r = alloc_release (img, old_offset + (i << img->cluster_bits))) < 0)
+    if ((r = alloc_release (img, old_offset + (i << img->cluster_bits), META_NONE)) < 0)
       return r;
   reclaim_punch (img, old_offset, old_clusters << img->cluster_bits);
   return 1;

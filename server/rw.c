@@ -196,11 +196,11 @@ int free_old_entry (struct q2_image *img, uint64_t entry, bool punched)
   if (entry & QCOW_OFLAG_COMPRESSED) {
     compressed_extent (img, entry, &off, &len);
     for (c = off & ~(img->cluster_size - 1); c < off + len && r == 0; c += img->cluster_size)
-      r = alloc_free_later (img, c, punched);
+      r = alloc_free_later (img, c, META_NONE, punched);
     return r;
   }
   off = entry & L2E_OFFSET_MASK;
-  return off ? alloc_free_later (img, off, punched) : 0;
+  return off ? alloc_free_later (img, off, META_NONE, punched) : 0;
 }
 
 static int link_clusters (struct q2_image *img, uint64_t offset, uint64_t n,
@@ -256,7 +256,7 @@ static int write_new (struct q2_image *img, const struct mapping *m, const char 
     r = link_clusters (img, offset, got, target, reuse);
   else if (!reuse)
     for (i = 0; i < got; i++)
-      alloc_release (img, target + (i << img->cluster_bits));
+      alloc_release (img, target + (i << img->cluster_bits), META_NONE);
   pthread_mutex_unlock (&img->meta_lock);
   *lenp = len;
   return r;

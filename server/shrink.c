@@ -47,7 +47,7 @@ static int drop_empty_blocks (struct q2_image *img)
      */
     if ((c >> img->rb_bits) < img->reftable.size &&
         img->reftable.entries[c >> img->rb_bits] &&
-        (r = alloc_release (img, dropped[i])) < 0)
+        (r = alloc_release (img, dropped[i], META_NONE)) < 0)
       return r;
     if (c < img->free_hint)
       img->free_hint = c;
