@@ -1,0 +1,204 @@
+#!/bin/bash
+# fio over NBD: qemu-nbd against the qcow2reclaim nbdkit plugin on the same
+# prefilled qcow2 image, with nbdkit's file plugin on the raw image as a
+# reference.  See bench/README.md.
+set -eu
+
+usage() {
+    cat <<EOF
+Usage: $0 [-d DIR] [-t SECONDS] [-r SECONDS] [-R ROUNDS] [-s SIZE] [-o FILE] [-n] [-k]
+
+  -d DIR      where the images go (default \$BENCH_DIR, else /var/tmp); a
+              private directory is made under it and removed at the end
+  -t SECONDS  measured time of each fio run (default 20)
+  -r SECONDS  ramp time before each run, not measured (default 2)
+  -R ROUNDS   run every test ROUNDS times per server and report the median
+              (default 1)
+  -s SIZE     virtual disk size (default 2G); needs about (2 + servers) x SIZE
+              of free space
+  -o FILE     also write the results table as CSV to FILE
+  -n          no nbdkit file plugin reference column
+  -k          keep the work directory (fio JSON, server logs)
+
+Environment: PLUGIN (default ../plugin/.libs/nbdkit-qcow2reclaim-plugin.so
+next to this script), PLUGIN_ARGS (extra KEY=VALUE parameters for it),
+BENCH_DIR, PYTHON.
+EOF
+}
+
+# shellcheck source=lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+parent=${BENCH_DIR:-/var/tmp}
+runtime=20
+ramp=2
+rounds=1
+size=2G
+csv=
+with_file=1
+while getopts d:t:r:R:s:o:nkh opt; do
+    case $opt in
+        d) parent=$OPTARG ;;
+        t) runtime=$OPTARG ;;
+        r) ramp=$OPTARG ;;
+        R) rounds=$OPTARG ;;
+        s) size=$OPTARG ;;
+        o) csv=$OPTARG ;;
+        n) with_file=0 ;;
+        k) BENCH_KEEP=1 ;;
+        h) usage; exit 0 ;;
+        *) usage >&2; exit 2 ;;
+    esac
+done
+shift $((OPTIND - 1))
+[ $# -eq 0 ] || { usage >&2; exit 2; }
+case $runtime in ''|*[!0-9]*|0) bench_die "-t wants a whole number of seconds > 0, not '$runtime'" ;; esac
+case $ramp in ''|*[!0-9]*) bench_die "-r wants a whole number of seconds, not '$ramp'" ;; esac
+case $rounds in ''|*[!0-9]*|0) bench_die "-R wants a whole number > 0, not '$rounds'" ;; esac
+size_bytes=$(bench_size_bytes "$size")
+if [ $((size_bytes % 1048576)) -ne 0 ] || [ "$size_bytes" -lt $((64 << 20)) ]; then
+    bench_die "-s wants a whole number of MiB, at least 64M"
+fi
+if [ -n "$csv" ]; then
+    { : >"$csv"; } 2>/dev/null || bench_die "cannot write the CSV file $csv"
+fi
+
+bench_require_tools fio qemu-nbd qemu-img nbdkit "$PYTHON"
+
+# The tests: name, fio rw, block size, queue depth, figure reported.  The
+# 1 MiB tests use depth 4: with 2 cores deeper queues only add latency, and
+# the depth is the same for every server.
+TESTS=(
+    "randread-4k   randread  4k 16 iops"
+    "randwrite-4k  randwrite 4k 16 iops"
+    "seqread-1m    read      1m 4  mibs"
+    "seqwrite-1m   write     1m 4  mibs"
+)
+
+# The servers to run; the table always has a column for each.
+declare -A LABEL=([qemu]=qemu-nbd [plugin]=qcow2reclaim [file]=nbdkit-file)
+RUN=(qemu)
+if plugin_available; then
+    nbdkit "$PLUGIN" --dump-plugin >/dev/null 2>&1 ||
+        bench_die "nbdkit cannot load the plugin $PLUGIN (try: nbdkit $PLUGIN --dump-plugin)"
+    RUN+=(plugin)
+else
+    bench_msg "qcow2reclaim plugin not found at $PLUGIN: skipping its column (build it, or set PLUGIN=)"
+fi
+if [ "$with_file" = 1 ]; then RUN+=(file); fi
+
+bench_workdir_create "$parent"
+bench_install_trap
+W=$BENCH_WORK
+if plugin_available; then
+    # Serve a private copy, so a rebuild during the run changes nothing.
+    cp "$PLUGIN" "$W/plugin.so" || bench_die "cannot copy $PLUGIN"
+    bench_msg "qcow2reclaim plugin: $PLUGIN ($(date -r "$PLUGIN" '+built %F %T'))"
+    PLUGIN=$W/plugin.so
+fi
+# Templates, one copy per server, and slack for fio's logs.
+bench_check_space "$W" $(((2 + ${#RUN[@]}) * size_bytes + (64 << 20)))
+
+runs=$((${#TESTS[@]} * rounds * ${#RUN[@]}))
+bench_warn_if_busy
+bench_msg "work directory $W; $runs fio runs of ${ramp}+${runtime}s, about $(((runs * (runtime + ramp + 3) + 60) / 60)) min"
+
+bench_msg "writing a $size image of random data (raw and qcow2, 64 KiB clusters)"
+make_prefilled_images "$size_bytes" "$W/template.raw" "$W/template.qcow2" 64k
+
+# Each server has its own copy, so no write test sees another server's writes.
+declare -A IMAGE SOCK
+for s in "${RUN[@]}"; do
+    SOCK[$s]=$W/$s.sock
+    case $s in
+        file) IMAGE[$s]=$W/$s.raw; fresh_copy "$W/template.raw" "${IMAGE[$s]}" ;;
+        *)    IMAGE[$s]=$W/$s.qcow2; fresh_copy "$W/template.qcow2" "${IMAGE[$s]}" ;;
+    esac
+done
+rm -f "$W/template.raw" "$W/template.qcow2"
+sync
+
+declare -A PID
+read -r -a plugin_args <<<"${PLUGIN_ARGS:-}"
+for s in "${RUN[@]}"; do
+    case $s in
+        qemu)   serve_qemu "${IMAGE[$s]}" "${SOCK[$s]}" "$W/$s.log" ;;
+        plugin) serve_plugin "${IMAGE[$s]}" "${SOCK[$s]}" "$W/$s.log" "${plugin_args[@]}" ;;
+        file)   serve_file "${IMAGE[$s]}" "${SOCK[$s]}" "$W/$s.log" ;;
+    esac
+    PID[$s]=$SERVER_PID
+    bench_msg "${LABEL[$s]} is serving ${IMAGE[$s]##*/} (pid $SERVER_PID)"
+done
+
+# Run j (test i, round r) starts with server j (mod n), so no server always
+# runs first or right after another server's writes.
+declare -A RESULT FIGURES
+n=${#RUN[@]}
+done_runs=0
+busy_runs=0
+for ((i = 0; i < ${#TESTS[@]}; i++)); do
+    read -r name rw bs depth metric <<<"${TESTS[$i]}"
+    unit=$([ "$metric" = iops ] && echo IOPS || echo MiB/s)
+    for ((r = 0; r < rounds; r++)); do
+        for ((k = 0; k < n; k++)); do
+            s=${RUN[$(((i * rounds + r + k) % n))]}
+            server_check "${PID[$s]}"
+            sync    # earlier writes reach the disk before, not during, this run
+            json=$W/$name.$s.$r.json
+            bench_cpu_mark "${PID[$s]}"
+            run_fio "$(nbd_uri "${SOCK[$s]}")" "$rw" "$bs" "$depth" "$runtime" "$ramp" "$json"
+            other=$(bench_cpu_other "${PID[$s]}")
+            fig=$(fio_figure "$json" "$metric") || bench_die "cannot read the fio report $json"
+            FIGURES[$name.$s]="${FIGURES[$name.$s]:-} $fig"
+            done_runs=$((done_runs + 1))
+            note=
+            if awk -v o="$other" 'BEGIN { exit !(o >= 0.2) }'; then
+                note=" (other processes used $other CPUs meanwhile)"
+                busy_runs=$((busy_runs + 1))
+            fi
+            bench_msg "[$done_runs/$runs] $name on ${LABEL[$s]}: $fig $unit$note"
+        done
+    done
+    for s in "${RUN[@]}"; do
+        # shellcheck disable=SC2086 # the figures are separate words
+        RESULT[$name.$s]=$(bench_median ${FIGURES[$name.$s]})
+    done
+done
+[ "$busy_runs" = 0 ] ||
+    bench_msg "warning: other processes took CPU time during $busy_runs of $runs runs: those figures are low; rerun on a quiet machine"
+
+# Stop the servers before reading the images back: the plugin writes its
+# metadata on exit, and qemu-img check must find both qcow2 images clean.
+for s in "${RUN[@]}"; do
+    stop_server "${PID[$s]}" || bench_msg "warning: ${LABEL[$s]} exited with status $? (log: $W/$s.log)"
+done
+bad_images=
+for s in "${RUN[@]}"; do
+    [ "$s" != file ] || continue
+    if ! out=$(qemu-img check -f qcow2 "${IMAGE[$s]}" 2>&1); then
+        echo "$out" >&2
+        bench_msg "error: qemu-img check found problems in the ${LABEL[$s]} image"
+        bad_images="$bad_images ${LABEL[$s]}"
+    fi
+done
+
+# The table, and the same rows as CSV.
+row() { printf '%-13s %-6s %12s %13s %7s %12s\n' "$@"; }
+row test metric qemu-nbd qcow2reclaim ratio nbdkit-file
+[ -z "$csv" ] || echo "test,metric,qemu_nbd,qcow2reclaim,ratio,nbdkit_file" >"$csv"
+for t in "${TESTS[@]}"; do
+    read -r name rw bs depth metric <<<"$t"
+    unit=$([ "$metric" = iops ] && echo IOPS || echo MiB/s)
+    q=${RESULT[$name.qemu]:-}
+    p=${RESULT[$name.plugin]:-}
+    f=${RESULT[$name.file]:-}
+    ratio=
+    if [ -n "$q" ] && [ -n "$p" ]; then
+        ratio=$(awk -v p="$p" -v q="$q" 'BEGIN { if (q > 0) printf "%.2f", p / q }')
+    fi
+    row "$name" "$unit" "${q:--}" "${p:--}" "${ratio:--}" "${f:--}"
+    [ -z "$csv" ] || echo "$name,$unit,$q,$p,$ratio,$f" >>"$csv"
+done
+[ -z "$csv" ] || bench_msg "results written to $csv"
+# A server that damages its image has no meaningful figures.
+[ -z "$bad_images" ] || bench_die "the image served by$bad_images failed qemu-img check"
