@@ -65,9 +65,12 @@ int flush_refcount_blocks (struct q2_image *img)
   return write_kind (img, CACHE_REFBLOCK);
 }
 
+/* Syncs when anything (data, evicted tables) was written since the last
+ * sync: what a table about to be written relies on must be on disk first.
+ */
 static int sync_or_say (struct q2_image *img)
 {
-  int r = host_sync (&img->hf);
+  int r = host_sync_if_needed (&img->hf);
 
   if (r < 0)
     q2_error ("%s: cannot sync the image file: %s", img->name, strerror (-r));
@@ -82,8 +85,6 @@ int flush_refcounts (struct q2_image *img)
   bool table = table_any_dirty (&img->reftable);
   int r;
 
-  if (!table && !cache_any_dirty (&img->cache, CACHE_REFBLOCK))
-    return 0;
   if ((r = flush_refcount_blocks (img)) < 0)
     return r;
   if (table) {

@@ -84,6 +84,7 @@ void host_start_ring (struct hostfile *hf)
       return fault_;                                            \
   } while (0)
 #define RECORD(hf, op, data, off, len) do {                     \
+    __atomic_store_n (&(hf)->unsynced, true, __ATOMIC_RELEASE);   \
     if ((hf)->test)                                             \
       hosttest_record ((hf)->test, op, data, off, len);         \
   } while (0)
@@ -185,6 +186,7 @@ int host_pwrite_batch (struct hostfile *hf, const struct host_write *w, size_t n
 
 #ifdef HAVE_LIBURING
   if (hf->ring_ok && n > 1 && !hf->test) {
+    __atomic_store_n (&hf->unsynced, true, __ATOMIC_RELEASE);
     pthread_mutex_lock (&hf->ring_lock);
     for (i = 0, r = 0; i < n && r == 0; i += RING_DEPTH)
       r = ring_write_some (hf, &w[i], n - i < RING_DEPTH ? n - i : RING_DEPTH);
@@ -217,6 +219,7 @@ int host_zero (struct hostfile *hf, uint64_t offset, uint64_t len)
   static const char zeros[65536];
 
   FAULT (hf, HOP_ZERO);
+  __atomic_store_n (&hf->unsynced, true, __ATOMIC_RELEASE);
   if (fallocate (hf->fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
                  offset, len) == 0) {
     RECORD (hf, HOP_ZERO, NULL, offset, len);
@@ -242,13 +245,26 @@ int host_truncate (struct hostfile *hf, uint64_t size)
   return 0;
 }
 
+/* The flag is cleared before fdatasync starts: a change completing during
+ * the sync sets it again, so the next caller syncs once more.
+ */
 int host_sync (struct hostfile *hf)
 {
   FAULT (hf, HOP_SYNC);
-  if (fdatasync (hf->fd) == -1)
-    return -errno;
-  RECORD (hf, HOP_SYNC, NULL, 0, 0);
+  __atomic_store_n (&hf->unsynced, false, __ATOMIC_RELEASE);
+  if (fdatasync (hf->fd) == -1) {
+    int err = errno;
+    __atomic_store_n (&hf->unsynced, true, __ATOMIC_RELEASE);
+    return -err;
+  }
+  if (hf->test)
+    hosttest_record (hf->test, HOP_SYNC, NULL, 0, 0);
   return 0;
+}
+
+int host_sync_if_needed (struct hostfile *hf)
+{
+  return __atomic_load_n (&hf->unsynced, __ATOMIC_ACQUIRE) ? host_sync (hf) : 0;
 }
 
 int host_size (struct hostfile *hf, uint64_t *size)

@@ -22,6 +22,7 @@ struct hostfile {
   pthread_mutex_t ring_lock;
   void *ring;                 /* struct io_uring *, opaque here */
   struct hosttest *test;      /* fault injection and I/O log, normally NULL */
+  bool unsynced;              /* changed since the last sync began (atomic) */
 };
 
 int host_open (struct hostfile *hf, const char *name, bool readonly);
@@ -37,6 +38,8 @@ int host_punch (struct hostfile *hf, uint64_t offset, uint64_t len);
 int host_zero (struct hostfile *hf, uint64_t offset, uint64_t len);
 int host_truncate (struct hostfile *hf, uint64_t size);
 int host_sync (struct hostfile *hf);
+/* Syncs only if anything changed since the last sync began. */
+int host_sync_if_needed (struct hostfile *hf);
 int host_size (struct hostfile *hf, uint64_t *size);
 
 #endif

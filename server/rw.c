@@ -330,7 +330,7 @@ int q2_flush (struct q2_image *img)
   r = flush_metadata (img, &synced);
   pthread_mutex_unlock (&img->meta_lock);
   /* Data alone needs no lock: sync outside it so lookups go on. */
-  if (r == 0 && !synced && (r = host_sync (&img->hf)) < 0)
+  if (r == 0 && !synced && (r = host_sync_if_needed (&img->hf)) < 0)
     q2_error ("%s: cannot sync the image file: %s", img->name, strerror (-r));
   return r;
 }
