@@ -1,0 +1,146 @@
+#!/bin/bash
+# SIGKILL under load.  Four client processes write, trim, zero and flush
+# on their own regions of one image while the server is killed at a random
+# moment; then the image must pass qemu-img check with at most leaks, every
+# byte a client was told is durable (a FUA reply, or a flush reply after the
+# request's own reply) must read back, and the same image is served again
+# for the next round.  A kill keeps the page cache, so this is not a power
+# cut (test-crash.sh is): it catches metadata written back in an unsafe
+# order by the cache, by evictions and by reclaim, at any instant, with
+# many requests in flight, and it checks that a leaky image is served
+# and written to correctly afterwards.
+#
+# KILLS (default 200) rounds in total, shared by two images: 64 KiB clusters,
+# and 4 KiB clusters with a metadata cache too small for the image, so that
+# evictions write L2 tables and refcount blocks back in the middle of the
+# load.  KILL_SEED varies the load and the kill times; KILL_KEEP=DIR keeps
+# the image and journals of a failing round.
+set -eu
+srcdir=${srcdir:-$(cd "$(dirname "$0")" && pwd)}
+. "$srcdir/functions.sh"
+
+require qemu-img
+require qemu-io
+require nbdkit
+PY=/usr/bin/python3
+$PY -c 'import nbd' 2>/dev/null || skip "/usr/bin/python3 has no nbd module (python3-libnbd)"
+[ -f "$PLUGIN" ] || fail "plugin $PLUGIN is not built"
+
+KILLS=${KILLS:-200}
+SEED=${KILL_SEED:-1}
+KEEP=${KILL_KEEP:-}
+# Short bursts keep 200 rounds within a few minutes; most of the time is
+# the load itself.
+MIN_TIME=${KILL_MIN_TIME:-0.2}
+MAX_TIME=${KILL_MAX_TIME:-0.6}
+SIZE=32M
+helper="$srcdir/crash_replay.py"
+started=$(date +%s)
+
+# Two images; the second is where evictions happen during the load.
+NAMES="c64k c4k"
+declare -A CS PARAMS
+CS[c64k]=65536 PARAMS[c64k]=
+CS[c4k]=4096 PARAMS[c4k]=cache-size=32k
+for name in $NAMES; do
+    img=$TMP/$name.qcow2
+    qemu-img create -q -f qcow2 -o cluster_size=${CS[$name]} "$img" $SIZE
+    # Some data from the start, some of it compressed, so that the clients
+    # also overwrite in place and COW from compressed clusters.
+    qemu-io -f qcow2 -c 'write -P 0x11 0 3M' -c 'write -c -P 0x22 8M 1M' \
+        -c 'write -P 0x33 17M 2M' -c 'write -c -P 0x44 25M 1M' "$img" >/dev/null
+    mkdir -p "$TMP/$name.state"
+done
+
+# serve NAME: start the server on NAME's image; sets SERVER.
+serve() {
+    start_server "$TMP/$1.sock" "$TMP/$1.log" file="$TMP/$1.qcow2" ${PARAMS[$1]}
+    SERVER=$LAST_SERVER_PID
+}
+
+# forget PID: the server is gone, so cleanup must not signal the number
+# again (it could belong to someone else by then).
+forget() {
+    SERVER_PIDS=$(echo " $SERVER_PIDS " | sed "s/ $1 / /")
+}
+
+# keep_round NAME ROUND: save what a failing round leaves for a replay.
+keep_round() {
+    [ -n "$KEEP" ] || return 0
+    mkdir -p "$KEEP"
+    cp --sparse=always "$TMP/$1.qcow2" "$KEEP/$1-round$2.qcow2"
+    cp "$TMP/$1.log" "$KEEP/$1-round$2.server.log" 2>/dev/null || true
+}
+
+failures=0 leaky=0 leaked=0 rounds=0
+for round in $(seq 1 "$KILLS"); do
+    # Alternate the images; each keeps its own state between its rounds.
+    if [ $((round % 2)) -eq 1 ]; then name=c64k; else name=c4k; fi
+    img=$TMP/$name.qcow2
+    serve $name
+    rc=0
+    # bash reports the killed job ("Killed ...") on its own stderr at the
+    # next command; the braces catch that, and the file keeps real errors.
+    {
+        $PY "$helper" kill-round --sock "$TMP/$name.sock" --pid "$SERVER" \
+            --state "$TMP/$name.state" --round "$round" \
+            --seed $((SEED * 100000 + round)) --cluster-size ${CS[$name]} \
+            --min-time "$MIN_TIME" --max-time "$MAX_TIME" ${KEEP:+--keep "$KEEP"} \
+            >>"$TMP/rounds.log" || rc=$?
+        # A round that failed its check returns before the kill; the pid
+        # cannot have been reused, as it is not reaped yet.
+        kill -KILL "$SERVER" 2>/dev/null || true
+        wait "$SERVER" || true
+    } 2>"$TMP/round.err"
+    grep -v ' Killed ' "$TMP/round.err" >&2 || true
+    forget "$SERVER"
+    rounds=$((rounds + 1))
+    if [ $rc -ne 0 ]; then
+        failures=$((failures + 1))
+        tail -n 3 "$TMP/rounds.log" >&2
+        grep -E ' error: |Assertion|Sanitizer' "$TMP/$name.log" | tail -n 5 >&2 || true
+        echo "round $round ($name, seed $((SEED * 100000 + round))) failed" >&2
+        keep_round $name "$round"
+        break
+    fi
+    # A kill may leak clusters; it may never corrupt.
+    crc=0
+    out=$(qemu-img check "$img" 2>&1) || crc=$?
+    case $crc in
+    0) ;;
+    3)
+        leaky=$((leaky + 1))
+        n=$(echo "$out" | sed -n 's/^\([0-9]*\) leaked clusters were found.*/\1/p')
+        leaked=$((leaked + ${n:-0}))
+        qemu-img check -q -r leaks "$img" >/dev/null 2>&1 || true
+        out=$(qemu-img check "$img" 2>&1) || {
+            echo "$out" >&2
+            keep_round $name "$round"
+            fail "round $round ($name): not clean after qemu-img check -r leaks"
+        } ;;
+    *)
+        echo "$out" | tail -n 30 >&2
+        keep_round $name "$round"
+        fail "round $round ($name, seed $((SEED * 100000 + round))): qemu-img check exit $crc after SIGKILL: corruption"
+        ;;
+    esac
+done
+
+# A last look at each image: the durable data of its last round, then a
+# clean shutdown must leave no leaks at all.
+if [ $failures -eq 0 ]; then
+    for name in $NAMES; do
+        serve $name
+        $PY "$helper" kill-round --sock "$TMP/$name.sock" --pid "$SERVER" \
+            --state "$TMP/$name.state" --round $((KILLS + 1)) --verify-only \
+            --cluster-size ${CS[$name]} >>"$TMP/rounds.log" ||
+            { tail -n 3 "$TMP/rounds.log" >&2; failures=$((failures + 1)); }
+        stop_server "$SERVER"
+        forget "$SERVER"
+        check_clean "$TMP/$name.qcow2"
+    done
+fi
+
+sent=$(awk '/^kill-round [0-9]*: previous round/ { s += $6; a += $8; d += $10; f += $12 } END { printf "%d requests sent, %d acknowledged, %d durable, %d flushes", s, a, d, f }' "$TMP/rounds.log")
+echo "test-kill: $rounds kills, $failures failed, $leaky left leaks ($leaked clusters, repaired); $sent; seed $SEED, $(( $(date +%s) - started ))s"
+[ $failures -eq 0 ] || fail "durable data lost or a request failed after a kill (details above)"
