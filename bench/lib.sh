@@ -310,7 +310,7 @@ _bench_cpu_sample() {
     line=$(cat "/proc/$$/stat")
     read -r -a self <<<"${line##*) }"
     _BENCH_KIDS=$((self[13] + self[14]))
-    _BENCH_T=$EPOCHREALTIME
+    _BENCH_T=${EPOCHREALTIME/,/.}    # a decimal comma in some locales
 }
 bench_cpu_mark() {
     _bench_cpu_sample "$1"
