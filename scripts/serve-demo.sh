@@ -20,7 +20,7 @@ fi
 cat <<MSG
 Serving $image on nbd://localhost:10809 (Ctrl-C stops and writes back).
   Look at it:      nbdinfo --map nbd://localhost:10809
-  Give space back: nbdsh -u nbd://localhost:10809 -c 'h.trim(h.get_size(), 0); h.flush()'
+  Give space back: nbdsh -u nbd://localhost:10809 -c 'for o in range(0, h.get_size(), 1 << 30): h.trim(min(1 << 30, h.get_size() - o), o)' -c 'h.flush()'
   Then compare:    du -h $image ; qemu-img check $image
 MSG
 exec nbdkit -f -p 10809 "$plugin" file="$image" "$@"
