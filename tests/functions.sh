@@ -18,22 +18,37 @@ skip() { echo "SKIP: $*"; exit 77; }
 require() { command -v "$1" >/dev/null 2>&1 || skip "$1 is not installed"; }
 fail() { echo "FAIL: $*" >&2; exit 1; }
 
+# track_server PID SOCKET LOGFILE NAME: record a server just started in the
+# background for cleanup, and wait until its socket exists.
+track_server() {
+    local pid=$1 sock=$2 log=$3 name=$4 i
+    SERVER_PIDS="$SERVER_PIDS $pid"
+    LAST_SERVER_PID=$pid
+    for i in $(seq 1 300); do
+        [ -S "$sock" ] && return 0
+        kill -0 "$pid" 2>/dev/null || { cat "$log" >&2; fail "$name exited before serving"; }
+        sleep 0.05
+    done
+    cat "$log" >&2; fail "$name did not create $sock"
+}
+
 # start_server SOCKET LOGFILE PARAMS...: serve with nbdkit on a Unix socket,
 # wait until it accepts connections; the pid is recorded for cleanup.
 start_server() {
     local sock=$1 log=$2; shift 2
     rm -f "$sock"
     nbdkit -f -v -U "$sock" "$PLUGIN" "$@" >"$log" 2>&1 &
-    local pid=$!
-    SERVER_PIDS="$SERVER_PIDS $pid"
-    LAST_SERVER_PID=$pid
-    local i
-    for i in $(seq 1 300); do
-        [ -S "$sock" ] && return 0
-        kill -0 "$pid" 2>/dev/null || { cat "$log" >&2; fail "nbdkit exited before serving"; }
-        sleep 0.05
-    done
-    cat "$log" >&2; fail "nbdkit did not create $sock"
+    track_server $! "$sock" "$log" nbdkit
+}
+
+# start_qemu_nbd SOCKET LOGFILE IMAGE [OPTIONS...]: the same with qemu-nbd,
+# the reference the plugin is compared with; -t keeps it up while clients
+# come and go.
+start_qemu_nbd() {
+    local sock=$1 log=$2 img=$3; shift 3
+    rm -f "$sock"
+    qemu-nbd -t -f qcow2 -k "$sock" "$@" "$img" >"$log" 2>&1 &
+    track_server $! "$sock" "$log" qemu-nbd
 }
 
 # stop_server PID: ask nbdkit to finish (it writes back metadata on exit).

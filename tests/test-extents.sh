@@ -218,25 +218,8 @@ EOF
 )
 py() { $PY -c "$LIB" "$@"; }
 
-# wait_sock PID SOCK LOG
-wait_sock() {
-    local _
-    for _ in $(seq 1 300); do
-        [ -S "$2" ] && return 0
-        kill -0 "$1" 2>/dev/null || { cat "$3" >&2; fail "server exited before serving $2"; }
-        sleep 0.05
-    done
-    fail "no socket $2"
-}
-
 # serve_ref SOCK LOG IMAGE: qemu-nbd, read-only, persistent (several clients).
-serve_ref() {
-    rm -f "$1"
-    qemu-nbd -r -t -f qcow2 -k "$1" "$3" >"$2" 2>&1 &
-    LAST_SERVER_PID=$!
-    SERVER_PIDS="$SERVER_PIDS $LAST_SERVER_PID"
-    wait_sock "$LAST_SERVER_PID" "$1" "$2"
-}
+serve_ref() { start_qemu_nbd "$1" "$2" "$3" -r; }
 
 # serve_test SOCK LOG IMAGE: the server under test, read-only.
 serve_test() {

@@ -41,22 +41,12 @@ started=$(date +%s)
 
 # serve KIND SOCK LOG IMAGE [STATS]
 serve() {
-    local kind=$1 sock=$2 log=$3 img=$4 stats=${5:-} _
+    local kind=$1 sock=$2 log=$3 img=$4 stats=${5:-}
     if [ "$kind" = nbdkit ]; then
         start_server "$sock" "$log" file="$img" statsfile="$stats"
-        return
+    else
+        start_qemu_nbd "$sock" "$log" "$img" --discard=unmap
     fi
-    rm -f "$sock"
-    # -t: stay up while nbdfuse opens and closes its connections.
-    qemu-nbd -t -f qcow2 --discard=unmap -k "$sock" "$img" >"$log" 2>&1 &
-    LAST_SERVER_PID=$!
-    SERVER_PIDS="$SERVER_PIDS $LAST_SERVER_PID"
-    for _ in $(seq 1 300); do
-        [ -S "$sock" ] && return 0
-        kill -0 "$LAST_SERVER_PID" 2>/dev/null || { cat "$log" >&2; fail "qemu-nbd exited"; }
-        sleep 0.05
-    done
-    cat "$log" >&2; fail "qemu-nbd did not create $sock"
 }
 
 # settle IMAGE: the allocated bytes once they stop changing.  Discards can

@@ -39,23 +39,11 @@ esac
 
 # serve SOCK LOG IMAGE: as test-differential.sh.
 serve() {
-    local sock=$1 log=$2 img=$3
     if [ "$SERVER" = nbdkit ]; then
-        start_server "$sock" "$log" file="$img"
-        return
+        start_server "$1" "$2" file="$3"
+    else
+        start_qemu_nbd "$1" "$2" "$3" --discard=unmap
     fi
-    rm -f "$sock"
-    qemu-nbd -f qcow2 -t -k "$sock" --discard=unmap "$img" >"$log" 2>&1 &
-    local pid=$!
-    SERVER_PIDS="$SERVER_PIDS $pid"
-    LAST_SERVER_PID=$pid
-    local i
-    for i in $(seq 1 300); do
-        [ -S "$sock" ] && return 0
-        kill -0 "$pid" 2>/dev/null || { cat "$log" >&2; fail "qemu-nbd exited"; }
-        sleep 0.05
-    done
-    cat "$log" >&2; fail "qemu-nbd did not create $sock"
 }
 
 # The plan (which ranges, which pattern byte), the NBD side and the qemu-io

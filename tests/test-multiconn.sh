@@ -36,23 +36,12 @@ started=$(date +%s)
 
 # serve SOCK LOG IMAGE: a read-write export of IMAGE on a Unix socket.
 serve() {
-    local sock=$1 log=$2 image=$3
     if [ "$SERVER" = qemu-nbd ]; then
-        rm -f "$sock"
         # -e: more than one client, which is also what makes qemu-nbd
-        # advertise multi-conn; -t: survive the probe connection closing.
-        qemu-nbd -t -e 16 -f qcow2 --discard=unmap -k "$sock" "$image" >"$log" 2>&1 &
-        LAST_SERVER_PID=$!
-        SERVER_PIDS="$SERVER_PIDS $LAST_SERVER_PID"
-        local _
-        for _ in $(seq 1 300); do
-            [ -S "$sock" ] && return 0
-            kill -0 "$LAST_SERVER_PID" 2>/dev/null || { cat "$log" >&2; fail "qemu-nbd exited"; }
-            sleep 0.05
-        done
-        fail "qemu-nbd did not create $sock"
+        # advertise multi-conn.
+        start_qemu_nbd "$1" "$2" "$3" -e 16 --discard=unmap
     else
-        start_server "$sock" "$log" file="$image"
+        start_server "$1" "$2" file="$3"
     fi
 }
 
