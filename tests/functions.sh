@@ -16,7 +16,15 @@ trap cleanup EXIT
 # A test that cannot run here says why and exits with automake's skip code.
 skip() { echo "SKIP: $*"; exit 77; }
 require() { command -v "$1" >/dev/null 2>&1 || skip "$1 is not installed"; }
+# The NBD tests drive the server from /usr/bin/python3's libnbd bindings.
+require_python_nbd() {
+    /usr/bin/python3 -c 'import nbd' 2>/dev/null ||
+        skip "/usr/bin/python3 has no nbd module (python3-libnbd)"
+}
 fail() { echo "FAIL: $*" >&2; exit 1; }
+
+# SERVER=qemu-nbd runs some tests against qemu-nbd, to check the harness itself.
+[ "${SERVER:-nbdkit}" = qemu-nbd ] || [ -f "$PLUGIN" ] || fail "plugin $PLUGIN is not built"
 
 # track_server PID SOCKET LOGFILE NAME: record a server just started in the
 # background for cleanup, and wait until its socket exists.

@@ -12,7 +12,7 @@ set -eu
 require nbdkit
 require qemu-img
 require qemu-io
-/usr/bin/python3 -c 'import nbd' 2>/dev/null || skip "/usr/bin/python3 has no nbd module"
+require_python_nbd
 
 PATCH=$srcdir/qcow2_patch.py
 # The plugin may print the canonical path; make ours canonical to match.

@@ -21,8 +21,7 @@ require qemu-img
 require qemu-io
 require nbdkit
 PY=/usr/bin/python3
-$PY -c 'import nbd' 2>/dev/null || skip "/usr/bin/python3 has no nbd module (python3-libnbd)"
-[ -f "$PLUGIN" ] || fail "plugin $PLUGIN is not built"
+require_python_nbd
 
 POINTS=${CRASH_POINTS:-100}
 SEED=${CRASH_SEED:-1}

@@ -20,10 +20,9 @@ require qemu-nbd
 require nbdinfo
 require nbdcopy
 PY=/usr/bin/python3
-$PY -c 'import nbd' 2>/dev/null || skip "/usr/bin/python3 has no nbd module (python3-libnbd)"
+require_python_nbd
 if [ "$SERVER" != qemu-nbd ]; then
     require nbdkit
-    [ -f "$PLUGIN" ] || fail "plugin $PLUGIN is not built"
 fi
 started=$(date +%s)
 FAILURES=0

@@ -19,7 +19,7 @@ set -eu
 require nbdkit
 require qemu-img
 require qemu-io
-/usr/bin/python3 -c 'import nbd' 2>/dev/null || skip "/usr/bin/python3 has no nbd module"
+require_python_nbd
 
 FUZZ_SECONDS=${FUZZ_SECONDS:-60}
 FUZZDIR=$srcdir/fuzz

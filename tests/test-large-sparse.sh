@@ -28,11 +28,9 @@ srcdir=$(cd "${srcdir:-$(dirname "$0")}" && pwd)
 
 require qemu-img
 require qemu-io
-/usr/bin/python3 -c 'import nbd' 2>/dev/null ||
-    skip "/usr/bin/python3 has no nbd module (python3-libnbd)"
+require_python_nbd
 case $SERVER in
-    nbdkit) require nbdkit
-            [ -f "$PLUGIN" ] || fail "plugin $PLUGIN does not exist" ;;
+    nbdkit) require nbdkit ;;
     qemu-nbd) require qemu-nbd ;;
     *) fail "SERVER must be nbdkit or qemu-nbd, not $SERVER" ;;
 esac

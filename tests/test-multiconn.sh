@@ -18,12 +18,11 @@ SERVER=${SERVER:-nbdkit}
 require qemu-img
 require qemu-io
 PY=/usr/bin/python3
-$PY -c 'import nbd' 2>/dev/null || skip "/usr/bin/python3 has no nbd module (python3-libnbd)"
+require_python_nbd
 if [ "$SERVER" = qemu-nbd ]; then
     require qemu-nbd
 else
     require nbdkit
-    [ -f "$PLUGIN" ] || fail "plugin $PLUGIN is not built"
 fi
 
 WRITERS=${MULTICONN_WRITERS:-4}

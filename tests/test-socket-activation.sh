@@ -19,8 +19,7 @@ srcdir=$(cd "${srcdir:-$(dirname "$0")}" && pwd)
 require qemu-img
 require nbdkit
 PY=/usr/bin/python3
-$PY -c 'import nbd' 2>/dev/null || skip "/usr/bin/python3 has no nbd module (python3-libnbd)"
-[ -f "$PLUGIN" ] || fail "plugin $PLUGIN does not exist"
+require_python_nbd
 
 alloc_of() { echo $(( $(stat -c %b "$1") * 512 )); }
 mib() { awk -v b="$1" 'BEGIN { printf "%.2f MiB", b / 1048576 }'; }
