@@ -70,6 +70,14 @@ static void count_l2_entry (struct walk *w, uint64_t e, bool active, bool frag)
     }
     return;
   }
+  /* What the request paths refuse as corrupt, the check reports too. */
+  if (e & L2E_RESERVED_MASK || off & (img->cluster_size - 1) ||
+      ((e & QCOW_OFLAG_ZERO) && img->version < 3)) {
+    q2_error ("%s: ERROR L2 entry 0x%" PRIx64 " has reserved bits set or an unaligned "
+              "offset", img->name, e);
+    w->res->corruptions++;
+    return;
+  }
   if (!off)
     return;
   add_ref (w, off, img->cluster_size, active, "data cluster");
