@@ -6,10 +6,18 @@ export PATH=/usr/bin:$PATH
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/q2r-test.XXXXXX")
 SERVER_PIDS=
+TOOL=$top_builddir/tools/qcow2reclaim
+# Waits for a server or a client scale with this: 1, or 10 under valgrind.
+SLOW=1
+# Runs in the EXIT trap, so it keeps the test's status unless valgrind
+# found something in a process the test had passed with.
 cleanup() {
+    local leaky=
     for p in $SERVER_PIDS; do kill "$p" 2>/dev/null || true; done
     for p in $SERVER_PIDS; do wait "$p" 2>/dev/null || true; done
+    [ -z "${VALGRIND:-}" ] || valgrind_verdict || leaky=1
     rm -rf "$TMP"
+    [ -z "$leaky" ] || exit 1
 }
 trap cleanup EXIT
 
@@ -23,6 +31,9 @@ require_python_nbd() {
 }
 fail() { echo "FAIL: $*" >&2; exit 1; }
 
+# make check-valgrind: the servers and the tool run under memcheck.
+[ -z "${VALGRIND:-}" ] || . "$srcdir/valgrind.sh"
+
 # SERVER=qemu-nbd runs some tests against qemu-nbd, to check the harness itself.
 [ "${SERVER:-nbdkit}" = qemu-nbd ] || [ -f "$PLUGIN" ] || fail "plugin $PLUGIN is not built"
 
@@ -32,7 +43,7 @@ track_server() {
     local pid=$1 sock=$2 log=$3 name=$4 i
     SERVER_PIDS="$SERVER_PIDS $pid"
     LAST_SERVER_PID=$pid
-    for i in $(seq 1 300); do
+    for i in $(seq 1 $((300 * SLOW))); do
         [ -S "$sock" ] && return 0
         kill -0 "$pid" 2>/dev/null || { cat "$log" >&2; fail "$name exited before serving"; }
         sleep 0.05

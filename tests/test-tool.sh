@@ -3,7 +3,6 @@
 # qemu-img made, plus leaks, corruption and the lock while a server writes.
 . "$srcdir/functions.sh"
 require qemu-img
-TOOL=$top_builddir/tools/qcow2reclaim
 [ -x "$TOOL" ] || fail "$TOOL was not built"
 PATCH="/usr/bin/python3 $srcdir/qcow2_patch.py"
 cd "$TMP"

@@ -1,0 +1,41 @@
+# Sourced by functions.sh when VALGRIND is set (make check-valgrind): every
+# nbdkit and every qcow2reclaim tool a test starts runs under memcheck, and
+# the test fails if any of them reported an error or leaked.  The server
+# lives for months on end, so a leak per request is an outage in waiting.
+require valgrind
+
+VG_LOGS=$TMP/valgrind
+mkdir -p "$VG_LOGS" "$TMP/vgbin"
+real_nbdkit=$(command -v nbdkit) || skip "nbdkit is not installed"
+
+# nbdkit unloads the plugin before valgrind looks for leaks: keep its debug
+# information so a leak names our function, not "???".  A child that nbdkit
+# forks for --run is not our code until it execs, and then is not ours.
+VG_CMD="valgrind --quiet --leak-check=full \
+--show-leak-kinds=definite,indirect,possible \
+--errors-for-leak-kinds=definite,indirect,possible \
+--keep-debuginfo=yes --child-silent-after-fork=yes --error-exitcode=99 \
+--suppressions=$srcdir/valgrind.supp --log-file=$VG_LOGS/%p.log"
+
+for prog in nbdkit:"$real_nbdkit" qcow2reclaim:"$TOOL"; do
+    printf '#!/bin/sh\nexec %s "%s" "$@"\n' "$VG_CMD" "${prog#*:}" >"$TMP/vgbin/${prog%%:*}"
+    chmod +x "$TMP/vgbin/${prog%%:*}"
+done
+export PATH=$TMP/vgbin:$PATH
+TOOL=$TMP/vgbin/qcow2reclaim
+SLOW=10
+
+# valgrind_verdict: print every non-empty log; false if there was one.
+valgrind_verdict() {
+    local f n=0 bad=0
+    for f in "$VG_LOGS"/*.log; do
+        [ -e "$f" ] || continue
+        n=$((n + 1))
+        [ -s "$f" ] || continue
+        echo "valgrind: process ${f##*/} reported:" >&2
+        cat "$f" >&2
+        bad=1
+    done
+    echo "valgrind: $n processes checked, $([ $bad = 0 ] && echo clean || echo NOT clean)"
+    return $bad
+}
