@@ -40,7 +40,7 @@ int host_open (struct hostfile *hf, const char *name, bool readonly)
 void host_close (struct hostfile *hf)
 {
 #ifdef HAVE_LIBURING
-  if (hf->ring_ok) {
+  if (hf->ring) {
     io_uring_queue_exit (hf->ring);
     free (hf->ring);
   }
@@ -60,7 +60,7 @@ void host_start_ring (struct hostfile *hf)
 #ifdef HAVE_LIBURING
   struct io_uring *ring;
 
-  if (hf->ring_ok)
+  if (hf->ring)
     return;
   ring = calloc (1, sizeof *ring);
   if (!ring)
@@ -142,22 +142,15 @@ int host_pwrite (struct hostfile *hf, const void *buf, size_t len, uint64_t offs
 }
 
 #ifdef HAVE_LIBURING
-/* One submission of up to RING_DEPTH writes; short completions are finished
- * with plain pwrite so the caller sees all-or-error.
+/* Waits for n completions; short ones are finished with plain pwrite so the
+ * caller sees all-or-error.
  */
-static int ring_write_some (struct hostfile *hf, const struct host_write *w, size_t n)
+static int ring_reap (struct hostfile *hf, size_t n)
 {
   struct io_uring *ring = hf->ring;
-  size_t i, done = 0;
+  size_t done = 0;
   int err = 0;
 
-  for (i = 0; i < n; i++) {
-    struct io_uring_sqe *sqe = io_uring_get_sqe (ring);
-    io_uring_prep_write (sqe, hf->fd, w[i].buf, w[i].len, w[i].offset);
-    io_uring_sqe_set_data (sqe, (void *) &w[i]);
-  }
-  if (io_uring_submit (ring) < 0)
-    return -EAGAIN;
   while (done < n) {
     struct io_uring_cqe *cqe;
     int r = io_uring_wait_cqe (ring, &cqe);
@@ -177,6 +170,41 @@ static int ring_write_some (struct hostfile *hf, const struct host_write *w, siz
   }
   return err;
 }
+
+/* One batch of up to RING_DEPTH writes.  The kernel may take fewer requests
+ * than were queued (it stops at one it cannot start), so submission repeats
+ * and only what it took is waited for.  If it takes nothing more, the ring is
+ * given up for good: requests left in it point at the caller's buffers and
+ * must never run later.  -EAGAIN then has the caller use plain writes.
+ */
+static int ring_write_some (struct hostfile *hf, const struct host_write *w, size_t n)
+{
+  struct io_uring *ring = hf->ring;
+  size_t i, submitted = 0;
+  int r, err;
+
+  for (i = 0; i < n; i++) {
+    struct io_uring_sqe *sqe = io_uring_get_sqe (ring);
+    if (!sqe)
+      break;
+    io_uring_prep_write (sqe, hf->fd, w[i].buf, w[i].len, w[i].offset);
+    io_uring_sqe_set_data (sqe, (void *) &w[i]);
+  }
+  while (submitted < i) {
+    r = io_uring_submit (ring);
+    if (r <= 0)
+      break;
+    submitted += r;
+  }
+  err = ring_reap (hf, submitted);
+  if (submitted < n) {
+    q2_debug ("%s: io_uring took %zu of %zu writes, using plain system calls",
+              hf->name, submitted, n);
+    __atomic_store_n (&hf->ring_ok, false, __ATOMIC_RELEASE);
+    return err ? err : -EAGAIN;
+  }
+  return err;
+}
 #endif
 
 int host_pwrite_batch (struct hostfile *hf, const struct host_write *w, size_t n)
@@ -185,10 +213,11 @@ int host_pwrite_batch (struct hostfile *hf, const struct host_write *w, size_t n
   int r;
 
 #ifdef HAVE_LIBURING
-  if (hf->ring_ok && n > 1 && !hf->test) {
+  if (__atomic_load_n (&hf->ring_ok, __ATOMIC_ACQUIRE) && n > 1 && !hf->test) {
     __atomic_store_n (&hf->unsynced, true, __ATOMIC_RELEASE);
     pthread_mutex_lock (&hf->ring_lock);
-    for (i = 0, r = 0; i < n && r == 0; i += RING_DEPTH)
+    r = hf->ring_ok ? 0 : -EAGAIN;
+    for (i = 0; i < n && r == 0; i += RING_DEPTH)
       r = ring_write_some (hf, &w[i], n - i < RING_DEPTH ? n - i : RING_DEPTH);
     pthread_mutex_unlock (&hf->ring_lock);
     if (r != -EAGAIN)
