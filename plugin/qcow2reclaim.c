@@ -28,10 +28,17 @@ static enum q2_detect_zeroes detect_zeroes = Q2_DETECT_ZEROES_OFF;
 /* One image for all connections: one metadata cache, so multi-conn is safe. */
 static struct q2_image *image;
 
-/* Per connection: whether it was told that snapshots keep discarded space. */
+/* Per connection: whether it was told that snapshots keep discarded space.
+ * Open handles are listed because nbdkit skips .close for connections still
+ * open when it is told to quit, and leaves them to .unload.
+ */
 struct handle {
+  struct handle *prev, *next;
   bool snapshot_notice_given;
 };
+static pthread_mutex_t handles_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct handle *handles;
+static void q2r_close (void *h);
 
 static void logger (int level, const char *msg)
 {
@@ -111,6 +118,8 @@ static void q2r_unload (void)
       nbdkit_error ("%s: metadata could not be written back on exit", file);
     image = NULL;
   }
+  while (handles)
+    q2r_close (handles);
   free (file);
   free (backing);
   free (statsfile);
@@ -229,13 +238,31 @@ static void *q2r_open (int ro)
 {
   struct handle *h = calloc (1, sizeof *h);
 
-  if (!h)
+  if (!h) {
     nbdkit_error ("calloc: %m");
+    return NULL;
+  }
+  pthread_mutex_lock (&handles_lock);
+  h->next = handles;
+  if (handles)
+    handles->prev = h;
+  handles = h;
+  pthread_mutex_unlock (&handles_lock);
   return h;
 }
 
-static void q2r_close (void *h)
+static void q2r_close (void *hv)
 {
+  struct handle *h = hv;
+
+  pthread_mutex_lock (&handles_lock);
+  if (h->prev)
+    h->prev->next = h->next;
+  else
+    handles = h->next;
+  if (h->next)
+    h->next->prev = h->prev;
+  pthread_mutex_unlock (&handles_lock);
   free (h);
 }
 
