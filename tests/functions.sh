@@ -9,6 +9,8 @@ SERVER_PIDS=
 TOOL=$top_builddir/tools/qcow2reclaim
 # Waits for a server or a client scale with this: 1, or 10 under valgrind.
 SLOW=1
+# The name the kernel gives a running server (/proc/PID/comm).
+SERVER_COMM=nbdkit
 # Runs in the EXIT trap, so it keeps the test's status unless valgrind
 # found something in a process the test had passed with.
 cleanup() {

@@ -76,7 +76,7 @@ pid=$!
 SERVER_PIDS="$SERVER_PIDS $pid"
 for _ in $(seq 1 200); do [ -S "$sock" ] && break; sleep 0.05; done
 [ -S "$sock" ] || { cat "$log" >&2; fail "the launcher did not create $sock"; }
-[ "$(cat /proc/$pid/comm)" != nbdkit ] ||
+[ "$(cat /proc/$pid/comm)" != "$SERVER_COMM" ] ||
     fail "nbdkit started before any client connected"
 
 # The client connects while only the launcher exists; its handshake is
@@ -103,7 +103,7 @@ print(connect_ms, written, trimmed, int(zeros))
 PY
 ) || { cat "$log" >&2; fail "the first client failed"; }
 read -r connect_ms written trimmed zeros <<<"$out"
-[ "$(cat /proc/$pid/comm 2>/dev/null)" = nbdkit ] ||
+[ "$(cat /proc/$pid/comm 2>/dev/null)" = "$SERVER_COMM" ] ||
     { cat "$log" >&2; fail "pid $pid is not nbdkit after the first connection"; }
 grep -q "socket activation" "$log" ||
     { cat "$log" >&2; fail "nbdkit did not report socket activation"; }
@@ -136,7 +136,7 @@ assert h.pread(65536, 1 << 20) == b"\xa5" * 65536
 h.flush()
 h.shutdown()
 PY
-[ "$(cat /proc/$pid/comm)" = nbdkit ] || fail "nbdkit did not survive the first client"
+[ "$(cat /proc/$pid/comm)" = "$SERVER_COMM" ] || fail "nbdkit did not survive the first client"
 echo "ok: second client served by the same nbdkit pid $pid"
 
 # systemctl stop sends SIGTERM: metadata is written back, exit status 0.

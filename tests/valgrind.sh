@@ -24,6 +24,7 @@ done
 export PATH=$TMP/vgbin:$PATH
 TOOL=$TMP/vgbin/qcow2reclaim
 SLOW=10
+SERVER_COMM=memcheck-amd64-
 
 # valgrind_verdict: print every non-empty log; false if there was one.
 valgrind_verdict() {
