@@ -6,7 +6,7 @@ PACKAGES="build-essential autoconf automake libtool pkg-config
   nbdkit nbdkit-plugin-dev libnbd-dev libnbd-bin python3-libnbd nbdfuse
   qemu-utils liburing-dev zlib1g-dev libzstd-dev
   fuse3 e2fsprogs xfsprogs util-linux fio openssl
-  clang libclang-rt-14-dev"
+  clang libclang-rt-14-dev valgrind"
 missing=
 for p in $PACKAGES; do
     dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"
