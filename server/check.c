@@ -225,6 +225,15 @@ static int check_copied (struct walk *w)
   return r;
 }
 
+/* The first cluster from c on (before limit) that something references. */
+static uint64_t next_referenced (const struct walk *w, uint64_t c, uint64_t limit)
+{
+  for (; c < limit && c < w->nclusters; c++)
+    if (w->refs[c])
+      return c;
+  return limit;
+}
+
 static int compare_refcounts (struct walk *w)
 {
   struct q2_image *img = w->img;
@@ -238,7 +247,8 @@ static int compare_refcounts (struct walk *w)
       if (!(img->reftable.entries[c >> img->rb_bits] & REFT_OFFSET_MASK)) {
         rc = 0;
         if (!want) {
-          c |= (1ull << img->rb_bits) - 1;   /* skip the absent block */
+          /* Skip the absent block, but not a reference further into it. */
+          c = next_referenced (w, c + 1, (c | ((1ull << img->rb_bits) - 1)) + 1) - 1;
           continue;
         }
       }
