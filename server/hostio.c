@@ -17,6 +17,7 @@
 #include "log.h"
 
 #define RING_DEPTH 64
+#define RING_SLOW_SECONDS 10
 
 int host_open (struct hostfile *hf, const char *name, bool readonly)
 {
@@ -149,12 +150,21 @@ static int ring_reap (struct hostfile *hf, size_t n)
 {
   struct io_uring *ring = hf->ring;
   size_t done = 0;
+  unsigned idle = 0;
   int err = 0;
 
   while (done < n) {
     struct io_uring_cqe *cqe;
-    int r = io_uring_wait_cqe (ring, &cqe);
-    if (r == -EINTR)
+    /* Waits are bounded so that a write the kernel holds for long is
+     * reported (the buffers are the kernel's until it completes, so the
+     * wait goes on).
+     */
+    struct __kernel_timespec second = { .tv_sec = 1 };
+    int r = io_uring_wait_cqe_timeout (ring, &cqe, &second);
+    if (r == -ETIME && ++idle == RING_SLOW_SECONDS)
+      q2_notice ("%s: %zu of %zu host writes are still pending after %u s",
+                 hf->name, n - done, n, idle);
+    if (r == -EINTR || r == -ETIME)
       continue;
     if (r < 0)
       return r;
