@@ -78,6 +78,18 @@ stop_server() {
     wait "$1" 2>/dev/null || true
 }
 
+# run_case CMD...: run one case in a subshell, so that a failure is counted
+# in FAILED and the remaining cases still run: a report listing every broken
+# case is worth more than the first one alone.
+FAILED=0
+run_case() {
+    set +e
+    (set -e; "$@")
+    local rc=$?
+    set -e
+    [ "$rc" -eq 0 ] || FAILED=$((FAILED + 1))
+}
+
 # qemu-img check must report no errors and no leaks (exit 0).
 check_clean() {
     local out

@@ -61,17 +61,6 @@ EOF
 
 hex() { printf '0x%x' "$1"; }
 
-# Run one case in a subshell so that a failure is counted and the remaining
-# cases still run: a report listing every broken case is worth more than
-# the first one alone.
-FAILED=0
-run_case() {
-    set +e
-    (set -e; "$@")
-    local rc=$?
-    set -e
-    [ "$rc" -eq 0 ] || FAILED=$((FAILED + 1))
-}
 
 # size_and_cluster FILE OFFSET CLUSTER-SIZE: the file size and a checksum of
 # the cluster at OFFSET (of nothing, when OFFSET is past the end).

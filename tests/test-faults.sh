@@ -285,14 +285,6 @@ qemu-img create -q -f qcow2 -o cluster_size=64k "$base" 64M
 # Allocated data with a pattern in the first 8 MiB; the rest unallocated.
 qemu-io -f qcow2 -c 'write -P 0xa1 0 8M' "$base" >/dev/null
 
-FAILED=0
-run_case() {
-    set +e
-    (set -e; "$@")
-    local rc=$?
-    set -e
-    [ "$rc" -eq 0 ] || FAILED=$((FAILED + 1))
-}
 
 fault_case() {
     local case=$1 img=$DIR/$1.qcow2 log=$DIR/$1.log pid out=$DIR/$1.d

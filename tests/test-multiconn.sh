@@ -44,8 +44,8 @@ serve() {
     fi
 }
 
-# run_case SEED NAME IMAGE STRIPE CLUSTER [BASE_RAW]
-run_case() {
+# multiconn_case SEED NAME IMAGE STRIPE CLUSTER [BASE_RAW]
+multiconn_case() {
     local seed=$1 name=$2 image=$3 stripe=$4 cluster=$5 base=${6:-}
     local sock=$TMP/$name.sock log=$TMP/$name.log dir=$TMP/$name
     local t0 k pids='' rc=0 pid
@@ -91,7 +91,7 @@ run_case() {
 # 1. A fresh image: every write allocates; stripes are cluster aligned, so
 #    neighbours allocate adjacent clusters in the one L2 table.
 qemu-img create -q -f qcow2 -o cluster_size=64k "$TMP/fresh.qcow2" $SIZE
-run_case 1 fresh "$TMP/fresh.qcow2" $((192 * 1024)) 65536
+multiconn_case 1 fresh "$TMP/fresh.qcow2" $((192 * 1024)) 65536
 
 # 2. Over a backing file: partial writes must fill from the backing data,
 #    and zeroing must hide it.  The backing has data only in part of the disk
@@ -111,20 +111,20 @@ rm -f "$TMP/backing.raw"
 qemu-img create -q -f qcow2 -o cluster_size=64k -b backing.qcow2 -F qcow2 "$TMP/overlay.qcow2"
 qemu-img convert -O raw "$TMP/overlay.qcow2" "$TMP/overlay-base.raw"
 backing_sum=$(md5sum <"$TMP/backing.qcow2")
-run_case 2 overlay "$TMP/overlay.qcow2" $((192 * 1024)) 65536 "$TMP/overlay-base.raw"
+multiconn_case 2 overlay "$TMP/overlay.qcow2" $((192 * 1024)) 65536 "$TMP/overlay-base.raw"
 
 # 3. 4 KiB clusters: many L2 tables (2 MiB each) and refcount blocks
 #    (8 MiB each), so requests cross table boundaries and several tables
 #    are allocated at once.
 qemu-img create -q -f qcow2 -o cluster_size=4k "$TMP/small.qcow2" $SIZE
-run_case 3 small "$TMP/small.qcow2" $((192 * 1024)) 4096
+multiconn_case 3 small "$TMP/small.qcow2" $((192 * 1024)) 4096
 
 # 4. Stripes that are not cluster aligned: several writers write different
 #    bytes of the same unallocated cluster at the same time, over a backing
 #    file.  Only one allocation may win, and no COW fill may overwrite a
 #    neighbour's bytes.
 qemu-img create -q -f qcow2 -o cluster_size=64k -b backing.qcow2 -F qcow2 "$TMP/shared.qcow2"
-run_case 4 shared "$TMP/shared.qcow2" $((20 * 1024)) 65536 "$TMP/overlay-base.raw"
+multiconn_case 4 shared "$TMP/shared.qcow2" $((20 * 1024)) 65536 "$TMP/overlay-base.raw"
 # The backing file is read-only to the server, whatever happened above it.
 [ "$(md5sum <"$TMP/backing.qcow2")" = "$backing_sum" ] || fail "the backing file was modified"
 check_clean "$TMP/backing.qcow2"

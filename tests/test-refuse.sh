@@ -86,17 +86,6 @@ sys.exit(0 if b == bytes([$byte]) * 512 else 1)
     echo "ok: $desc: served read-only, first sector correct, image unchanged"
 }
 
-# Run one case in a subshell so that a failure is counted and the remaining
-# cases still run: a report listing every broken case is worth more than
-# the first one alone.
-FAILED=0
-run_case() {
-    set +e
-    (set -e; "$@")
-    local rc=$?
-    set -e
-    [ "$rc" -eq 0 ] || FAILED=$((FAILED + 1))
-}
 
 # A small qcow2 with a known first sector, the base of the patched cases.
 new_image() {
