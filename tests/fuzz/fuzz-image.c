@@ -11,7 +11,9 @@
  * Oracle beyond "no crash": when the engine's own check finds the image
  * consistent before the requests, it must still find no corruption after
  * them (leaks are allowed, DESIGN.md "Invariants").  FUZZ_ORACLE=0 turns
- * this off; FUZZ_VERBOSE=1 shows the engine's log.
+ * this off; FUZZ_VERBOSE=1 shows the engine's log.  To study a finding,
+ * FUZZ_OPS=N runs only its first N requests and FUZZ_KEEP=FILE keeps a copy
+ * of the image as the requests left it.
  */
 #include <config.h>
 
@@ -34,6 +36,8 @@
 static char *image_path;
 static unsigned char *buf;
 static int verbose, oracle = 1;
+static long max_ops = MAX_OPS;
+static const char *keep_path;
 
 static void quiet_logger (int level, const char *msg)
 {
@@ -75,13 +79,16 @@ int LLVMFuzzerInitialize (int *argc, char ***argv)
     abort ();
   verbose = (e = getenv ("FUZZ_VERBOSE")) && *e && *e != '0';
   oracle = !((e = getenv ("FUZZ_ORACLE")) && *e == '0');
+  if ((e = getenv ("FUZZ_OPS")) && *e)
+    max_ops = atol (e);
+  keep_path = getenv ("FUZZ_KEEP");
   q2_set_logger (quiet_logger);
   return 0;
 }
 
-static int write_file (const uint8_t *data, size_t size)
+static int write_file (const char *path, const uint8_t *data, size_t size)
 {
-  int fd = open (image_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  int fd = open (path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
   size_t done = 0;
 
   if (fd == -1)
@@ -158,7 +165,7 @@ static void run_requests (struct q2_image *img, const uint8_t *ops, size_t nops)
   uint64_t budget = MAX_TOTAL;
   size_t i, k;
 
-  for (i = 0; i < nops; i++) {
+  for (i = 0; i < nops && (long) i < max_ops; i++) {
     uint8_t b[OP_BYTES];
     for (k = 0; k < OP_BYTES; k++)
       b[k] = ops[i * OP_BYTES + k] ^ key (i * OP_BYTES + k);
@@ -221,6 +228,21 @@ static void run_requests (struct q2_image *img, const uint8_t *ops, size_t nops)
   }
 }
 
+static void keep_image (void)
+{
+  FILE *f = fopen (image_path, "rb");
+  uint8_t *copy = NULL;
+  long n;
+
+  if (!f || fseek (f, 0, SEEK_END) < 0 || (n = ftell (f)) < 0 ||
+      fseek (f, 0, SEEK_SET) < 0 || !(copy = malloc (n ? n : 1)) ||
+      fread (copy, 1, n, f) != (size_t) n || write_file (keep_path, copy, n) < 0)
+    perror ("fuzz-image: FUZZ_KEEP");
+  free (copy);
+  if (f)
+    fclose (f);
+}
+
 int LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
 {
   /* cache_size 1: the engine's minimum of 16 tables, so that requests
@@ -233,7 +255,7 @@ int LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
   uint8_t cfg;
   int before = -1, after;
 
-  if (write_file (data, size) < 0) {
+  if (write_file (image_path, data, size) < 0) {
     perror ("fuzz-image: writing the image");
     abort ();
   }
@@ -253,6 +275,8 @@ int LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
     q2_after_fork (img);
   run_requests (img, data + size - opbytes, nops);
   q2_close (img);
+  if (keep_path)
+    keep_image ();
 
   if (before == 1 && (after = consistent ()) == 0) {
     fprintf (stderr, "fuzz-image: the engine's check found the image consistent "
