@@ -6,6 +6,7 @@
 
 #include "image.h"
 #include "alloc.h"
+#include "copied.h"
 #include "refcount.h"
 #include "reclaim.h"
 #include "log.h"
@@ -159,6 +160,8 @@ int alloc_release (struct q2_image *img, uint64_t offset, enum meta_kind kind)
                        "is already 0", offset);
   if ((r = refcount_set (img, cluster, rc - 1)) < 0)
     return r;
+  if (rc == 2 && kind == META_NONE)
+    return copied_note_single (img, cluster);
   if (rc > 1)
     return 0;
   /* A stale cached table must never be written over the cluster's next use. */

@@ -7,6 +7,7 @@
 #include "image.h"
 #include "flush.h"
 #include "alloc.h"
+#include "copied.h"
 #include "l1.h"
 #include "reclaim.h"
 #include "log.h"
@@ -120,7 +121,7 @@ bool flush_needed (const struct q2_image *img)
     img->pending.n > 0;
 }
 
-int flush_metadata (struct q2_image *img, bool *synced)
+static int flush_once (struct q2_image *img, bool *synced)
 {
   bool l2 = cache_any_dirty (&img->cache, CACHE_L2);
   bool l1 = table_any_dirty (&img->l1);
@@ -157,5 +158,18 @@ int flush_metadata (struct q2_image *img, bool *synced)
     if ((r = flush_refcounts (img)) < 0)
       return r;
   }
-  return reclaim_shrink (img);
+  return 0;
+}
+
+int flush_metadata (struct q2_image *img, bool *synced)
+{
+  bool changed;
+  int r = flush_once (img, synced);
+
+  /* COPIED may be set only once the count of 1 is on disk: set early, a
+   * crash could leave it on a shared cluster, which is then written in place.
+   */
+  if (r == 0 && (r = copied_restore (img, &changed)) == 0 && changed)
+    r = flush_once (img, synced);
+  return r < 0 ? r : reclaim_shrink (img);
 }

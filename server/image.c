@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "image.h"
+#include "copied.h"
 #include "header.h"
 #include "backing.h"
 #include "flush.h"
@@ -207,6 +208,7 @@ int q2_close (struct q2_image *img)
   table_free (&img->l1);
   table_free (&img->reftable);
   u64_list_free (&img->pending);
+  copied_free (img);
   host_close (&img->hf);
   range_lock_destroy (&img->guest_lock);
   pthread_mutex_destroy (&img->meta_lock);

@@ -69,6 +69,12 @@ struct q2_image {
    */
   struct u64_list pending;    /* host offsets of single clusters */
   bool shrink_wanted;         /* clusters were freed since the last shrink */
+
+  /* COPIED upkeep (copied.c). */
+  struct u64_list fell_to_one;  /* data clusters whose count fell to 1 */
+  struct shared_ref *shared;    /* active entries sharing a host cluster */
+  size_t nshared, shared_cap;
+  bool shared_scanned;
   bool punch_unsupported;     /* the host filesystem cannot punch holes */
   struct q2_stats stats;
   bool quiet_corruption;      /* looking ahead: do not log what is found */
