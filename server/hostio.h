@@ -21,6 +21,11 @@ struct hostfile {
   bool ring_ok;
   pthread_mutex_t ring_lock;
   void *ring;                 /* struct io_uring *, opaque here */
+  /* Test hook QCOW2RECLAIM_RING_STALL=1: every batch waits behind a read of
+   * this empty pipe, as if the kernel held the writes, until cancelled.
+   */
+  bool ring_stall;
+  int stall_pipe[2];
   struct hosttest *test;      /* fault injection and I/O log, normally NULL */
   bool unsynced;              /* changed since the last sync began (atomic) */
 };

@@ -6,6 +6,8 @@
  *     and sync of the image, with the data, for crash-point replay.
  * With either set, io_uring batches are not used, so every operation
  * passes through here.
+ *   QCOW2RECLAIM_RING_STALL=1 (hostio.c) makes each io_uring batch wait
+ *     behind a read of an empty pipe, as if the kernel held the writes.
  */
 #ifndef Q2_HOSTTEST_H
 #define Q2_HOSTTEST_H

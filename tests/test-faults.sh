@@ -368,4 +368,40 @@ EOF
 }
 run_case no_punch
 
+# --- io_uring writes the kernel never starts --------------------------------
+# The test hook queues each metadata batch behind a read of an empty pipe,
+# as a stuck kernel would hold it.  The flush must still finish (the
+# unstarted writes are taken back after 2 s and written with plain calls),
+# say so in the log, and leave the data and the image intact.
+ring_stall() {
+    local img=$DIR/stall.qcow2 log=$DIR/stall.log pid t0 t1
+    qemu-img create -q -f qcow2 "$img" 1G
+    # The fault hooks turn io_uring off; this case needs it on.
+    unset QCOW2RECLAIM_FAULTS
+    QCOW2RECLAIM_RING_STALL=1 start_server "$SOCK" "$log" file="$img"
+    pid=$LAST_SERVER_PID
+    export QCOW2RECLAIM_FAULTS=$FAULTS
+    t0=$(date +%s%N)
+    timeout $((60 * SLOW)) /usr/bin/nbdsh -u "nbd+unix:///?socket=$SOCK" -c '
+for i in range(8):
+    h.pwrite(bytes([0x40 + i]) * 65536, i * (128 << 20))
+h.flush()
+for i in range(8):
+    assert h.pread(65536, i * (128 << 20)) == bytes([0x40 + i]) * 65536
+' || { tail -20 "$log" >&2; fail "ring stall: the client failed"; }
+    t1=$(date +%s%N)
+    kill -0 "$pid" 2>/dev/null || { tail -20 "$log" >&2; fail "ring stall: the server died"; }
+    stop_server "$pid"
+    echo "ring stall: writes and flush took $(( (t1 - t0) / 1000000 )) ms"
+    grep -q 'io_uring had not started .* plain system calls' "$log" ||
+        { tail -20 "$log" >&2; fail "ring stall: no notice that stalled writes were taken back"; }
+    check_clean "$img"
+    for i in 0 1 2 3 4 5 6 7; do
+        qemu-io -f qcow2 -r -c "read -q -P $((0x40 + i)) $((i * 128))M 64k" "$img" |
+            grep -q 'Pattern verification failed' && fail "ring stall: data at $((i * 128)) MiB lost"
+    done
+    echo "PASS: ring stall: unstarted writes taken back and done, data and image intact"
+}
+run_case ring_stall
+
 [ "$FAILED" -eq 0 ] || fail "$FAILED case(s) failed"
