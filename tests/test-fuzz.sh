@@ -72,7 +72,7 @@ for f in "$FUZZDIR"/regressions/*; do
         *) rc=0; TMPDIR=$shm timeout 120 "$FUZZER" -timeout=10 -runs=1 "$f" >"$log" 2>&1 || rc=$? ;;
     esac
     if [ "$rc" -eq 0 ]; then
-        echo "ok: $name no longer reproduces (fixed? then make it a regression image)"
+        echo "ok: $name stays fixed"
     else
         problem "known bug still reproduces: $name:" \
             "$(grep -m1 -E 'ERROR: |runtime error:|timeout after|REPRODUCED' "$log" || tail -1 "$log")"
