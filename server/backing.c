@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "image.h"
@@ -67,6 +68,29 @@ static int open_raw (struct backing *b, const char *path)
   return r;
 }
 
+/* A file already in the chain, named again (a -> b -> a): said as a loop,
+ * before the lock it would collide with speaks of another program.
+ */
+static int check_loop (const struct q2_image *img, const char *path)
+{
+  const struct q2_image *p;
+  struct stat sb, sp;
+
+  if (stat (path, &sb) < 0)
+    return 0;           /* the open that follows says why */
+  for (p = img; p; p = p->child)
+    if (fstat (p->hf.fd, &sp) == 0 && sp.st_dev == sb.st_dev && sp.st_ino == sb.st_ino) {
+      if (strcmp (path, p->name) == 0)
+        q2_error ("%s: the backing chain loops: backing file %s is already in the "
+                  "chain", img->name, path);
+      else
+        q2_error ("%s: the backing chain loops: backing file %s is the same file as "
+                  "%s, already in the chain", img->name, path, p->name);
+      return -ELOOP;
+    }
+  return 0;
+}
+
 int backing_open (struct q2_image *img, const char *name, const char *format,
                   int depth, struct backing **bp)
 {
@@ -89,13 +113,15 @@ int backing_open (struct q2_image *img, const char *name, const char *format,
     return -ENOMEM;
   }
   b->raw.fd = -1;
+  if ((r = check_loop (img, path)) < 0)
+    goto fail;
   snprintf (fmt, sizeof fmt, "%s", format ? format : "");
   if (!fmt[0] && (r = probe_format (path, fmt, sizeof fmt)) < 0) {
     q2_error ("%s: cannot open backing file %s: %s", img->name, path, strerror (-r));
     goto fail;
   }
   if (strcmp (fmt, "qcow2") == 0)
-    r = image_open_chain (path, depth + 1, &b->qcow2);
+    r = image_open_chain (path, depth + 1, img, &b->qcow2);
   else if (strcmp (fmt, "raw") == 0)
     r = open_raw (b, path);
   else {

@@ -121,7 +121,8 @@ static int open_backing (struct q2_image *img, const char *override, char *name,
   return backing_open (img, name, fmt[0] ? fmt : NULL, depth, &img->backing);
 }
 
-static int image_open (const struct q2_options *o, int depth, struct q2_image **imgp)
+static int image_open (const struct q2_options *o, int depth,
+                       const struct q2_image *child, struct q2_image **imgp)
 {
   struct q2_image *img;
   char *backing_name = NULL;
@@ -137,6 +138,7 @@ static int image_open (const struct q2_options *o, int depth, struct q2_image **
   img->readonly = o->readonly;
   img->discard = o->discard;
   img->detect_zeroes = o->detect_zeroes;
+  img->child = child;
   img->hf.fd = -1;
   pthread_mutex_init (&img->hf.ring_lock, NULL);
   r = host_open (&img->hf, o->file, o->readonly);
@@ -157,7 +159,9 @@ static int image_open (const struct q2_options *o, int depth, struct q2_image **
                   img->cluster_size);
   if (r < 0)
     goto fail;
-  if ((r = open_backing (img, o->backing, backing_name, backing_fmt, depth)) < 0)
+  r = open_backing (img, o->backing, backing_name, backing_fmt, depth);
+  img->child = NULL;
+  if (r < 0)
     goto fail;
   if (!img->readonly && (r = header_clear_autoclear (img)) < 0)
     goto fail;
@@ -172,14 +176,15 @@ fail:
 
 int q2_open (const struct q2_options *o, struct q2_image **imgp)
 {
-  return image_open (o, 0, imgp);
+  return image_open (o, 0, NULL, imgp);
 }
 
-int image_open_chain (const char *path, int depth, struct q2_image **imgp)
+int image_open_chain (const char *path, int depth, const struct q2_image *child,
+                      struct q2_image **imgp)
 {
   struct q2_options o = { .file = path, .readonly = true,
                           .cache_size = Q2_DEFAULT_CACHE_SIZE / 4 };
-  return image_open (&o, depth, imgp);
+  return image_open (&o, depth, child, imgp);
 }
 
 int q2_after_fork (struct q2_image *img)

@@ -80,6 +80,7 @@ struct q2_image {
   bool quiet_corruption;      /* looking ahead: do not log what is found */
 
   struct backing *backing;
+  const struct q2_image *child; /* the image this one backs, while opening */
 
   pthread_mutex_t meta_lock;  /* L1, refcounts, cache, allocation */
   struct range_lock guest_lock;
@@ -109,7 +110,8 @@ int check_host_range (struct q2_image *img, uint64_t offset, uint64_t len,
                       enum meta_kind self, const char *what, uint64_t guest_offset);
 
 /* Opens a backing image of the chain, depth images below the served one. */
-int image_open_chain (const char *path, int depth, struct q2_image **imgp);
+int image_open_chain (const char *path, int depth, const struct q2_image *child,
+                      struct q2_image **imgp);
 /* qemu-img map's view of one run at offset, depth layers below the top. */
 int image_map_status (struct q2_image *img, uint64_t offset, uint64_t len, int depth,
                       struct q2_map_entry *e);

@@ -187,6 +187,9 @@ for mode in ro rw; do
     else
         serve_one "reg-backing-loop/a.qcow2 ($mode)" "$DIR/loop/a.qcow2"
     fi
+    # Said as a loop, not as a lock held by "another program" (it is ours).
+    grep -q 'the backing chain loops' "$DIR/reg.log" ||
+        problem "reg-backing-loop/a.qcow2 ($mode): the refusal does not name the loop"
 done
 
 # --- 3. fuzzing -------------------------------------------------------------------
