@@ -12,15 +12,7 @@
 # corruption, EIO; never write there.)
 #
 # Exit 1 while the bug reproduces, 0 once the trim (or the open) refuses.
-set -eu
-export PATH=/usr/bin:$PATH
-here=$(cd "$(dirname "$0")" && pwd)
-top=$(cd "$here/../../.." && pwd)
-PLUGIN=${PLUGIN:-$top/plugin/.libs/nbdkit-qcow2reclaim-plugin.so}
-PATCH=$top/tests/qcow2_patch.py
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/q2r-cspan.XXXXXX")
-pid=
-trap '[ -z "$pid" ] || kill "$pid" 2>/dev/null; rm -rf "$tmp"' EXIT
+. "$(dirname "$0")/../regression-lib.sh" cspan
 
 # 4 KiB clusters, 4 MiB: guest 0's data cluster is followed on the host by
 # the L2 table qemu-io allocates for the write at 2 MiB.
@@ -33,15 +25,12 @@ l2=$(( $("$PATCH" l1 "$img" 1) & 0x00fffffffffffe00 ))
 # Compressed, 2 sectors (1 additional), starting in the last sector of data0.
 "$PATCH" l2 "$img" 0 "$(printf 0x%x $(( (1 << 62) | (1 << 58) | (data0 + 4096 - 512) )))" >/dev/null
 
-nbdkit -f -U "$tmp/s" "$PLUGIN" file="$img" 2>"$tmp/log" &
-pid=$!
-for _ in $(seq 1 100); do [ -S "$tmp/s" ] && break; kill -0 $pid 2>/dev/null || break; sleep 0.05; done
-if [ ! -S "$tmp/s" ]; then
+if ! serve "$img" "$tmp/log"; then
     echo "not reproduced: the plugin refused the image: $(grep -m1 error "$tmp/log")"
     exit 0
 fi
 rc=0
-/usr/bin/python3 - "$tmp/s" <<'EOF' || rc=$?
+/usr/bin/python3 - "$SOCK" <<'EOF' || rc=$?
 import sys
 import nbd
 M = 1 << 20
@@ -63,7 +52,7 @@ except nbd.Error as e:
     print("guest 2 MiB, written by qemu-io, now fails: %s" % e)
 sys.exit(1)
 EOF
-kill "$pid"; wait "$pid" || true; pid=
+stop
 if [ "$rc" -eq 1 ]; then
     echo "REPRODUCED: $(grep -m1 -o 'L2 entry 0x[0-9a-f]* for guest offset 0x200000.*' "$tmp/log" || echo 'the data at 2 MiB was lost')"
     exit 1

@@ -10,15 +10,7 @@
 #
 # Exit 1 while the bug reproduces, 0 once the engine refuses the image at
 # open or fails the requests with EIO.
-set -eu
-export PATH=/usr/bin:$PATH
-here=$(cd "$(dirname "$0")" && pwd)
-top=$(cd "$here/../../.." && pwd)
-PLUGIN=${PLUGIN:-$top/plugin/.libs/nbdkit-qcow2reclaim-plugin.so}
-PATCH=$top/tests/qcow2_patch.py
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/q2r-l2loop.XXXXXX")
-pid=
-trap '[ -z "$pid" ] || kill "$pid" 2>/dev/null; rm -rf "$tmp"' EXIT
+. "$(dirname "$0")/../regression-lib.sh" l2loop
 
 img=$tmp/l2loop.qcow2
 qemu-img create -q -f qcow2 -o cluster_size=4096 "$img" 4M
@@ -26,14 +18,11 @@ qemu-io -f qcow2 -c 'write -P 0x11 0 8k' -c 'write -P 0x22 2M 8k' "$img" >/dev/n
 "$PATCH" l1 "$img" 1 "$("$PATCH" l1 "$img" 0)" >/dev/null
 l2=$(( $("$PATCH" l1 "$img" 0) & 0x00fffffffffffe00 ))
 
-nbdkit -f -U "$tmp/s" "$PLUGIN" file="$img" 2>"$tmp/log" &
-pid=$!
-for _ in $(seq 1 100); do [ -S "$tmp/s" ] && break; kill -0 $pid 2>/dev/null || break; sleep 0.05; done
-if [ ! -S "$tmp/s" ]; then
+if ! serve "$img" "$tmp/log"; then
     echo "not reproduced: the plugin refused the image: $(grep -m1 error "$tmp/log")"
     exit 0
 fi
-/usr/bin/python3 - "$tmp/s" <<'EOF' || true
+/usr/bin/python3 - "$SOCK" <<'EOF' || true
 import sys
 import nbd
 M = 1 << 20
@@ -51,7 +40,7 @@ except nbd.Error as e:
     print("a request failed: %s" % e)
 h.shutdown()
 EOF
-kill "$pid"; wait "$pid" || true; pid=
+stop
 host0=$(qemu-img map --output=json "$img" | /usr/bin/python3 -c '
 import json, sys
 print(next((e.get("offset", -1) for e in json.load(sys.stdin) if e["start"] == 0 and e["data"]), -1))')

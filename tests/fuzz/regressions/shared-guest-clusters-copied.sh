@@ -9,15 +9,7 @@
 # the regression image copied-flag-lost-compressed.qcow2).
 #
 # Exit 1 while the bug reproduces, 0 once both cases leave a clean image.
-set -eu
-export PATH=/usr/bin:$PATH
-here=$(cd "$(dirname "$0")" && pwd)
-top=$(cd "$here/../../.." && pwd)
-PLUGIN=${PLUGIN:-$top/plugin/.libs/nbdkit-qcow2reclaim-plugin.so}
-PATCH=$top/tests/qcow2_patch.py
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/q2r-shared.XXXXXX")
-pid=
-trap '[ -z "$pid" ] || kill "$pid" 2>/dev/null; rm -rf "$tmp"' EXIT
+. "$(dirname "$0")/../regression-lib.sh" shared
 
 # Guest clusters 0 and 1 (4 KiB) both on guest 0's host cluster.
 make_image () {
@@ -36,11 +28,8 @@ make_image () {
 run_case () {
     local name=$1 ops=$2 img=$tmp/$1.qcow2 rc=0
     make_image "$img"
-    rm -f "$tmp/s"
-    nbdkit -f -U "$tmp/s" "$PLUGIN" file="$img" 2>"$tmp/$name.log" &
-    pid=$!
-    for _ in $(seq 1 100); do [ -S "$tmp/s" ] && break; sleep 0.05; done
-    /usr/bin/python3 - "$tmp/s" <<PY || rc=$?
+    serve "$img" "$tmp/$name.log" || { cat "$tmp/$name.log"; exit 2; }
+    /usr/bin/python3 - "$SOCK" <<PY || rc=$?
 import sys
 import nbd
 h = nbd.NBD()
@@ -49,7 +38,7 @@ $ops
 assert h.pread(4096, 0) == b"\x11" * 4096, "guest cluster 0 changed"
 h.shutdown()
 PY
-    kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
+    stop
     [ "$rc" -eq 0 ] || { echo "$name: the requests failed"; cat "$tmp/$name.log"; exit 2; }
     if ! qemu-img check "$img" >"$tmp/$name.check" 2>&1; then
         echo "REPRODUCED ($name): $(grep -m1 ERROR "$tmp/$name.check")"
