@@ -44,6 +44,9 @@ PY
         echo "REPRODUCED ($name): $(grep -m1 ERROR "$tmp/$name.check")"
         exit 1
     fi
+    # The man page promises a notice when such entries are found.
+    grep -q 'guest clusters share a host cluster' "$tmp/$name.log" ||
+        { echo "$name: no notice about the shared cluster in the log"; exit 1; }
     echo "$name: clean"
 }
 
