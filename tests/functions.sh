@@ -1,4 +1,5 @@
-# Shared by the shell tests: temporary directory, server start/stop, skips.
+# Shared by the shell tests: temporary directory, cleanup at exit, server
+# start/stop, skips.
 # Source it with: . "$srcdir/functions.sh"
 set -eu
 : "${PLUGIN:?PLUGIN must name the built plugin (run the tests through make check)}"
@@ -11,17 +12,62 @@ TOOL=$top_builddir/tools/qcow2reclaim
 SLOW=1
 # The name the kernel gives a running server (/proc/PID/comm).
 SERVER_COMM=nbdkit
-# Runs in the EXIT trap, so it keeps the test's status unless valgrind
-# found something in a process the test had passed with.
-cleanup() {
-    local leaky=
-    for p in $SERVER_PIDS; do kill "$p" 2>/dev/null || true; done
-    for p in $SERVER_PIDS; do wait "$p" 2>/dev/null || true; done
-    [ -z "${VALGRIND:-}" ] || valgrind_verdict || leaky=1
-    rm -rf "$TMP"
-    [ -z "$leaky" ] || exit 1
+
+# ---- cleanup at exit ----------------------------------------------------------
+# cleanup_fn CMD ARGS...: run CMD ARGS... when the test exits, whichever way
+# it exits (pass, fail, skip, signal).  The last one registered runs first,
+# so a teardown undoes what was set up after it.  A hook must not exit; one
+# that fails is reported and the others still run.  After the hooks, one
+# EXIT trap stops the servers still running, takes valgrind's verdict and
+# removes $TMP, and the test keeps its own exit status (or fails, when
+# valgrind found something in a test that had passed).
+#
+# ( ... ) and $( ... ) run in a subshell, which does not run the test's EXIT
+# trap, and the test cannot see what a subshell registers or starts: a
+# subshell that does either gets an EXIT trap of its own, for those alone
+# (no valgrind verdict, no rm -rf $TMP: they belong to the test).
+_CLEANUP_HOOKS=()
+_CLEANUP_SHELL=$BASHPID
+_CLEANUP_SUBSHELL=
+_cleanup_traps() {
+    trap _cleanup_at_exit EXIT
+    # A signal ends the test through the EXIT trap, with the usual status.
+    trap 'exit 129' HUP
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
 }
-trap cleanup EXIT
+_cleanup_in_this_shell() {
+    [ "$BASHPID" != "$_CLEANUP_SHELL" ] || return 0
+    _CLEANUP_SHELL=$BASHPID
+    _CLEANUP_SUBSHELL=1
+    _CLEANUP_HOOKS=()
+    SERVER_PIDS=
+    _cleanup_traps
+}
+cleanup_fn() {
+    local cmd
+    _cleanup_in_this_shell
+    printf -v cmd '%q ' "$@"
+    _CLEANUP_HOOKS+=("$cmd")
+}
+_cleanup_at_exit() {
+    local rc=$? i p leaky=
+    set +e
+    trap '' HUP INT TERM
+    for ((i = ${#_CLEANUP_HOOKS[@]} - 1; i >= 0; i--)); do
+        eval "${_CLEANUP_HOOKS[i]}" ||
+            echo "cleanup: '${_CLEANUP_HOOKS[i]% }' failed (exit $?)" >&2
+    done
+    for p in $SERVER_PIDS; do kill "$p" 2>/dev/null; done
+    for p in $SERVER_PIDS; do wait "$p" 2>/dev/null; done
+    if [ -z "$_CLEANUP_SUBSHELL" ]; then
+        [ -z "${VALGRIND:-}" ] || valgrind_verdict || leaky=1
+        rm -rf "$TMP"
+    fi
+    [ -z "$leaky" ] || rc=1
+    exit "$rc"
+}
+_cleanup_traps
 
 # A test that cannot run here says why and exits with automake's skip code.
 skip() { echo "SKIP: $*"; exit 77; }
@@ -43,6 +89,7 @@ fail() { echo "FAIL: $*" >&2; exit 1; }
 # background for cleanup, and wait until its socket exists.
 track_server() {
     local pid=$1 sock=$2 log=$3 name=$4 i
+    _cleanup_in_this_shell
     SERVER_PIDS="$SERVER_PIDS $pid"
     LAST_SERVER_PID=$pid
     for i in $(seq 1 $((300 * SLOW))); do

@@ -1,7 +1,7 @@
 # Shared by the tests that put a real kernel filesystem on the server:
 # the export becomes a file through nbdfuse, a loop device goes on top.
-# Source after functions.sh; it replaces the EXIT trap with one that also
-# unmounts, detaches and stops nbdfuse, then calls functions.sh's cleanup.
+# Source after functions.sh; it registers a teardown with cleanup_fn that
+# unmounts, detaches and stops nbdfuse before functions.sh stops the servers.
 
 # Teardown must also happen when a check fails half way: a mounted
 # filesystem, a loop device or a FUSE mount left behind would outlive the
@@ -25,10 +25,8 @@ fs_cleanup() {
     done
     for p in $FUSE_PIDS; do kill "$p" 2>/dev/null || true; done
     for p in $FUSE_PIDS; do wait "$p" 2>/dev/null || true; done
-    cleanup
 }
-trap fs_cleanup EXIT
-trap 'exit 130' INT TERM HUP
+cleanup_fn fs_cleanup
 
 drop_word() { local w=$1; shift; local x out=; for x in "$@"; do [ "$x" = "$w" ] || out="$out $x"; done; echo "$out"; }
 

@@ -52,7 +52,7 @@ CORPUS=$DIR/corpus
 shm=$DIR
 if [ -w /dev/shm ]; then
     shm=$(mktemp -d /dev/shm/q2r-fuzz.XXXXXX)
-    trap 'rm -rf "$shm"; cleanup' EXIT
+    cleanup_fn rm -rf "$shm"
 fi
 
 FAILED=0

@@ -37,10 +37,8 @@ cleanup_install() {
        [ "$(sha256sum <"$SYSTEM_COPY")" = "$SYSTEM_COPY_SUM" ]; then
         rm -f "$SYSTEM_COPY"
     fi
-    cleanup
 }
-trap cleanup_install EXIT
-trap 'exit 1' INT TERM HUP
+cleanup_fn cleanup_install
 
 # The directories configure chose, from the top Makefile, expanded the way
 # make would: "${var}" and "$(var)" are replaced by the value of that

@@ -303,7 +303,8 @@ one_random() {
 }
 
 # run LABEL FUNCTION ARGS...: in a subshell, so that a failing case (fail()
-# exits) does not stop the others; its servers are killed on the way out.
+# exits) does not stop the others; functions.sh stops the servers it
+# started on the way out.
 run() {
     local label=$1; shift
     case " $(echo $CASES) " in *" $label "*) ;; *) return 0 ;; esac
@@ -311,7 +312,6 @@ run() {
     set +e
     (
         set -e
-        trap 'for p in $SERVER_PIDS; do kill $p 2>/dev/null || true; done' EXIT
         "$@"
     )
     rc=$?
