@@ -10,6 +10,11 @@ SERVER_PIDS=
 TOOL=$top_builddir/tools/qcow2reclaim
 # Waits for a server or a client scale with this: 1, or 10 under valgrind.
 SLOW=1
+# A server has STOP_TIMEOUT seconds (times SLOW) to exit after SIGTERM:
+# nbdkit writes back its metadata first, which takes well under a second
+# here, or seconds under valgrind.  Waiting longer would only turn a server
+# that hangs on exit into a test that hangs.
+STOP_TIMEOUT=${STOP_TIMEOUT:-30}
 # The name the kernel gives a running server (/proc/PID/comm).
 SERVER_COMM=nbdkit
 
@@ -51,15 +56,24 @@ cleanup_fn() {
     _CLEANUP_HOOKS+=("$cmd")
 }
 _cleanup_at_exit() {
-    local rc=$? i p leaky=
+    local rc=$? i p leaky= ours=
     set +e
     trap '' HUP INT TERM
     for ((i = ${#_CLEANUP_HOOKS[@]} - 1; i >= 0; i--)); do
         eval "${_CLEANUP_HOOKS[i]}" ||
             echo "cleanup: '${_CLEANUP_HOOKS[i]% }' failed (exit $?)" >&2
     done
-    for p in $SERVER_PIDS; do kill "$p" 2>/dev/null; done
-    for p in $SERVER_PIDS; do wait "$p" 2>/dev/null; done
+    # Only servers that are still this shell's children: a pid the test
+    # ended without forget_server may already belong to someone else.
+    for p in $SERVER_PIDS; do ! _our_child "$p" || ours="$ours $p"; done
+    if [ -n "$ours" ]; then
+        _terminate $((STOP_TIMEOUT * SLOW)) $ours
+        if [ -n "$_LATE" ]; then
+            echo "FAIL: server(s)$_LATE did not exit within $((STOP_TIMEOUT * SLOW)) s after SIGTERM at exit (sent SIGKILL)${_STUCK:+;$_STUCK still running}" >&2
+            [ "$rc" -ne 0 ] || rc=1
+        fi
+        _reap $ours
+    fi
     if [ -z "$_CLEANUP_SUBSHELL" ]; then
         [ -z "${VALGRIND:-}" ] || valgrind_verdict || leaky=1
         rm -rf "$TMP"
@@ -85,12 +99,70 @@ fail() { echo "FAIL: $*" >&2; exit 1; }
 # SERVER=qemu-nbd runs some tests against qemu-nbd, to check the harness itself.
 [ "${SERVER:-nbdkit}" = qemu-nbd ] || [ -f "$PLUGIN" ] || fail "plugin $PLUGIN is not built"
 
+# ---- stopping processes, with a bound -------------------------------------------
+# _running PID: PID is a process that has not exited (a zombie has).  Not
+# kill -0, which also succeeds for a zombie.
+_running() {
+    local s
+    { read -r s <"/proc/$1/stat"; } 2>/dev/null || return 1
+    s=${s##*) }
+    [ "${s%% *}" != Z ]
+}
+# _our_child PID: PID is a child of this shell, running or not yet reaped.
+_our_child() {
+    local s
+    { read -r s <"/proc/$1/stat"; } 2>/dev/null || return 1
+    s=${s##*) }
+    s=${s#* }
+    [ "${s%% *}" = "$BASHPID" ]
+}
+# _terminate SECONDS PID...: SIGTERM to each PID, up to SECONDS for all of
+# them to exit, then SIGKILL to the rest.  Sets _LATE to the pids that had
+# to be killed, and _STUCK to those still there 5 s after SIGKILL (asleep
+# in the kernel, on a dead FUSE mount say): nothing here waits for them.
+_terminate() {
+    local limit=$1 t0=$SECONDS p; shift
+    _LATE= _STUCK=
+    for p; do kill "$p" 2>/dev/null || true; done
+    _left "$@"
+    while [ -n "$_LEFT" ] && [ $((SECONDS - t0)) -le "$limit" ]; do
+        sleep 0.05
+        _left $_LEFT
+    done
+    _LATE=$_LEFT
+    [ -n "$_LATE" ] || return 0
+    for p in $_LATE; do kill -KILL "$p" 2>/dev/null || true; done
+    t0=$SECONDS
+    _left $_LATE
+    while [ -n "$_LEFT" ] && [ $((SECONDS - t0)) -le 5 ]; do
+        sleep 0.05
+        _left $_LEFT
+    done
+    _STUCK=$_LEFT
+}
+_left() { local p; _LEFT=; for p; do ! _running "$p" || _LEFT="$_LEFT $p"; done; }
+# _reap PID...: collect the exit status of those that have exited.
+_reap() { local p; for p; do _running "$p" || wait "$p" 2>/dev/null || true; done; }
+
+# track_pid PID: a server (or what stands for one) started in the background
+# by the test itself, to be stopped at exit unless the test stops it first.
+track_pid() {
+    _cleanup_in_this_shell
+    SERVER_PIDS="$SERVER_PIDS $1"
+}
+# forget_server PID: the test ended this server itself (and reaped it):
+# cleanup must not signal the number, which may be reused.
+forget_server() {
+    local p out=
+    for p in $SERVER_PIDS; do [ "$p" = "$1" ] || out="$out $p"; done
+    SERVER_PIDS=$out
+}
+
 # track_server PID SOCKET LOGFILE NAME: record a server just started in the
 # background for cleanup, and wait until its socket exists.
 track_server() {
     local pid=$1 sock=$2 log=$3 name=$4 i
-    _cleanup_in_this_shell
-    SERVER_PIDS="$SERVER_PIDS $pid"
+    track_pid "$pid"
     LAST_SERVER_PID=$pid
     for i in $(seq 1 $((300 * SLOW))); do
         [ -S "$sock" ] && return 0
@@ -119,10 +191,20 @@ start_qemu_nbd() {
     track_server $! "$sock" "$log" qemu-nbd
 }
 
-# stop_server PID: ask nbdkit to finish (it writes back metadata on exit).
+# stop_server PID: ask a server to finish with SIGTERM (nbdkit writes back
+# its metadata on exit) and wait until it has; its exit status is left in
+# SERVER_STATUS.  One still running after the bound is killed and fails
+# the test: a server that does not stop when told to is a bug.
 stop_server() {
-    kill "$1" 2>/dev/null || true
-    wait "$1" 2>/dev/null || true
+    local pid=$1 limit=$((STOP_TIMEOUT * SLOW))
+    _terminate "$limit" "$pid"
+    forget_server "$pid"
+    SERVER_STATUS=
+    if [ -z "$_STUCK" ]; then
+        wait "$pid" 2>/dev/null && SERVER_STATUS=0 || SERVER_STATUS=$?
+    fi
+    [ -z "$_LATE" ] ||
+        fail "server $pid did not exit within $limit s after SIGTERM (sent SIGKILL${_STUCK:+, and it is still running})"
 }
 
 # run_case CMD...: run one case in a subshell, so that a failure is counted

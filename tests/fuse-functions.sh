@@ -23,8 +23,11 @@ fs_cleanup() {
         mountpoint -q "$d" 2>/dev/null || continue
         fusermount3 -u "$d" 2>/dev/null || umount -l "$d" 2>/dev/null || true
     done
-    for p in $FUSE_PIDS; do kill "$p" 2>/dev/null || true; done
-    for p in $FUSE_PIDS; do wait "$p" 2>/dev/null || true; done
+    if [ -n "$FUSE_PIDS" ]; then
+        _terminate 10 $FUSE_PIDS
+        [ -z "$_LATE" ] || echo "note: nbdfuse$_LATE had to be killed${_STUCK:+;$_STUCK still running}" >&2
+        _reap $FUSE_PIDS
+    fi
 }
 cleanup_fn fs_cleanup
 
@@ -65,11 +68,14 @@ fuse_detach() {
     LOOPS=$(drop_word "$LOOP" $LOOPS)
     fusermount3 -u "$dir"
     for _ in $(seq 1 100); do
-        kill -0 "$FUSE_PID" 2>/dev/null || break
+        _running "$FUSE_PID" || break
         sleep 0.1
     done
-    kill "$FUSE_PID" 2>/dev/null && echo "note: nbdfuse had to be killed" >&2
-    wait "$FUSE_PID" 2>/dev/null || true
+    if _running "$FUSE_PID"; then
+        echo "note: nbdfuse had to be stopped" >&2
+        _terminate 10 "$FUSE_PID"
+    fi
+    _reap "$FUSE_PID"
     FUSE_PIDS=$(drop_word "$FUSE_PID" $FUSE_PIDS)
 }
 

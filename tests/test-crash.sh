@@ -118,8 +118,6 @@ for shape in $SHAPES; do
         --cluster-size $CS $TRIMZERO $WORKLOAD_ARGS || rc=$?
     # A clean exit writes back the rest; those records are crash points too.
     stop_server "$server"
-    # Gone: cleanup must not signal the number again (it may be reused).
-    SERVER_PIDS=$(echo " $SERVER_PIDS " | sed "s/ $server / /")
     [ $rc -eq 0 ] || fail "$shape: the workload failed (seed $seed, exit $rc)"
     check_clean "$img"
     [ -s "$iolog" ] || fail "$shape: the I/O log $iolog is empty (test hooks off?)"

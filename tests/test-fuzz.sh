@@ -129,7 +129,7 @@ serve_one() {
     rm -f "$sock"
     nbdkit -f -v -U "$sock" "$PLUGIN" file="$img" "$@" >"$log" 2>&1 &
     pid=$!
-    SERVER_PIDS="$SERVER_PIDS $pid"
+    track_pid "$pid"
     for _ in $(seq 1 200); do
         [ -S "$sock" ] && break
         kill -0 "$pid" 2>/dev/null || break
@@ -138,6 +138,7 @@ serve_one() {
     if [ ! -S "$sock" ]; then
         rc=0
         wait "$pid" || rc=$?
+        forget_server "$pid"
         if [ "$rc" -ge 128 ]; then
             tail -5 "$log" >&2
             problem "$desc: nbdkit died with signal $((rc - 128)) while opening"

@@ -62,12 +62,6 @@ serve() {
     SERVER=$LAST_SERVER_PID
 }
 
-# forget PID: the server is gone, so cleanup must not signal the number
-# again (it could belong to someone else by then).
-forget() {
-    SERVER_PIDS=$(echo " $SERVER_PIDS " | sed "s/ $1 / /")
-}
-
 # keep_round NAME ROUND: save what a failing round leaves for a replay.
 keep_round() {
     [ -n "$KEEP" ] || return 0
@@ -97,7 +91,8 @@ for round in $(seq 1 "$KILLS"); do
         wait "$SERVER" || true
     } 2>"$TMP/round.err"
     grep -v ' Killed ' "$TMP/round.err" >&2 || true
-    forget "$SERVER"
+    # Gone: cleanup must not signal the number (it may be reused).
+    forget_server "$SERVER"
     rounds=$((rounds + 1))
     if [ $rc -ne 0 ]; then
         failures=$((failures + 1))
@@ -140,7 +135,6 @@ if [ $failures -eq 0 ]; then
             --cluster-size ${CS[$name]} >>"$TMP/rounds.log" ||
             { tail -n 3 "$TMP/rounds.log" >&2; failures=$((failures + 1)); }
         stop_server "$SERVER"
-        forget "$SERVER"
         check_clean "$TMP/$name.qcow2"
     done
 fi

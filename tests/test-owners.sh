@@ -61,7 +61,7 @@ echo "ok: qemu-img check works again after the server stopped"
 rm -f "$DIR/q.sock"
 qemu-nbd -t -k "$DIR/q.sock" -f qcow2 "$IMG" 2>"$DIR/qemu-nbd.log" &
 qnbd=$!
-SERVER_PIDS="$SERVER_PIDS $qnbd"
+track_pid "$qnbd"
 for _ in $(seq 1 200); do
     [ -S "$DIR/q.sock" ] && break
     kill -0 "$qnbd" 2>/dev/null || { cat "$DIR/qemu-nbd.log" >&2; fail "qemu-nbd did not start"; }

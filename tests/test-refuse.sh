@@ -33,7 +33,7 @@ expect_refused() {
     rm -f "$sock"
     timeout 20 nbdkit -f -U "$sock" "$PLUGIN" "${params[@]}" >/dev/null 2>"$err" &
     local pid=$!
-    SERVER_PIDS="$SERVER_PIDS $pid"
+    track_pid "$pid"
     # Poll rather than wait, so a plugin that wrongly serves is caught as
     # soon as the socket appears instead of after the 20 s timeout.
     while kill -0 "$pid" 2>/dev/null; do
@@ -46,6 +46,7 @@ expect_refused() {
     done
     local rc=0
     wait "$pid" || rc=$?
+    forget_server "$pid"
     if [ "$rc" -eq 0 ]; then
         cat "$err" >&2; fail "$desc: nbdkit exited with status 0"
     fi

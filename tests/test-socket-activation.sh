@@ -73,7 +73,7 @@ qemu-img create -q -f qcow2 "$img" 1G
 # refuses listening options.
 $PY "$TMP/activate.py" "$sock" nbdkit -v "$PLUGIN" file="$img" statsfile="$stats" >"$log" 2>&1 &
 pid=$!
-SERVER_PIDS="$SERVER_PIDS $pid"
+track_pid "$pid"
 for _ in $(seq 1 200); do [ -S "$sock" ] && break; sleep 0.05; done
 [ -S "$sock" ] || { cat "$log" >&2; fail "the launcher did not create $sock"; }
 [ "$(cat /proc/$pid/comm)" != "$SERVER_COMM" ] ||
@@ -141,9 +141,8 @@ echo "ok: second client served by the same nbdkit pid $pid"
 
 # systemctl stop sends SIGTERM: metadata is written back, exit status 0.
 t0=$(date +%s%N)
-kill -TERM "$pid"
-rc=0; wait "$pid" || rc=$?
-SERVER_PIDS=
+stop_server "$pid"
+rc=$SERVER_STATUS
 ms=$(( ($(date +%s%N) - t0) / 1000000 ))
 [ "$rc" = 0 ] || { cat "$log" >&2; fail "nbdkit exited with status $rc on SIGTERM"; }
 totals=$(grep -o 'reclaim totals: .*' "$log") ||

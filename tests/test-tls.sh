@@ -42,14 +42,14 @@ s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
         nbdkit -f -v -P "$pidfile" -i 127.0.0.1 -p "$PORT" "$@" \
             "$PLUGIN" file="$img" statsfile="$TMP/$name.stats" >"$log" 2>&1 &
         SPID=$!
-        SERVER_PIDS="$SERVER_PIDS $SPID"
+        track_pid "$SPID"
         # nbdkit writes the pidfile once it is listening.
         for _ in $(seq 1 200); do
             [ -s "$pidfile" ] && return 0
             kill -0 "$SPID" 2>/dev/null || break
             sleep 0.05
         done
-        wait "$SPID" 2>/dev/null || true
+        stop_server "$SPID"
         grep -q 'Address already in use' "$log" || { cat "$log" >&2; fail "$name: nbdkit did not start"; }
     done
     fail "$name: no free port after 5 tries"

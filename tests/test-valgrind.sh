@@ -43,7 +43,7 @@ h.pread(512, 0)
 os.kill(int(sys.argv[2]), signal.SIGTERM)
 time.sleep(2)
 " "$TMP/quit.sock" "$LAST_SERVER_PID"
-wait "$LAST_SERVER_PID" || true
+stop_server "$LAST_SERVER_PID"
 ' >"$TMP/quit.log" 2>&1 || rc=$?
 verdict=$(grep '^valgrind: ' "$TMP/quit.log" | tail -1)
 [ "$rc" -eq 0 ] || { grep -v ': debug: ' "$TMP/quit.log" | tail -40 >&2; fail "quit with a client connected: exit $rc"; }
