@@ -2,7 +2,8 @@
 """Crash consistency of qcow2reclaim: power cuts replayed from the host I/O
 log (test-crash.sh) and SIGKILL under parallel load (test-kill.sh).
 
-Run it with /usr/bin/python3: that interpreter has libnbd's `nbd` module.
+Run it with a python3 that has libnbd's `nbd` module: the tests run it as
+$PYTHON (see functions.sh); on Debian that is /usr/bin/python3.
 
   workload --uri URI --iolog LOG --journal J [--seed S --ops N ...]
       One sequential client: writes of mixed sizes (some FUA), trims, zeroes
@@ -67,7 +68,7 @@ try:
     import nbd
 except ImportError:
     sys.stderr.write("crash_replay: the nbd module is missing; "
-                     "run with /usr/bin/python3\n")
+                     "run with a python3 that has it (python3-libnbd)\n")
     sys.exit(2)
 
 KiB = 1 << 10

@@ -3,7 +3,12 @@
 # Source it with: . "$srcdir/functions.sh"
 set -eu
 : "${PLUGIN:?PLUGIN must name the built plugin (run the tests through make check)}"
-export PATH=/usr/bin:$PATH
+# The python3 with libnbd's nbd module, found by configure; run by hand, the
+# one Debian's python3-libnbd is for.  Every python the tests run is this
+# one: nbdsh too, as "$PYTHON -m nbd" (nbdsh itself runs the first python3
+# on PATH, which may have no nbd module).
+: "${PYTHON:=/usr/bin/python3}"
+export PYTHON
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/q2r-test.XXXXXX")
 SERVER_PIDS=
@@ -86,10 +91,10 @@ _cleanup_traps
 # A test that cannot run here says why and exits with automake's skip code.
 skip() { echo "SKIP: $*"; exit 77; }
 require() { command -v "$1" >/dev/null 2>&1 || skip "$1 is not installed"; }
-# The NBD tests drive the server from /usr/bin/python3's libnbd bindings.
+# The NBD tests drive the server from $PYTHON's libnbd bindings.
 require_python_nbd() {
-    /usr/bin/python3 -c 'import nbd' 2>/dev/null ||
-        skip "/usr/bin/python3 has no nbd module (python3-libnbd)"
+    "$PYTHON" -c 'import nbd' 2>/dev/null ||
+        skip "$PYTHON has no nbd module (python3-libnbd)"
 }
 fail() { echo "FAIL: $*" >&2; exit 1; }
 

@@ -1,6 +1,6 @@
 #!/usr/bin/python3
-# Helpers for test-multiconn.sh.  Run with /usr/bin/python3: the default
-# python3 on the test machines has no nbd module.
+# Helpers for test-multiconn.sh.  Run with $PYTHON (functions.sh), a python3
+# with libnbd's nbd module: the first python3 on PATH may have none.
 #
 #   probe SOCK                   print the export's flags; exit 1 without multi-conn
 #   writer SOCK K N STRIPE ...   one connection's random workload on its own stripes

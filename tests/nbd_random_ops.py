@@ -6,7 +6,8 @@ same size, so any read can be compared byte for byte.  The same seed always
 produces the same sequence of operations, which is what makes a failure
 reproducible: rerun with the printed seed and the same image.
 
-Run it with /usr/bin/python3: that interpreter has libnbd's `nbd` module.
+Run it with a python3 that has libnbd's `nbd` module: the tests run it as
+$PYTHON (see functions.sh); on Debian that is /usr/bin/python3.
 
 Exit status: 0 all reads matched, 1 a read did not match the reference,
 2 an NBD error or a usage problem.
@@ -24,7 +25,7 @@ try:
     import nbd
 except ImportError:
     sys.stderr.write("nbd_random_ops: the nbd module is missing; "
-                     "run with /usr/bin/python3\n")
+                     "run with a python3 that has it (python3-libnbd)\n")
     sys.exit(2)
 
 KiB = 1 << 10

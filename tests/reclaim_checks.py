@@ -14,7 +14,7 @@ Failures are collected, not fatal at once, so that one run reports every
 broken rule of a case; exit status 1 if there was any.  The last line on
 stdout holds the case's figures.
 
-Run with /usr/bin/python3 (it has libnbd's `nbd` module).
+Run with a python3 that has libnbd's `nbd` module: $PYTHON in the tests.
 """
 
 import errno
@@ -27,7 +27,8 @@ from qcow2_patch import Image, Qcow2Error  # noqa: E402
 try:
     import nbd
 except ImportError:
-    sys.exit("reclaim_checks: the nbd module is missing; run with /usr/bin/python3")
+    sys.exit("reclaim_checks: the nbd module is missing; "
+             "run with a python3 that has it (python3-libnbd)")
 
 KiB = 1 << 10
 MiB = 1 << 20

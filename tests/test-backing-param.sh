@@ -15,7 +15,7 @@ qemu-img create -q -f qcow2 -b base1.qcow2 -F qcow2 top.qcow2
 # read_first SOCK: the first byte the guest sees, and of a partial write's
 # copied-up neighbour.
 read_first() {
-    /usr/bin/python3 - "$1" <<'PY'
+    "$PYTHON" - "$1" <<'PY'
 import sys, nbd
 h = nbd.NBD(); h.connect_unix(sys.argv[1])
 first = h.pread(1, 0)[0]

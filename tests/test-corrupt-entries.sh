@@ -76,7 +76,7 @@ check_case() {
     local desc=$1 img=$2 bad=$3 guest_bad=$4 guest_good=$5 good_byte=$6
     local mode copy sock=$DIR/s log pid bad_hex csize before after
     bad_hex=$(hex "$bad")
-    csize=$("$PATCH" header "$img" cluster_size)
+    csize=$("$PYTHON" "$PATCH" header "$img" cluster_size)
     for mode in ro rw; do
         copy=$DIR/serve-$mode.qcow2
         log=$DIR/log-$mode
@@ -92,7 +92,7 @@ check_case() {
             start_server "$sock" "$log" file="$copy"
         fi
         pid=$LAST_SERVER_PID
-        if ! timeout 20 /usr/bin/python3 "$DIR/client.py" "$sock" "$mode" \
+        if ! timeout 20 "$PYTHON" "$DIR/client.py" "$sock" "$mode" \
             "$guest_bad" 65536 "$guest_good" 1048576 "$good_byte"; then
             stop_server "$pid"
             grep -v ': debug: ' "$log" >&2 || true
@@ -123,10 +123,10 @@ check_case() {
 small=$DIR/small.qcow2
 qemu-img create -q -f qcow2 -o cluster_size=64k "$small" 16M
 qemu-io -c 'write -P 0x11 0 1M' -c 'write -P 0x22 8M 1M' "$small" >/dev/null
-rt_off=$("$PATCH" header "$small" refcount_table_offset)
-l1_off=$("$PATCH" header "$small" l1_table_offset)
-rb_off=$(( $("$PATCH" refcount-table "$small" 0) & 0xfffffffffffffe00 ))
-l2_off=$(( $("$PATCH" l1 "$small" 0) & 0x00fffffffffffe00 ))
+rt_off=$("$PYTHON" "$PATCH" header "$small" refcount_table_offset)
+l1_off=$("$PYTHON" "$PATCH" header "$small" l1_table_offset)
+rb_off=$(( $("$PYTHON" "$PATCH" refcount-table "$small" 0) & 0xfffffffffffffe00 ))
+l2_off=$(( $("$PYTHON" "$PATCH" l1 "$small" 0) & 0x00fffffffffffe00 ))
 [ "$(stat -c %s "$small")" -lt $((FAR)) ] || fail "test image unexpectedly large"
 
 # The COPIED bit says "refcount 1, write in place": exactly the entry a
@@ -134,7 +134,7 @@ l2_off=$(( $("$PATCH" l1 "$small" 0) & 0x00fffffffffffe00 ))
 l2_case() {
     local desc=$1 target=$2 img=$DIR/l2-patched.qcow2
     cp "$small" "$img"
-    "$PATCH" l2 "$img" 0 "$(hex $((COPIED | target)))" >/dev/null
+    "$PYTHON" "$PATCH" l2 "$img" 0 "$(hex $((COPIED | target)))" >/dev/null
     check_case "$desc" "$img" "$target" 0 0x800000 0x22
 }
 run_case l2_case "L2 entry beyond the end of the file" $((FAR))
@@ -148,15 +148,15 @@ run_case l2_case "L2 entry at a refcount block" "$rb_off"
 big=$DIR/big.qcow2
 qemu-img create -q -f qcow2 -o cluster_size=64k "$big" 1G
 qemu-io -c 'write -P 0x11 0 1M' -c 'write -P 0x22 512M 1M' "$big" >/dev/null
-big_rt=$("$PATCH" header "$big" refcount_table_offset)
-big_l1=$("$PATCH" header "$big" l1_table_offset)
-big_rb=$(( $("$PATCH" refcount-table "$big" 0) & 0xfffffffffffffe00 ))
-[ "$("$PATCH" header "$big" l1_size)" -ge 2 ] || fail "test image has a single L1 entry"
+big_rt=$("$PYTHON" "$PATCH" header "$big" refcount_table_offset)
+big_l1=$("$PYTHON" "$PATCH" header "$big" l1_table_offset)
+big_rb=$(( $("$PYTHON" "$PATCH" refcount-table "$big" 0) & 0xfffffffffffffe00 ))
+[ "$("$PYTHON" "$PATCH" header "$big" l1_size)" -ge 2 ] || fail "test image has a single L1 entry"
 
 l1_case() {
     local desc=$1 target=$2 img=$DIR/l1-patched.qcow2
     cp "$big" "$img"
-    "$PATCH" l1 "$img" 0 "$(hex $((COPIED | target)))" >/dev/null
+    "$PYTHON" "$PATCH" l1 "$img" 0 "$(hex $((COPIED | target)))" >/dev/null
     check_case "$desc" "$img" "$target" 0 0x20000000 0x22
 }
 run_case l1_case "L1 entry beyond the end of the file" $((FAR))

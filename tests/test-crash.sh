@@ -20,7 +20,6 @@ srcdir=${srcdir:-$(cd "$(dirname "$0")" && pwd)}
 require qemu-img
 require qemu-io
 require nbdkit
-PY=/usr/bin/python3
 require_python_nbd
 
 POINTS=${CRASH_POINTS:-100}
@@ -113,7 +112,7 @@ for shape in $SHAPES; do
         file="$img" $PARAMS
     server=$LAST_SERVER_PID
     rc=0
-    $PY "$helper" workload --uri "nbd+unix:///?socket=$TMP/$shape.sock" \
+    "$PYTHON" "$helper" workload --uri "nbd+unix:///?socket=$TMP/$shape.sock" \
         --iolog "$iolog" --journal "$journal" --seed $seed --ops "$OPS" \
         --cluster-size $CS $TRIMZERO $WORKLOAD_ARGS || rc=$?
     # A clean exit writes back the rest; those records are crash points too.
@@ -123,7 +122,7 @@ for shape in $SHAPES; do
     [ -s "$iolog" ] || fail "$shape: the I/O log $iolog is empty (test hooks off?)"
 
     rc=0
-    $PY "$helper" replay --initial "$TMP/$shape.init.qcow2" --iolog "$iolog" \
+    "$PYTHON" "$helper" replay --initial "$TMP/$shape.init.qcow2" --iolog "$iolog" \
         --journal "$journal" --plugin "$PLUGIN" --workdir "$TMP/$shape.work" \
         --name "$shape" --seed $seed --points "$n" --cluster-size $CS \
         $TRIMZERO ${KEEP:+--keep "$KEEP"} >"$TMP/$shape.replay" || rc=$?

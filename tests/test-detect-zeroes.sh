@@ -10,7 +10,7 @@ case_map() {
     local mode=$1 img=$TMP/dz-$1.qcow2 sock=$TMP/dz-$1.sock
     qemu-img create -q -f qcow2 "$img" 64M
     start_server "$sock" "$TMP/dz-$mode.log" file="$img" detect-zeroes="$mode"
-    /usr/bin/python3 - "$sock" <<'PY'
+    "$PYTHON" - "$sock" <<'PY'
 import sys, nbd
 h = nbd.NBD(); h.connect_unix(sys.argv[1])
 h.pwrite(b"\x5a" * (2 << 20), 0)
@@ -21,7 +21,7 @@ h.flush(); h.shutdown()
 PY
     stop_server "$LAST_SERVER_PID"
     check_clean "$img"
-    qemu-img map --output=json "$img" | /usr/bin/python3 -c '
+    qemu-img map --output=json "$img" | "$PYTHON" -c '
 import json, sys
 first = [e for e in json.load(sys.stdin) if e["start"] == 0][0]
 print("data" if first["data"] else ("zero-alloc" if "offset" in first else "zero"))'

@@ -89,7 +89,7 @@ prefill() {
 # from a few sectors to nearly a cluster and straddle host clusters.
 make_mixed_raw() {
     local out=$1 seed=$2
-    /usr/bin/python3 - "$out" "$seed" <<'EOF'
+    "$PYTHON" - "$out" "$seed" <<'EOF'
 import random, sys
 out, seed = sys.argv[1], int(sys.argv[2])
 rng = random.Random(seed)
@@ -238,7 +238,7 @@ run_variant() {
     local sock=$dir/nbd.sock out rc=0
     serve "$sock" "$dir/server.log" "$IMG"
     local pid=$LAST_SERVER_PID
-    out=$(/usr/bin/python3 "$DRIVER" --uri "nbd+unix:///?socket=$sock" \
+    out=$("$PYTHON" "$DRIVER" --uri "nbd+unix:///?socket=$sock" \
             --ref "$dir/ref.raw" --seed "$seed" --ops "$OPS" \
             --cluster-size "$CS" --verify-all ${mix_args[@]+"${mix_args[@]}"} 2>&1) || rc=$?
     stop_server "$pid"

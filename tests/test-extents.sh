@@ -19,7 +19,6 @@ require qemu-io
 require qemu-nbd
 require nbdinfo
 require nbdcopy
-PY=/usr/bin/python3
 require_python_nbd
 if [ "$SERVER" != qemu-nbd ]; then
     require nbdkit
@@ -215,7 +214,7 @@ else:
     globals()[cmd](*args)
 EOF
 )
-py() { $PY -c "$LIB" "$@"; }
+py() { "$PYTHON" -c "$LIB" "$@"; }
 
 # serve_ref SOCK LOG IMAGE: qemu-nbd, read-only, persistent (several clients).
 serve_ref() { start_qemu_nbd "$1" "$2" "$3" -r; }
@@ -241,7 +240,7 @@ check_image() {
     local t0 sock=$TMP/$1.sock rsock=$TMP/$1-ref.sock cluster
     t0=$(date +%s)
     mkdir -p "$d"
-    cluster=$(qemu-img info --output=json "$image" | $PY -c 'import json,sys; print(json.load(sys.stdin)["cluster-size"])')
+    cluster=$(qemu-img info --output=json "$image" | "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["cluster-size"])')
     check_clean "$image"
 
     # The reference, and what qemu-img map says about the same file.

@@ -294,7 +294,7 @@ fault_case() {
     start_server "$SOCK" "$log" file="$img"
     pid=$LAST_SERVER_PID
     grep -q 'test hooks are on' "$log" || fail "$case: the engine did not see QCOW2RECLAIM_FAULTS"
-    if ! timeout 120 /usr/bin/python3 "$DIR/client.py" "$SOCK" "$pid" "$FAULTS" "$case" "$out"; then
+    if ! timeout 120 "$PYTHON" "$DIR/client.py" "$SOCK" "$pid" "$FAULTS" "$case" "$out"; then
         stop_server "$pid"
         grep -v ': debug: ' "$log" | tail -20 >&2 || true
         fail "$case: client checks failed"
@@ -308,7 +308,7 @@ fault_case() {
     fi
     check_image "$img" "$case"
     qemu-img convert -f qcow2 -O raw "$img" "$out/image.raw"
-    /usr/bin/python3 "$DIR/compare.py" "$out/image.raw" "$out/expected.raw" ||
+    "$PYTHON" "$DIR/compare.py" "$out/image.raw" "$out/expected.raw" ||
         fail "$case: data lost after the restart"
     echo "PASS: $case"
     rm -rf "$out" "$img"
@@ -352,7 +352,7 @@ if h.pread(MiB, 95 * MiB) != b"\x5c" * MiB:
 h.shutdown()
 print(before, after)
 EOF
-    read -r before after < <(timeout 120 /usr/bin/python3 "$DIR/nopunch.py" "$SOCK" "$img") ||
+    read -r before after < <(timeout 120 "$PYTHON" "$DIR/nopunch.py" "$SOCK" "$img") ||
         { tail -20 "$log" >&2; fail "no punch: client failed"; }
     kill -0 "$pid" 2>/dev/null || { tail -20 "$log" >&2; fail "no punch: the server died"; }
     : >"$FAULTS"
@@ -382,7 +382,7 @@ ring_stall() {
     pid=$LAST_SERVER_PID
     export QCOW2RECLAIM_FAULTS=$FAULTS
     t0=$(date +%s%N)
-    timeout $((60 * SLOW)) /usr/bin/nbdsh -u "nbd+unix:///?socket=$SOCK" -c '
+    timeout $((60 * SLOW)) "$PYTHON" -m nbd -u "nbd+unix:///?socket=$SOCK" -c '
 for i in range(8):
     h.pwrite(bytes([0x40 + i]) * 65536, i * (128 << 20))
 h.flush()

@@ -29,8 +29,7 @@ srcdir=${srcdir:-$(cd "$(dirname "$0")" && pwd)}
 for c in nbdkit nbdfuse fusermount3 losetup mountpoint fstrim qemu-img mkfs.ext4 df; do
     require "$c"
 done
-PY=/usr/bin/python3
-[ -x $PY ] || skip "$PY is missing"
+"$PYTHON" -c '' 2>/dev/null || skip "$PYTHON does not run"
 losetup -f >/dev/null 2>&1 || skip "no free loop device (losetup -f)"
 
 NFILES=${FRAGMENTED_FILES:-12000}
@@ -85,7 +84,7 @@ run() {
     tw=$SECONDS
     # Sizes from a fixed seed, so both servers see the same layout; the
     # bytes come from one random buffer, which costs nothing to produce.
-    $PY - "$mnt/d" "$NFILES" <<'EOF'
+    "$PYTHON" - "$mnt/d" "$NFILES" <<'EOF'
 import os, random, sys
 d, n = sys.argv[1], int(sys.argv[2])
 r = random.Random(12000)
@@ -102,7 +101,7 @@ EOF
     a1=$(alloc "$img")
     u1=$(used "$mnt")
 
-    $PY - "$mnt/d" "$NFILES" <<'EOF'
+    "$PYTHON" - "$mnt/d" "$NFILES" <<'EOF'
 import os, sys
 d, n = sys.argv[1], int(sys.argv[2])
 for i in range(0, n, 2):

@@ -152,7 +152,7 @@ serve_one() {
         fi
         return 0
     fi
-    if ! out=$(timeout 120 /usr/bin/python3 "$DIR/readall.py" "$sock" 2>&1); then
+    if ! out=$(timeout 120 "$PYTHON" "$DIR/readall.py" "$sock" 2>&1); then
         grep -v ': debug: ' "$log" | tail -5 >&2
         problem "$desc: $out"
     elif ! kill -0 "$pid" 2>/dev/null; then

@@ -15,7 +15,7 @@ require make
 require nbdkit
 require qemu-img
 require qemu-io
-require nbdsh
+require_python_nbd
 
 BUILT_PLUGIN=$PLUGIN
 [ -f "$BUILT_PLUGIN" ] || fail "the built plugin $BUILT_PLUGIN is missing (run make)"
@@ -85,7 +85,7 @@ serve_and_read() {
     PLUGIN=$1
     start_server "$sock" "$log" file="$IMG"
     PLUGIN=$saved
-    if ! nbdsh -u "nbd+unix:///?socket=$sock" \
+    if ! "$PYTHON" -m nbd -u "nbd+unix:///?socket=$sock" \
          -c 'assert h.get_size() == 16 << 20, h.get_size()' \
          -c 'assert h.pread(65536, 0) == b"\x5a" * 65536' \
          -c 'assert h.pread(65536, 65536) == bytes(65536)'; then

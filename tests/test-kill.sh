@@ -22,7 +22,6 @@ srcdir=${srcdir:-$(cd "$(dirname "$0")" && pwd)}
 require qemu-img
 require qemu-io
 require nbdkit
-PY=/usr/bin/python3
 require_python_nbd
 
 SEED=${KILL_SEED:-1}
@@ -80,7 +79,7 @@ for round in $(seq 1 "$KILLS"); do
     # bash reports the killed job ("Killed ...") on its own stderr at the
     # next command; the braces catch that, and the file keeps real errors.
     {
-        $PY "$helper" kill-round --sock "$TMP/$name.sock" --pid "$SERVER" \
+        "$PYTHON" "$helper" kill-round --sock "$TMP/$name.sock" --pid "$SERVER" \
             --state "$TMP/$name.state" --round "$round" \
             --seed $((SEED * 100000 + round)) --cluster-size ${CS[$name]} \
             --min-time "$MIN_TIME" --max-time "$MAX_TIME" ${KEEP:+--keep "$KEEP"} \
@@ -130,7 +129,7 @@ done
 if [ $failures -eq 0 ]; then
     for name in $NAMES; do
         serve $name
-        $PY "$helper" kill-round --sock "$TMP/$name.sock" --pid "$SERVER" \
+        "$PYTHON" "$helper" kill-round --sock "$TMP/$name.sock" --pid "$SERVER" \
             --state "$TMP/$name.state" --round $((KILLS + 1)) --verify-only \
             --cluster-size ${CS[$name]} >>"$TMP/rounds.log" ||
             { tail -n 3 "$TMP/rounds.log" >&2; failures=$((failures + 1)); }

@@ -230,13 +230,13 @@ run_image() {
     before=$(blocks "$img")
     rt_before=$(rt_clusters "$img")
 
-    /usr/bin/python3 "$HELPER" plan "$size" "$cs" "$seed" >"$dir/plan"
+    "$PYTHON" "$HELPER" plan "$size" "$cs" "$seed" >"$dir/plan"
     local max_growth
-    max_growth=$(/usr/bin/python3 "$HELPER" budget "$dir/plan" "$cs" "$rbits")
+    max_growth=$("$PYTHON" "$HELPER" budget "$dir/plan" "$cs" "$rbits")
     local sock=$dir/nbd.sock rc=0
     serve "$sock" "$dir/server.log" "$img"
     local pid=$LAST_SERVER_PID
-    /usr/bin/python3 "$HELPER" nbd "nbd+unix:///?socket=$sock" "$dir/plan" "$size" \
+    "$PYTHON" "$HELPER" nbd "nbd+unix:///?socket=$sock" "$dir/plan" "$size" \
         >"$dir/nbd.out" 2>&1 || rc=$?
     stop_server "$pid"
     if [ $rc -ne 0 ]; then
@@ -249,11 +249,11 @@ run_image() {
     # Exactly the touched clusters are allocated: nothing was written
     # anywhere else.  Cheap, unlike reading or comparing the whole disk.
     local want_alloc got_alloc
-    want_alloc=$(/usr/bin/python3 "$HELPER" clusters "$dir/plan" "$cs")
+    want_alloc=$("$PYTHON" "$HELPER" clusters "$dir/plan" "$cs")
     got_alloc=$(qemu-img check "$img" | sed -n 's|^\([0-9]*\)/[0-9]* = .* allocated.*|\1|p')
     [ "$got_alloc" = "$want_alloc" ] ||
         fail "$name: $got_alloc guest clusters allocated, the writes touched $want_alloc"
-    /usr/bin/python3 "$HELPER" qemu-io-read "$dir/plan" "$size" >"$dir/verify.cmds"
+    "$PYTHON" "$HELPER" qemu-io-read "$dir/plan" "$size" >"$dir/verify.cmds"
     qemu_io_file "$img" "$dir/verify.cmds" -r
 
     # The same writes done by QEMU itself must give an identical disk,
@@ -263,7 +263,7 @@ run_image() {
     if [ "$cs" -ge 65536 ]; then
         local expected=$dir/expected.qcow2
         qemu-img create -q -f qcow2 "$expected" "$size"
-        /usr/bin/python3 "$HELPER" qemu-io-write "$dir/plan" >"$dir/write.cmds"
+        "$PYTHON" "$HELPER" qemu-io-write "$dir/plan" >"$dir/write.cmds"
         qemu_io_file "$expected" "$dir/write.cmds"
         local cmp_out
         cmp_out=$(qemu-img compare -f qcow2 -F qcow2 "$img" "$expected" 2>&1) ||

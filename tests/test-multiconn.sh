@@ -17,7 +17,6 @@ SERVER=${SERVER:-nbdkit}
 
 require qemu-img
 require qemu-io
-PY=/usr/bin/python3
 require_python_nbd
 if [ "$SERVER" = qemu-nbd ]; then
     require qemu-nbd
@@ -54,11 +53,11 @@ multiconn_case() {
     serve "$sock" "$log" "$image"
     local server=$LAST_SERVER_PID
 
-    $PY "$helper" probe "$sock" || fail "$name: export flags"
+    "$PYTHON" "$helper" probe "$sock" || fail "$name: export flags"
 
     for k in $(seq 0 $((WRITERS - 1))); do
         # A fixed seed per case and writer, so a failure can be replayed.
-        $PY "$helper" writer "$sock" "$k" "$WRITERS" "$stripe" --cluster "$cluster" \
+        "$PYTHON" "$helper" writer "$sock" "$k" "$WRITERS" "$stripe" --cluster "$cluster" \
             --seed $((SEED_BASE + seed * 100 + k)) --ops "$OPS" \
             --go "$dir/go" --out "$dir/w$k.raw" ${base:+--base "$base"} &
         pids="$pids $!"
@@ -72,8 +71,8 @@ multiconn_case() {
 
     local outs=()
     for k in $(seq 0 $((WRITERS - 1))); do outs+=("$dir/w$k.raw"); done
-    $PY "$helper" combine "$SIZE" "$WRITERS" "$stripe" "$dir/expected.raw" "${outs[@]}"
-    $PY "$helper" verify "$sock" "$dir/expected.raw" "$WRITERS" "$stripe" ||
+    "$PYTHON" "$helper" combine "$SIZE" "$WRITERS" "$stripe" "$dir/expected.raw" "${outs[@]}"
+    "$PYTHON" "$helper" verify "$sock" "$dir/expected.raw" "$WRITERS" "$stripe" ||
         fail "$name: a fresh connection does not read what the writers wrote"
 
     stop_server "$server"
@@ -96,7 +95,7 @@ multiconn_case 1 fresh "$TMP/fresh.qcow2" $((192 * 1024)) 65536
 # 2. Over a backing file: partial writes must fill from the backing data,
 #    and zeroing must hide it.  The backing has data only in part of the disk
 #    (and a different cluster size) so both kinds of fill are exercised.
-$PY - "$TMP/backing.raw" <<'EOF'
+"$PYTHON" - "$TMP/backing.raw" <<'EOF'
 import random, sys
 r = random.Random(7)
 with open(sys.argv[1], "wb") as f:

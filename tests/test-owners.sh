@@ -79,7 +79,7 @@ r1=$LAST_SERVER_PID
 start_server "$DIR/r2" "$DIR/r2.log" file="$IMG" readonly=true
 r2=$LAST_SERVER_PID
 for s in r1 r2; do
-    /usr/bin/python3 - "$DIR/$s" <<'EOF' || fail "reading through the second reader failed"
+    "$PYTHON" - "$DIR/$s" <<'EOF' || fail "reading through the second reader failed"
 import sys
 import nbd
 h = nbd.NBD()

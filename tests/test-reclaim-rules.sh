@@ -31,8 +31,7 @@ cd /
 require qemu-img
 require qemu-io
 require nbdkit
-/usr/bin/python3 -c 'import nbd' 2>/dev/null ||
-    skip "/usr/bin/python3 has no nbd module (python3-libnbd)"
+require_python_nbd
 
 HELPER=$srcdir/reclaim_checks.py
 DRIVER=$srcdir/nbd_random_ops.py
@@ -106,7 +105,7 @@ prep_snapshot() {
 prep_compressed() {
     local dir=$1
     IMG=$dir/img.qcow2
-    /usr/bin/python3 - "$dir/src.raw" <<'EOF'
+    "$PYTHON" - "$dir/src.raw" <<'EOF'
 import random, sys
 rng = random.Random(77)
 cs = 65536
@@ -155,7 +154,7 @@ prep_random_c4k() { new_img "$1" -o cluster_size=4096; prefill "$IMG"; }
 post_reuse() {
     local last
     last=$(qemu-img map --output=json "$1" |
-        /usr/bin/python3 -c '
+        "$PYTHON" -c '
 import json, sys
 m = json.load(sys.stdin)
 ends = [e["offset"] + e["length"] for e in m
@@ -206,7 +205,7 @@ one_case() {
     local sock=$dir/nbd.sock rc=0 out
     start_server "$sock" "$dir/server.log" file="$IMG" statsfile="$dir/stats" "$@"
     local pid=$LAST_SERVER_PID
-    out=$(/usr/bin/python3 "$HELPER" live "$hcase" "nbd+unix:///?socket=$sock" \
+    out=$("$PYTHON" "$HELPER" live "$hcase" "nbd+unix:///?socket=$sock" \
             "$IMG" "$REF" --stats "$dir/stats" 2>&1) || rc=$?
     stop_server "$pid"
     [ $rc -eq 0 ] || problems="live checks failed (exit $rc)"
@@ -276,7 +275,7 @@ one_random() {
     local sock=$dir/nbd.sock rc=0 out
     start_server "$sock" "$dir/server.log" file="$IMG"
     local pid=$LAST_SERVER_PID
-    out=$(/usr/bin/python3 "$DRIVER" --uri "nbd+unix:///?socket=$sock" \
+    out=$("$PYTHON" "$DRIVER" --uri "nbd+unix:///?socket=$sock" \
             --ref "$dir/ref.raw" --seed "$seed" --ops "$OPS" --cluster-size "$cs" \
             --ops-mix write:40,read:25,flush:5,trim:15,zero:12,fastzero:3 \
             --trim-zero-clusters --verify-all 2>&1) || rc=$?

@@ -11,7 +11,7 @@ set -eu
 require nbdkit
 require qemu-img
 require qemu-io
-require nbdsh
+require_python_nbd
 
 PATCH=$srcdir/qcow2_patch.py
 
@@ -72,7 +72,7 @@ expect_readonly_serves() {
     local sum_before sock=$TMP/ro.sock log=$TMP/ro.log
     sum_before=$(md5sum <"$img")
     start_server "$sock" "$log" file="$img" readonly=true
-    if ! timeout 20 nbdsh -u "nbd+unix:///?socket=$sock" -c "
+    if ! timeout 20 "$PYTHON" -m nbd -u "nbd+unix:///?socket=$sock" -c "
 import sys
 b = h.pread(512, 0)
 sys.exit(0 if b == bytes([$byte]) * 512 else 1)
@@ -104,7 +104,7 @@ run_case expect_refused "random bytes" file="$TMP/random.img" -- "not a qcow2 im
 
 # --- Header values we cannot honour ------------------------------------------
 cp "$TMP/good.qcow2" "$TMP/v4.qcow2"
-"$PATCH" set-header "$TMP/v4.qcow2" version 4
+"$PYTHON" "$PATCH" set-header "$TMP/v4.qcow2" version 4
 run_case expect_refused "version 4 header" file="$TMP/v4.qcow2" -- "version"
 
 # A short iter-time keeps LUKS creation from spending 2 s in PBKDF.  Too
@@ -121,11 +121,11 @@ run_case expect_refused "LUKS encrypted image" file="$TMP/luks.qcow2" -- "encryp
 # QEMU no longer creates AES images, but old ones exist; the header field
 # alone must be enough to refuse.
 cp "$TMP/good.qcow2" "$TMP/aes.qcow2"
-"$PATCH" set-header "$TMP/aes.qcow2" crypt_method 1
+"$PYTHON" "$PATCH" set-header "$TMP/aes.qcow2" crypt_method 1
 run_case expect_refused "AES encrypted image (crypt_method 1)" file="$TMP/aes.qcow2" -- "encrypted"
 
 cp "$TMP/good.qcow2" "$TMP/unknown.qcow2"
-"$PATCH" set-bit "$TMP/unknown.qcow2" incompatible_features 10
+"$PYTHON" "$PATCH" set-bit "$TMP/unknown.qcow2" incompatible_features 10
 run_case expect_refused "unknown incompatible bit 10" file="$TMP/unknown.qcow2" \
     -- "unknown incompatible feature"
 
@@ -138,7 +138,7 @@ run_case expect_refused "external data file" file="$TMP/datafile.qcow2" \
 
 # --- Corrupt and dirty: refuse to write, still readable ------------------------
 cp "$TMP/good.qcow2" "$TMP/corrupt.qcow2"
-"$PATCH" set-bit "$TMP/corrupt.qcow2" incompatible_features 1
+"$PYTHON" "$PATCH" set-bit "$TMP/corrupt.qcow2" incompatible_features 1
 run_case expect_refused "corrupt bit" file="$TMP/corrupt.qcow2" -- "corrupt"
 run_case expect_readonly_serves "corrupt bit, readonly=true" "$TMP/corrupt.qcow2" 0x5a
 
@@ -146,7 +146,7 @@ run_case expect_readonly_serves "corrupt bit, readonly=true" "$TMP/corrupt.qcow2
 # disk may be too low, so any allocation could hand out a used cluster.
 new_image -o lazy_refcounts=on "$TMP/dirty.qcow2" 16M
 qemu-io -c 'write -P 0x5a 0 64k' "$TMP/dirty.qcow2" >/dev/null
-"$PATCH" set-bit "$TMP/dirty.qcow2" incompatible_features 0
+"$PYTHON" "$PATCH" set-bit "$TMP/dirty.qcow2" incompatible_features 0
 run_case expect_refused "dirty bit (lazy refcounts)" file="$TMP/dirty.qcow2" \
     -- "dirty" "qemu-img check -r all"
 run_case expect_readonly_serves "dirty bit, readonly=true" "$TMP/dirty.qcow2" 0x5a
@@ -155,23 +155,23 @@ run_case expect_readonly_serves "dirty bit, readonly=true" "$TMP/dirty.qcow2" 0x
 # 4 GiB virtual gives an 8-entry L1 table, so the cut lands inside it.
 new_image "$TMP/trunc-l1.qcow2" 4G
 qemu-io -c 'write -P 0x11 0 1M' -c 'write -P 0x22 3G 1M' "$TMP/trunc-l1.qcow2" >/dev/null
-l1_off=$("$PATCH" header "$TMP/trunc-l1.qcow2" l1_table_offset)
-"$PATCH" truncate "$TMP/trunc-l1.qcow2" $((l1_off + 12))
+l1_off=$("$PYTHON" "$PATCH" header "$TMP/trunc-l1.qcow2" l1_table_offset)
+"$PYTHON" "$PATCH" truncate "$TMP/trunc-l1.qcow2" $((l1_off + 12))
 run_case expect_refused "file truncated inside the L1 table" file="$TMP/trunc-l1.qcow2" -- "truncated"
 
 # QEMU puts the refcount table before the L1 table, so cutting it in place
 # would cut the L1 table too.  Move it to the end of the file first, so the
 # only thing wrong is the refcount table itself.
 cp "$TMP/good.qcow2" "$TMP/trunc-rt.qcow2"
-rt_off=$("$PATCH" header "$TMP/trunc-rt.qcow2" refcount_table_offset)
-rt_clusters=$("$PATCH" header "$TMP/trunc-rt.qcow2" refcount_table_clusters)
-csize=$("$PATCH" header "$TMP/trunc-rt.qcow2" cluster_size)
+rt_off=$("$PYTHON" "$PATCH" header "$TMP/trunc-rt.qcow2" refcount_table_offset)
+rt_clusters=$("$PYTHON" "$PATCH" header "$TMP/trunc-rt.qcow2" refcount_table_clusters)
+csize=$("$PYTHON" "$PATCH" header "$TMP/trunc-rt.qcow2" cluster_size)
 fsize=$(stat -c %s "$TMP/trunc-rt.qcow2")
 new_rt=$(( (fsize + csize - 1) / csize * csize ))
 dd if="$TMP/trunc-rt.qcow2" of="$TMP/trunc-rt.qcow2" bs="$csize" conv=notrunc status=none \
     skip=$((rt_off / csize)) seek=$((new_rt / csize)) count="$rt_clusters"
-"$PATCH" set-header "$TMP/trunc-rt.qcow2" refcount_table_offset "$new_rt"
-"$PATCH" truncate "$TMP/trunc-rt.qcow2" $((new_rt + 12))
+"$PYTHON" "$PATCH" set-header "$TMP/trunc-rt.qcow2" refcount_table_offset "$new_rt"
+"$PYTHON" "$PATCH" truncate "$TMP/trunc-rt.qcow2" $((new_rt + 12))
 run_case expect_refused "file truncated inside the refcount table" file="$TMP/trunc-rt.qcow2" -- "truncated"
 
 # --- Files that are not there ---------------------------------------------------

@@ -18,7 +18,6 @@ srcdir=$(cd "${srcdir:-$(dirname "$0")}" && pwd)
 
 require qemu-img
 require nbdkit
-PY=/usr/bin/python3
 require_python_nbd
 
 alloc_of() { echo $(( $(stat -c %b "$1") * 512 )); }
@@ -71,7 +70,7 @@ qemu-img create -q -f qcow2 "$img" 1G
 
 # No -f/-U/-p: with LISTEN_FDS nbdkit stays in the foreground by itself and
 # refuses listening options.
-$PY "$TMP/activate.py" "$sock" nbdkit -v "$PLUGIN" file="$img" statsfile="$stats" >"$log" 2>&1 &
+"$PYTHON" "$TMP/activate.py" "$sock" nbdkit -v "$PLUGIN" file="$img" statsfile="$stats" >"$log" 2>&1 &
 pid=$!
 track_pid "$pid"
 for _ in $(seq 1 200); do [ -S "$sock" ] && break; sleep 0.05; done
@@ -82,7 +81,7 @@ for _ in $(seq 1 200); do [ -S "$sock" ] && break; sleep 0.05; done
 # The client connects while only the launcher exists; its handshake is
 # answered once nbdkit has taken over the socket.
 alloc0=$(alloc_of "$img")
-out=$($PY - "$sock" "$img" <<'PY'
+out=$("$PYTHON" - "$sock" "$img" <<'PY'
 import os, sys, time, nbd
 sock, img = sys.argv[1:]
 alloc = lambda: os.stat(img).st_blocks * 512
@@ -127,7 +126,7 @@ echo "ok: statsfile while serving: bytes_punched=$punched ($(mib "$punched"))"
 
 # A socket-activated server is started once and serves every later client
 # (systemd's Accept=no), so a second connection must reach the same process.
-$PY - "$sock" <<'PY' || fail "a second client was not served"
+"$PYTHON" - "$sock" <<'PY' || fail "a second client was not served"
 import sys, nbd
 h = nbd.NBD()
 h.connect_unix(sys.argv[1])

@@ -35,7 +35,7 @@ tls_server() {
     local name=$1 img=$2; shift 2
     local log=$TMP/$name.log pidfile=$TMP/$name.pid
     for _ in 1 2 3 4 5; do
-        PORT=$(/usr/bin/python3 -c 'import socket
+        PORT=$("$PYTHON" -c 'import socket
 s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
         rm -f "$pidfile"
         # -i 127.0.0.1: nothing outside this machine can reach the test server.

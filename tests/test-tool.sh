@@ -4,7 +4,7 @@
 . "$srcdir/functions.sh"
 require qemu-img
 [ -x "$TOOL" ] || fail "$TOOL was not built"
-PATCH="/usr/bin/python3 $srcdir/qcow2_patch.py"
+PATCH=$srcdir/qcow2_patch.py
 cd "$TMP"
 
 # The line qemu-img check prints with the allocation figures, and the end.
@@ -63,12 +63,12 @@ compare_image backing top.qcow2
 cp plain.qcow2 leak.qcow2
 free_off=$(( ($(stat -c %s leak.qcow2) + 65535) / 65536 * 65536 ))
 truncate -s $((free_off + 131072)) leak.qcow2   # qemu-img looks only inside the file
-$PATCH refcount leak.qcow2 "$free_off" 1 >/dev/null
+"$PYTHON" "$PATCH" refcount leak.qcow2 "$free_off" 1 >/dev/null
 set +e; "$TOOL" check leak.qcow2 >out 2>&1; rc=$?; qemu-img check leak.qcow2 >/dev/null 2>&1; qrc=$?; set -e
 [ $rc -eq 3 ] && [ $qrc -eq 3 ] || { cat out; fail "leak: exit $rc (qemu-img $qrc), want 3"; }
 echo "ok: leak found (exit 3), as qemu-img check"
-data_off=$($PATCH l2 leak.qcow2 0 --json | /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["host_offset"])')
-$PATCH refcount leak.qcow2 "$data_off" 0 >/dev/null
+data_off=$("$PYTHON" "$PATCH" l2 leak.qcow2 0 --json | "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["host_offset"])')
+"$PYTHON" "$PATCH" refcount leak.qcow2 "$data_off" 0 >/dev/null
 set +e; "$TOOL" check leak.qcow2 >out 2>&1; rc=$?; qemu-img check leak.qcow2 >/dev/null 2>&1; qrc=$?; set -e
 [ $rc -eq 2 ] && [ $qrc -eq 2 ] || { cat out; fail "corruption: exit $rc (qemu-img $qrc), want 2"; }
 grep -q "ERROR cluster" out || fail "corruption: no ERROR line"

@@ -35,7 +35,7 @@ VALGRIND=1 bash -c '
 . "$srcdir/functions.sh"
 qemu-img create -q -f qcow2 "$TMP/quit.qcow2" 1M
 start_server "$TMP/quit.sock" "$TMP/quit.log" file="$TMP/quit.qcow2"
-/usr/bin/python3 -c "
+"$PYTHON" -c "
 import nbd, os, signal, sys, time
 h = nbd.NBD()
 h.connect_unix(sys.argv[1])

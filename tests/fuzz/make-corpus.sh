@@ -15,7 +15,8 @@
 # reg-backing-loop/ holds two images naming each other as backing file; it
 # only means something as a folder, so test-fuzz.sh serves it from a copy.
 set -eu
-export PATH=/usr/bin:$PATH
+# The python3 for qcow2_patch.py and the helpers below (tests/functions.sh).
+: "${PYTHON:=/usr/bin/python3}"
 
 here=$(cd "$(dirname "$0")" && pwd)
 PATCH=${PATCH:-$here/../qcow2_patch.py}
@@ -76,7 +77,7 @@ q "${args[@]}" "$out/v3-c512-spread.qcow2"
 
 # Compressed clusters: deflate and zstd, from compressible and random data.
 raw=$work/data.raw
-/usr/bin/python3 - "$raw" <<'EOF'
+"$PYTHON" - "$raw" <<'EOF'
 import os, sys
 with open(sys.argv[1], "wb") as f:
     for i in range(32):
@@ -117,7 +118,7 @@ qemu-img rebase -u -f qcow2 -b missing-base.raw -F raw "$out/backing-raw.qcow2"
 # Header features the engine must refuse or clear before writing.
 new lazy-dirty 1M -o cluster_size=4096,lazy_refcounts=on
 scatter "$out/lazy-dirty.qcow2"
-"$PATCH" set-bit "$out/lazy-dirty.qcow2" incompatible_features 0
+"$PYTHON" "$PATCH" set-bit "$out/lazy-dirty.qcow2" incompatible_features 0
 new bitmap 1M -o cluster_size=4096
 scatter "$out/bitmap.qcow2"
 qemu-img bitmap --add "$out/bitmap.qcow2" b0
@@ -132,27 +133,27 @@ q -c 'write -P 0x11 0 8k' -c 'write -P 0x22 2M 8k' "$base"
 # Two L1 entries sharing one L2 table: a write through one changes the
 # other's data, and freeing the table through one leaves the other dangling.
 cp "$base" "$out/reg-l2-loop.qcow2"
-"$PATCH" l1 "$out/reg-l2-loop.qcow2" 1 "$("$PATCH" l1 "$base" 0)" >/dev/null
+"$PYTHON" "$PATCH" l1 "$out/reg-l2-loop.qcow2" 1 "$("$PYTHON" "$PATCH" l1 "$base" 0)" >/dev/null
 
 # The L1 table on top of the refcount table: every table write corrupts
 # the other.
 cp "$base" "$out/reg-l1-overlaps-reftable.qcow2"
-"$PATCH" set-header "$out/reg-l1-overlaps-reftable.qcow2" l1_table_offset \
-    "$("$PATCH" header "$base" refcount_table_offset)"
+"$PYTHON" "$PATCH" set-header "$out/reg-l1-overlaps-reftable.qcow2" l1_table_offset \
+    "$("$PYTHON" "$PATCH" header "$base" refcount_table_offset)"
 
 # A data cluster that is the L1 table: an in-place guest write would
 # overwrite the L1 table (COPIED says "write in place").
 cp "$base" "$out/reg-l2-entry-at-l1.qcow2"
-"$PATCH" l2 "$out/reg-l2-entry-at-l1.qcow2" 0 \
-    "$(hex $((COPIED | $("$PATCH" header "$base" l1_table_offset))))" >/dev/null
+"$PYTHON" "$PATCH" l2 "$out/reg-l2-entry-at-l1.qcow2" 0 \
+    "$(hex $((COPIED | $("$PYTHON" "$PATCH" header "$base" l1_table_offset))))" >/dev/null
 
 # Table sizes that would make the engine allocate gigabytes if believed.
 cp "$base" "$out/reg-giant-l1-size.qcow2"
-"$PATCH" set-header "$out/reg-giant-l1-size.qcow2" l1_size 0xffffffff
+"$PYTHON" "$PATCH" set-header "$out/reg-giant-l1-size.qcow2" l1_size 0xffffffff
 cp "$base" "$out/reg-l1-size-at-limit.qcow2"
-"$PATCH" set-header "$out/reg-l1-size-at-limit.qcow2" l1_size 4194304
+"$PYTHON" "$PATCH" set-header "$out/reg-l1-size-at-limit.qcow2" l1_size 4194304
 cp "$base" "$out/reg-giant-reftable.qcow2"
-"$PATCH" set-header "$out/reg-giant-reftable.qcow2" refcount_table_clusters 0xffffffff
+"$PYTHON" "$PATCH" set-header "$out/reg-giant-reftable.qcow2" refcount_table_clusters 0xffffffff
 
 # A compressed cluster whose stored length runs past the end of the file:
 # the last compressed cluster gets the largest sector count, and the file
@@ -161,13 +162,13 @@ cp "$base" "$out/reg-giant-reftable.qcow2"
 img=$out/reg-compressed-past-eof.qcow2
 cp "$out/compressed-zlib.qcow2" "$img"
 last=$((31 * 4096))     # the last compressible cluster of data.raw
-entry=$("$PATCH" l2 "$img" "$last" --json)
-hostoff=$(/usr/bin/python3 -c 'import json,sys; e=json.loads(sys.argv[1]); assert e["type"]=="compressed", e; print(e["host_offset"])' "$entry")
-cbits=$("$PATCH" header "$img" cluster_bits)
+entry=$("$PYTHON" "$PATCH" l2 "$img" "$last" --json)
+hostoff=$("$PYTHON" -c 'import json,sys; e=json.loads(sys.argv[1]); assert e["type"]=="compressed", e; print(e["host_offset"])' "$entry")
+cbits=$("$PYTHON" "$PATCH" header "$img" cluster_bits)
 shift_=$((62 - (cbits - 8)))
 mask=$(( (1 << (cbits - 8)) - 1 ))
-"$PATCH" l2 "$img" "$last" "$(hex $((COMPRESSED | (mask << shift_) | hostoff)))" >/dev/null
-"$PATCH" truncate "$img" $((hostoff + 16))
+"$PYTHON" "$PATCH" l2 "$img" "$last" "$(hex $((COMPRESSED | (mask << shift_) | hostoff)))" >/dev/null
+"$PYTHON" "$PATCH" truncate "$img" $((hostoff + 16))
 
 # a.qcow2 -> b.qcow2 -> a.qcow2: opening must stop with a message, not
 # recurse until the stack or the file descriptors run out.

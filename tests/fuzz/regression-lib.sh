@@ -3,10 +3,13 @@
 #
 #   . "$(dirname "$0")/../regression-lib.sh" NAME
 #
-# Sets top, PLUGIN (from the environment if given), PATCH (qcow2_patch.py),
-# tmp (the scratch folder) and SOCK.
+# Sets top, PLUGIN and PYTHON (from the environment if given), PATCH
+# (qcow2_patch.py, run as "$PYTHON" "$PATCH"), tmp (the scratch folder) and
+# SOCK.
 set -eu
-export PATH=/usr/bin:$PATH
+# The python3 with libnbd's nbd module (see tests/functions.sh).
+: "${PYTHON:=/usr/bin/python3}"
+export PYTHON
 top=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 PLUGIN=${PLUGIN:-$top/plugin/.libs/nbdkit-qcow2reclaim-plugin.so}
 PATCH=$top/tests/qcow2_patch.py

@@ -19,18 +19,18 @@
 img=$tmp/cspan.qcow2
 qemu-img create -q -f qcow2 -o cluster_size=4096 "$img" 4M
 qemu-io -f qcow2 -c 'write -P 0x11 0 4k' -c 'write -P 0x22 2M 4k' "$img" >/dev/null
-data0=$(( $("$PATCH" l2 "$img" 0) & 0x00fffffffffffe00 ))
-l2=$(( $("$PATCH" l1 "$img" 1) & 0x00fffffffffffe00 ))
+data0=$(( $("$PYTHON" "$PATCH" l2 "$img" 0) & 0x00fffffffffffe00 ))
+l2=$(( $("$PYTHON" "$PATCH" l1 "$img" 1) & 0x00fffffffffffe00 ))
 [ "$l2" -eq $((data0 + 4096)) ] || { echo "unexpected layout: data at $data0, L2 at $l2"; exit 2; }
 # Compressed, 2 sectors (1 additional), starting in the last sector of data0.
-"$PATCH" l2 "$img" 0 "$(printf 0x%x $(( (1 << 62) | (1 << 58) | (data0 + 4096 - 512) )))" >/dev/null
+"$PYTHON" "$PATCH" l2 "$img" 0 "$(printf 0x%x $(( (1 << 62) | (1 << 58) | (data0 + 4096 - 512) )))" >/dev/null
 
 if ! serve "$img" "$tmp/log"; then
     echo "not reproduced: the plugin refused the image: $(grep -m1 error "$tmp/log")"
     exit 0
 fi
 rc=0
-/usr/bin/python3 - "$SOCK" <<'EOF' || rc=$?
+"$PYTHON" - "$SOCK" <<'EOF' || rc=$?
 import sys
 import nbd
 M = 1 << 20

@@ -15,14 +15,14 @@
 img=$tmp/l2loop.qcow2
 qemu-img create -q -f qcow2 -o cluster_size=4096 "$img" 4M
 qemu-io -f qcow2 -c 'write -P 0x11 0 8k' -c 'write -P 0x22 2M 8k' "$img" >/dev/null
-"$PATCH" l1 "$img" 1 "$("$PATCH" l1 "$img" 0)" >/dev/null
-l2=$(( $("$PATCH" l1 "$img" 0) & 0x00fffffffffffe00 ))
+"$PYTHON" "$PATCH" l1 "$img" 1 "$("$PYTHON" "$PATCH" l1 "$img" 0)" >/dev/null
+l2=$(( $("$PYTHON" "$PATCH" l1 "$img" 0) & 0x00fffffffffffe00 ))
 
 if ! serve "$img" "$tmp/log"; then
     echo "not reproduced: the plugin refused the image: $(grep -m1 error "$tmp/log")"
     exit 0
 fi
-/usr/bin/python3 - "$SOCK" <<'EOF' || true
+"$PYTHON" - "$SOCK" <<'EOF' || true
 import sys
 import nbd
 M = 1 << 20
@@ -41,7 +41,7 @@ except nbd.Error as e:
 h.shutdown()
 EOF
 stop
-host0=$(qemu-img map --output=json "$img" | /usr/bin/python3 -c '
+host0=$(qemu-img map --output=json "$img" | "$PYTHON" -c '
 import json, sys
 print(next((e.get("offset", -1) for e in json.load(sys.stdin) if e["start"] == 0 and e["data"]), -1))')
 if [ "$host0" -eq "$l2" ]; then

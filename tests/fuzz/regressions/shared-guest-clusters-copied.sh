@@ -15,12 +15,12 @@
 make_image () {
     qemu-img create -q -f qcow2 -o cluster_size=4096 "$1" 1M
     qemu-io -f qcow2 -c 'write -P 0x11 0 4k' -c 'write -P 0x22 4k 4k' "$1" >/dev/null
-    local data0=$(( $("$PATCH" l2 "$1" 0) & 0x00fffffffffffe00 ))
-    local data1=$(( $("$PATCH" l2 "$1" 4096) & 0x00fffffffffffe00 ))
-    "$PATCH" l2 "$1" 0 "$data0" >/dev/null
-    "$PATCH" l2 "$1" 4096 "$data0" >/dev/null
-    "$PATCH" refcount "$1" "$data0" 2 >/dev/null
-    "$PATCH" refcount "$1" "$data1" 0 >/dev/null
+    local data0=$(( $("$PYTHON" "$PATCH" l2 "$1" 0) & 0x00fffffffffffe00 ))
+    local data1=$(( $("$PYTHON" "$PATCH" l2 "$1" 4096) & 0x00fffffffffffe00 ))
+    "$PYTHON" "$PATCH" l2 "$1" 0 "$data0" >/dev/null
+    "$PYTHON" "$PATCH" l2 "$1" 4096 "$data0" >/dev/null
+    "$PYTHON" "$PATCH" refcount "$1" "$data0" 2 >/dev/null
+    "$PYTHON" "$PATCH" refcount "$1" "$data1" 0 >/dev/null
     qemu-img check -q "$1" || { echo "the prepared image is not clean"; exit 2; }
 }
 
@@ -29,7 +29,7 @@ run_case () {
     local name=$1 ops=$2 img=$tmp/$1.qcow2 rc=0
     make_image "$img"
     serve "$img" "$tmp/$name.log" || { cat "$tmp/$name.log"; exit 2; }
-    /usr/bin/python3 - "$SOCK" <<PY || rc=$?
+    "$PYTHON" - "$SOCK" <<PY || rc=$?
 import sys
 import nbd
 h = nbd.NBD()
