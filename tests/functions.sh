@@ -90,11 +90,14 @@ _cleanup_traps
 
 # A test that cannot run here says why and exits with automake's skip code.
 skip() { echo "SKIP: $*"; exit 77; }
-require() { command -v "$1" >/dev/null 2>&1 || skip "$1 is not installed"; }
-# The NBD tests drive the server from $PYTHON's libnbd bindings.
-require_python_nbd() {
-    "$PYTHON" -c 'import nbd' 2>/dev/null ||
-        skip "$PYTHON has no nbd module (python3-libnbd)"
+# requires CMD ARGS...: run CMD ARGS... (no input, output thrown away) and
+# skip the test unless it succeeds: what a test needs must be there and
+# work, e.g. requires qemu-img --version, requires "$PYTHON" -c 'import nbd'.
+# Under valgrind it runs without memcheck, which is for the test's own work.
+requires() {
+    local rc=0
+    ( [ -z "${VG_BIN:-}" ] || PATH=${PATH//"$VG_BIN:"/}; "$@" ) </dev/null >/dev/null 2>&1 || rc=$?
+    [ "$rc" -eq 0 ] || skip "requires: '$*' failed (exit $rc): missing or not working"
 }
 fail() { echo "FAIL: $*" >&2; exit 1; }
 

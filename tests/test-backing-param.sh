@@ -2,8 +2,8 @@
 # backing=FILE replaces the backing file the image names; writes copy up
 # from the replacement, and the image's own header is left alone.
 . "$srcdir/functions.sh"
-require qemu-img
-require_python_nbd
+requires qemu-img --version
+requires "$PYTHON" -c 'import nbd'
 cd "$TMP"
 
 qemu-img create -q -f qcow2 base1.qcow2 16M

@@ -17,10 +17,10 @@ set -eu
 srcdir=${srcdir:-$(cd "$(dirname "$0")" && pwd)}
 . "$srcdir/functions.sh"
 
-require qemu-img
-require qemu-io
-require nbdkit
-require_python_nbd
+requires qemu-img --version
+requires qemu-io --version
+requires nbdkit --version
+requires "$PYTHON" -c 'import nbd'
 
 POINTS=${CRASH_POINTS:-100}
 SEED=${CRASH_SEED:-1}

@@ -2,7 +2,7 @@
 # detect-zeroes: all-zero writes become write-zeroes (on) or free their
 # clusters (unmap); off writes them as data.
 . "$srcdir/functions.sh"
-require qemu-img
+requires qemu-img --version
 
 # case MODE: write 2 MiB of data, then zeros over its first MiB; print how
 # qemu-img map classifies the first MiB afterwards.

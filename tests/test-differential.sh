@@ -27,12 +27,12 @@ srcdir=$(cd "${srcdir:-$(dirname "$0")}" && pwd)
 # names can only resolve against the image's own directory.
 cd /
 
-require qemu-img
-require qemu-io
-require_python_nbd
+requires qemu-img --version
+requires qemu-io --version
+requires "$PYTHON" -c 'import nbd'
 case $SERVER in
-    nbdkit) require nbdkit ;;
-    qemu-nbd) require qemu-nbd ;;
+    nbdkit) requires nbdkit --version ;;
+    qemu-nbd) requires qemu-nbd --version ;;
     *) fail "SERVER must be nbdkit or qemu-nbd, not $SERVER" ;;
 esac
 

@@ -2,7 +2,7 @@
 # The engine under ASan and UBSan, without nbdkit: random operations with a
 # small metadata cache on several image shapes; then qemu-img check.
 . "$srcdir/functions.sh"
-require qemu-img
+requires qemu-img --version
 [ -x "$ENGINE_OPS_ASAN" ] || fail "$ENGINE_OPS_ASAN was not built"
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1

@@ -14,14 +14,14 @@ SERVER=${SERVER:-nbdkit}
 [ "$SERVER" = qemu-nbd ] && : "${PLUGIN:=unused}"
 . "$srcdir/functions.sh"
 
-require qemu-img
-require qemu-io
-require qemu-nbd
-require nbdinfo
-require nbdcopy
-require_python_nbd
+requires qemu-img --version
+requires qemu-io --version
+requires qemu-nbd --version
+requires nbdinfo --version
+requires nbdcopy --version
+requires "$PYTHON" -c 'import nbd'
 if [ "$SERVER" != qemu-nbd ]; then
-    require nbdkit
+    requires nbdkit --version
 fi
 started=$(date +%s)
 FAILURES=0

@@ -19,10 +19,10 @@ set -eu
 : "${srcdir:=$(cd "$(dirname "$0")" && pwd)}"
 . "$srcdir/functions.sh"
 
-require nbdkit
-require qemu-img
-require qemu-io
-require_python_nbd
+requires nbdkit --version
+requires qemu-img --version
+requires qemu-io --version
+requires "$PYTHON" -c 'import nbd'
 
 DIR=$(realpath "$TMP")
 FAULTS=$DIR/faults

@@ -26,11 +26,12 @@ srcdir=${srcdir:-$(cd "$(dirname "$0")" && pwd)}
 
 [ "$(id -u)" = 0 ] || skip "needs root (losetup, mount)"
 [ -c /dev/fuse ] || skip "/dev/fuse is missing"
-for c in nbdkit nbdfuse fusermount3 losetup mountpoint fstrim qemu-img mkfs.ext4 df; do
-    require "$c"
+for c in nbdkit nbdfuse fusermount3 losetup mountpoint fstrim qemu-img df "$PYTHON"; do
+    requires "$c" --version
 done
-"$PYTHON" -c '' 2>/dev/null || skip "$PYTHON does not run"
-losetup -f >/dev/null 2>&1 || skip "no free loop device (losetup -f)"
+requires mkfs.ext4 -V
+# A free loop device.
+requires losetup -f
 
 NFILES=${FRAGMENTED_FILES:-12000}
 started=$(date +%s)

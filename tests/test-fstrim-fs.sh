@@ -25,10 +25,12 @@ srcdir=${srcdir:-$(cd "$(dirname "$0")" && pwd)}
 
 [ "$(id -u)" = 0 ] || skip "needs root (losetup, mount)"
 [ -c /dev/fuse ] || skip "/dev/fuse is missing"
-for c in nbdkit nbdfuse fusermount3 losetup mountpoint fstrim qemu-img mkfs.ext4 md5sum; do
-    require "$c"
+for c in nbdkit nbdfuse fusermount3 losetup mountpoint fstrim qemu-img md5sum; do
+    requires "$c" --version
 done
-losetup -f >/dev/null 2>&1 || skip "no free loop device (losetup -f)"
+requires mkfs.ext4 -V
+# A free loop device.
+requires losetup -f
 
 FSTYPES=ext4
 if command -v mkfs.xfs >/dev/null 2>&1 &&

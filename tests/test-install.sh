@@ -11,11 +11,11 @@ set -eu
 : "${top_builddir:=$top_srcdir}"
 . "$srcdir/functions.sh"
 
-require make
-require nbdkit
-require qemu-img
-require qemu-io
-require_python_nbd
+requires make --version
+requires nbdkit --version
+requires qemu-img --version
+requires qemu-io --version
+requires "$PYTHON" -c 'import nbd'
 
 BUILT_PLUGIN=$PLUGIN
 [ -f "$BUILT_PLUGIN" ] || fail "the built plugin $BUILT_PLUGIN is missing (run make)"

@@ -19,10 +19,10 @@ set -eu
 srcdir=${srcdir:-$(cd "$(dirname "$0")" && pwd)}
 . "$srcdir/functions.sh"
 
-require qemu-img
-require qemu-io
-require nbdkit
-require_python_nbd
+requires qemu-img --version
+requires qemu-io --version
+requires nbdkit --version
+requires "$PYTHON" -c 'import nbd'
 
 SEED=${KILL_SEED:-1}
 KEEP=${KILL_KEEP:-}

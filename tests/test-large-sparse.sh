@@ -26,12 +26,12 @@ SERVER=${SERVER:-nbdkit}
 srcdir=$(cd "${srcdir:-$(dirname "$0")}" && pwd)
 . "$srcdir/functions.sh"
 
-require qemu-img
-require qemu-io
-require_python_nbd
+requires qemu-img --version
+requires qemu-io --version
+requires "$PYTHON" -c 'import nbd'
 case $SERVER in
-    nbdkit) require nbdkit ;;
-    qemu-nbd) require qemu-nbd ;;
+    nbdkit) requires nbdkit --version ;;
+    qemu-nbd) requires qemu-nbd --version ;;
     *) fail "SERVER must be nbdkit or qemu-nbd, not $SERVER" ;;
 esac
 

@@ -15,13 +15,13 @@ SERVER=${SERVER:-nbdkit}
 [ "$SERVER" = qemu-nbd ] && : "${PLUGIN:=unused}"
 . "$srcdir/functions.sh"
 
-require qemu-img
-require qemu-io
-require_python_nbd
+requires qemu-img --version
+requires qemu-io --version
+requires "$PYTHON" -c 'import nbd'
 if [ "$SERVER" = qemu-nbd ]; then
-    require qemu-nbd
+    requires qemu-nbd --version
 else
-    require nbdkit
+    requires nbdkit --version
 fi
 
 WRITERS=${MULTICONN_WRITERS:-4}

@@ -9,10 +9,10 @@ set -eu
 : "${srcdir:=$(cd "$(dirname "$0")" && pwd)}"
 . "$srcdir/functions.sh"
 
-require nbdkit
-require qemu-img
-require qemu-nbd
-require nbdinfo
+requires nbdkit --version
+requires qemu-img --version
+requires qemu-nbd --version
+requires nbdinfo --version
 
 DIR=$(realpath "$TMP")
 IMG=$DIR/disk.qcow2

@@ -28,10 +28,10 @@ srcdir=$(cd "${srcdir:-$(dirname "$0")}" && pwd)
 # must resolve against the image's own directory.
 cd /
 
-require qemu-img
-require qemu-io
-require nbdkit
-require_python_nbd
+requires qemu-img --version
+requires qemu-io --version
+requires nbdkit --version
+requires "$PYTHON" -c 'import nbd'
 
 HELPER=$srcdir/reclaim_checks.py
 DRIVER=$srcdir/nbd_random_ops.py

@@ -8,10 +8,10 @@ set -eu
 : "${srcdir:=$(cd "$(dirname "$0")" && pwd)}"
 . "$srcdir/functions.sh"
 
-require nbdkit
-require qemu-img
-require qemu-io
-require_python_nbd
+requires nbdkit --version
+requires qemu-img --version
+requires qemu-io --version
+requires "$PYTHON" -c 'import nbd'
 
 PATCH=$srcdir/qcow2_patch.py
 

@@ -16,9 +16,9 @@ set -eu
 srcdir=$(cd "${srcdir:-$(dirname "$0")}" && pwd)
 . "$srcdir/functions.sh"
 
-require qemu-img
-require nbdkit
-require_python_nbd
+requires qemu-img --version
+requires nbdkit --version
+requires "$PYTHON" -c 'import nbd'
 
 alloc_of() { echo $(( $(stat -c %b "$1") * 512 )); }
 mib() { awk -v b="$1" 'BEGIN { printf "%.2f MiB", b / 1048576 }'; }

@@ -19,10 +19,10 @@ set -eu
 srcdir=$(cd "${srcdir:-$(dirname "$0")}" && pwd)
 . "$srcdir/functions.sh"
 
-require qemu-img
-require qemu-io
-require nbdkit
-require nbdinfo
+requires qemu-img --version
+requires qemu-io --version
+requires nbdkit --version
+requires nbdinfo --version
 nbdkit --dump-config | grep -qx 'tls=yes' || skip "nbdkit was built without GnuTLS"
 
 alloc_of() { echo $(( $(stat -c %b "$1") * 512 )); }
@@ -151,7 +151,7 @@ finish psk "$img"
 # loads (CA:TRUE + keyCertSign; CA:FALSE, digitalSignature+keyEncipherment,
 # clientAuth), and the server certificate must name the address the client
 # dials: both 127.0.0.1 and localhost are used below.
-require openssl
+requires openssl version
 pki=$TMP/pki
 mkdir -m 0700 "$pki" "$pki/server" "$pki/client" "$pki/anonymous"
 cat >"$pki/openssl.cnf" <<'EOF'

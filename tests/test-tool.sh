@@ -2,7 +2,7 @@
 # qcow2reclaim info/map/check against qemu-img's own figures on images
 # qemu-img made, plus leaks, corruption and the lock while a server writes.
 . "$srcdir/functions.sh"
-require qemu-img
+requires qemu-img --version
 [ -x "$TOOL" ] || fail "$TOOL was not built"
 PATCH=$srcdir/qcow2_patch.py
 cd "$TMP"

@@ -6,7 +6,7 @@
 # memory or a leak fails the test.
 # `make check-valgrind` runs the whole suite this way.
 . "$srcdir/functions.sh"
-require valgrind
+requires valgrind --version
 
 for t in test-refuse.sh test-corrupt-entries.sh test-faults.sh test-reclaim-rules.sh; do
     log=$TMP/${t%.sh}.log

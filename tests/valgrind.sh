@@ -2,10 +2,11 @@
 # nbdkit and every qcow2reclaim tool a test starts runs under memcheck, and
 # the test fails if any of them reported an error or leaked.  The server
 # lives for months on end, so a leak per request is an outage in waiting.
-require valgrind
+requires valgrind --version
 
 VG_LOGS=$TMP/valgrind
-mkdir -p "$VG_LOGS" "$TMP/vgbin"
+VG_BIN=$TMP/vgbin
+mkdir -p "$VG_LOGS" "$VG_BIN"
 real_nbdkit=$(command -v nbdkit) || skip "nbdkit is not installed"
 
 # nbdkit unloads the plugin before valgrind looks for leaks: keep its debug
@@ -18,11 +19,11 @@ VG_CMD="valgrind --quiet --leak-check=full \
 --suppressions=$srcdir/valgrind.supp --log-file=$VG_LOGS/%p.log"
 
 for prog in nbdkit:"$real_nbdkit" qcow2reclaim:"$TOOL"; do
-    printf '#!/bin/sh\nexec %s "%s" "$@"\n' "$VG_CMD" "${prog#*:}" >"$TMP/vgbin/${prog%%:*}"
-    chmod +x "$TMP/vgbin/${prog%%:*}"
+    printf '#!/bin/sh\nexec %s "%s" "$@"\n' "$VG_CMD" "${prog#*:}" >"$VG_BIN/${prog%%:*}"
+    chmod +x "$VG_BIN/${prog%%:*}"
 done
-export PATH=$TMP/vgbin:$PATH
-TOOL=$TMP/vgbin/qcow2reclaim
+export PATH=$VG_BIN:$PATH
+TOOL=$VG_BIN/qcow2reclaim
 SLOW=10
 SERVER_COMM=memcheck-amd64-
 
