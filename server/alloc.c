@@ -1,47 +1,61 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 #include <config.h>
 
+#include <assert.h>
 #include <errno.h>
+#include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "image.h"
+#include "qcow2-format.h"
 #include "alloc.h"
-#include "copied.h"
-#include "refcount.h"
-#include "reclaim.h"
+#include "corrupt.h"
 #include "log.h"
+#include "refcount.h"
+#include "writeback.h"
 
-void alloc_note_end (struct q2_image *img, uint64_t end)
+void alloc_init (struct alloc *a, struct meta *m)
 {
-  if (end > img->file_end)
-    img->file_end = end;
+  memset (a, 0, sizeof *a);
+  a->m = m;
 }
 
-static int is_free (struct q2_image *img, uint64_t cluster, int *freep)
+void alloc_free (struct alloc *a)
+{
+  u64_vector_reset (&a->pending);
+  u64_vector_reset (&a->fell_to_one);
+}
+
+static void note_end (struct alloc *a, uint64_t end)
+{
+  if (end > a->m->lay.file_end)
+    a->m->lay.file_end = end;
+}
+
+static int is_free (struct alloc *a, uint64_t cluster, bool *freep)
 {
   uint64_t rc;
-  int r = refcount_get (img, cluster, &rc);
+  int r = refcount_get (a->m, cluster, &rc);
 
   *freep = rc == 0 && cluster != 0;
   return r;
 }
 
 /* Scans from the hint; past the last refcount block everything is free. */
-static int find_run (struct q2_image *img, uint64_t want, uint64_t *start, uint64_t *len)
+static int find_run (struct alloc *a, uint64_t want, uint64_t *start, uint64_t *len)
 {
-  uint64_t c = img->free_hint, run = 0;
-  uint64_t covered = img->reftable.size << img->rb_bits;
-  bool seen_free = false;
-  int f, r;
+  uint64_t c = a->free_hint, run = 0;
+  bool seen_free = false, f;
+  int r;
 
   for (;;) {
-    if (c >= covered) {
+    if (!refcount_covered (a->m, c)) {
       if (run == 0)
         *start = c;
       *len = want;
       return 0;
     }
-    if ((r = is_free (img, c, &f)) < 0)
+    if ((r = is_free (a, c, &f)) < 0)
       return r;
     if (f) {
       seen_free = true;
@@ -54,178 +68,268 @@ static int find_run (struct q2_image *img, uint64_t want, uint64_t *start, uint6
     }
     else {
       if (!seen_free)
-        img->free_hint = c + 1;
+        a->free_hint = c + 1;
       run = 0;
     }
     c++;
   }
 }
 
-int alloc_find_free (struct q2_image *img, uint64_t n, uint64_t *offset)
-{
-  uint64_t start, len;
-  int r = find_run (img, n, &start, &len);
-
-  *offset = start << img->cluster_bits;
-  return r;
-}
-
-/* Makes sure every cluster of [start, start+n) has a refcount block.
- * Returns 1 if blocks were allocated (the run may no longer be free).
+/* The end moves first: a new refcount block among the clusters is checked
+ * against it when the counts go in.
  */
-static int ensure_blocks (struct q2_image *img, uint64_t start, uint64_t n)
+static int claim (struct alloc *a, uint64_t start, uint64_t n)
 {
   uint64_t c;
   int r;
 
-  for (c = start; c < start + n; c = ((c >> img->rb_bits) + 1) << img->rb_bits)
-    if ((r = refcount_ensure_block (img, c)) != 0)
-      return r;
-  return 0;
-}
-
-static int claim (struct q2_image *img, uint64_t start, uint64_t n)
-{
-  uint64_t c;
-  int r;
-
+  note_end (a, (start + n) << a->m->lay.cluster_bits);
   for (c = start; c < start + n; c++)
-    if ((r = refcount_set (img, c, 1)) < 0)
+    if ((r = refcount_set (a->m, c, 1)) < 0)
       return r;
-  alloc_note_end (img, (start + n) << img->cluster_bits);
   return 0;
 }
 
-static int alloc_run (struct q2_image *img, uint64_t want, bool exact,
+static int release_now (struct alloc *a, uint64_t offset, uint64_t n)
+{
+  uint64_t i;
+  int r;
+
+  for (i = 0; i < n; i++)
+    if ((r = alloc_release (a, offset + (i << a->m->lay.cluster_bits), META_DATA, NULL)) < 0)
+      return r;
+  host_release (&a->m->hf, offset, n << a->m->lay.cluster_bits);
+  return 0;
+}
+
+/* Makes sure cluster c's count has a block.  -EAGAIN: something was
+ * allocated for that, so what the caller found free may no longer be.
+ * A new block takes the lowest free cluster; when that cluster's own count
+ * needs a block too, that one comes first (the recursion ends there: the
+ * block then covers itself).
+ */
+static int ensure_block (struct alloc *a, uint64_t c)
+{
+  struct meta *m = a->m;
+  uint64_t idx = c >> m->lay.rb_bits, off, old_off, old_n, w, len;
+  int r;
+
+  if (!refcount_covered (m, c)) {
+    if ((r = refcount_grow_table (m, idx, &old_off, &old_n)) < 0)
+      return r;
+    /* The header no longer names the old table, so it can go at once. */
+    return (r = release_now (a, old_off, old_n)) < 0 ? r : -EAGAIN;
+  }
+  if ((r = refcount_block_offset (m, idx, &off)) < 0)
+    return r;
+  if (off)
+    return 0;
+  if ((r = find_run (a, 1, &w, &len)) < 0)
+    return r;
+  if ((w >> m->lay.rb_bits) != idx && (r = ensure_block (a, w)) < 0)
+    return r;
+  if ((r = refcount_add_block (m, idx, w << m->lay.cluster_bits)) < 0 ||
+      (r = claim (a, w, 1)) < 0)
+    return r;
+  return -EAGAIN;
+}
+
+/* Every cluster of [start, start + n) gets a refcount block. */
+static int ensure_blocks (struct alloc *a, uint64_t start, uint64_t n)
+{
+  uint32_t rb = a->m->lay.rb_bits;
+  uint64_t c;
+  int r;
+
+  for (c = start; c < start + n; c = ((c >> rb) + 1) << rb)
+    if ((r = ensure_block (a, c)) < 0)
+      return r;
+  return 0;
+}
+
+static int alloc_run (struct alloc *a, uint64_t want, bool exact,
                       uint64_t *offset, uint64_t *got)
 {
   uint64_t start, len, c;
-  int f, r;
+  bool f;
+  int r;
 
-  for (;;) {
+  assert (mutex_held (&a->m->lock));
+  assert (want > 0);
+  if (a->m->failed)
+    return -EIO;
+  do {
     if (exact)
-      r = find_run (img, want, &start, &len);
+      r = find_run (a, want, &start, &len);
     else {
-      r = find_run (img, 1, &start, &len);
+      r = find_run (a, 1, &start, &len);
       /* Extend the run while the following clusters are free too. */
       for (len = 1; r == 0 && len < want; len++) {
         c = start + len;
-        if (c >= img->reftable.size << img->rb_bits)
+        if (!refcount_covered (a->m, c))
           continue;
-        if ((r = is_free (img, c, &f)) < 0 || !f)
+        if ((r = is_free (a, c, &f)) < 0 || !f)
           break;
       }
     }
-    if (r < 0)
-      return r;
-    r = ensure_blocks (img, start, len);
-    if (r < 0)
-      return r;
     if (r == 0)
-      break;
-  }
-  if ((r = claim (img, start, len)) < 0)
+      r = ensure_blocks (a, start, len);
+  } while (r == -EAGAIN);
+  if (r < 0 || (r = claim (a, start, len)) < 0)
     return r;
-  *offset = start << img->cluster_bits;
+  *offset = start << a->m->lay.cluster_bits;
   *got = len;
   return 0;
 }
 
-int alloc_contiguous (struct q2_image *img, uint64_t n, uint64_t *offset)
+int alloc_contiguous (struct alloc *a, uint64_t n, uint64_t *offset)
 {
   uint64_t got;
-  return alloc_run (img, n, true, offset, &got);
+
+  return alloc_run (a, n, true, offset, &got);
 }
 
-int alloc_clusters (struct q2_image *img, uint64_t max, uint64_t *offset, uint64_t *got)
+int alloc_clusters (struct alloc *a, uint64_t max, uint64_t *offset, uint64_t *got)
 {
-  return alloc_run (img, max, false, offset, got);
+  return alloc_run (a, max, false, offset, got);
 }
 
-/* Returns 1 when the count reached zero: the cluster is free. */
-int alloc_release (struct q2_image *img, uint64_t offset, enum meta_kind kind)
+int alloc_release (struct alloc *a, uint64_t offset, enum meta_kind kind, bool *freed)
 {
-  static const char *const names[] = { "data", "an L2 table", "a refcount block" };
-  uint64_t cluster = offset >> img->cluster_bits, rc;
-  enum meta_kind held = overlap_kind (&img->meta, cluster);
+  struct meta *m = a->m;
+  uint64_t cluster = offset >> m->lay.cluster_bits, rc;
+  enum meta_kind held = overlap_kind (&m->lay.meta, cluster);
   int r;
 
+  assert (mutex_held (&m->lock));
+  assert (offset % m->lay.cluster_size == 0);
+  if (freed)
+    *freed = false;
   if (held != kind)
-    return q2_corrupt (img, "a reference to host offset 0x%" PRIx64 " as %s would "
-                       "free %s", offset, names[kind], names[held]);
-  if ((r = refcount_get (img, cluster, &rc)) < 0)
+    return corrupt_error (&m->lay, "a reference to host offset 0x%" PRIx64 " as %s would "
+                          "free %s", offset, metakind_name (kind), metakind_name (held));
+  if ((r = refcount_get (m, cluster, &rc)) < 0)
     return r;
   if (rc == 0)
-    return q2_corrupt (img, "freeing host offset 0x%" PRIx64 ", whose refcount "
-                       "is already 0", offset);
-  if ((r = refcount_set (img, cluster, rc - 1)) < 0)
+    return corrupt_error (&m->lay, "freeing host offset 0x%" PRIx64 ", whose refcount "
+                          "is already 0", offset);
+  if ((r = refcount_set (m, cluster, rc - 1)) < 0)
     return r;
-  if (rc == 2 && kind == META_NONE)
-    return copied_note_single (img, cluster);
+  if (rc == 2 && kind == META_DATA)
+    return u64_vector_append (&a->fell_to_one, cluster);
   if (rc > 1)
     return 0;
   /* A stale cached table must never be written over the cluster's next use. */
-  cache_drop (&img->cache, offset);
-  overlap_del (&img->meta, cluster);
-  if (cluster < img->free_hint)
-    img->free_hint = cluster;
-  img->stats.clusters_freed++;
-  img->shrink_wanted = true;
-  return 1;
+  cache_drop (&m->cache, offset);
+  overlap_del (&m->lay.meta, cluster);
+  if (cluster < a->free_hint)
+    a->free_hint = cluster;
+  a->clusters_freed++;
+  a->shrink_wanted = true;
+  if (freed)
+    *freed = true;
+  return 0;
 }
 
-/* The low bit of a pending offset (clusters are aligned) says the host
- * range was punched already, when the request dropped its only reference.
+/* The low bits of a pending offset (clusters are aligned): whether the
+ * host range was punched already, and the kind of the reference.
  */
 #define PENDING_PUNCHED 1ull
 #define PENDING_KIND_SHIFT 1
 #define PENDING_FLAGS 7ull
 
-int alloc_free_later (struct q2_image *img, uint64_t offset, enum meta_kind kind,
-                      bool punched)
+int alloc_free_later (struct alloc *a, uint64_t offset, enum meta_kind kind, bool punched)
 {
-  return u64_list_push (&img->pending, offset | (punched ? PENDING_PUNCHED : 0) |
-                        (uint64_t) kind << PENDING_KIND_SHIFT);
+  assert (mutex_held (&a->m->lock));
+  assert ((offset & PENDING_FLAGS) == 0 && kind < META_KINDS);
+  return u64_vector_append (&a->pending, offset | (punched ? PENDING_PUNCHED : 0) |
+                            (uint64_t) kind << PENDING_KIND_SHIFT);
 }
 
-static int cmp_u64 (const void *a, const void *b)
+size_t alloc_pending (const struct alloc *a)
 {
-  uint64_t x = *(const uint64_t *) a, y = *(const uint64_t *) b;
-  return x < y ? -1 : x > y;
+  return a->pending.len;
+}
+
+static int cmp_u64 (const void *x, const void *y)
+{
+  uint64_t a = *(const uint64_t *) x, b = *(const uint64_t *) y;
+  return a < b ? -1 : a > b;
 }
 
 /* Sorted, so that clusters freed side by side are punched with one call. */
-int alloc_apply_pending (struct q2_image *img)
+int alloc_apply_pending (struct alloc *a)
 {
+  struct meta *m = a->m;
   uint64_t run_start = 0, run_len = 0;
+  bool freed;
   size_t i;
   int r = 0;
 
-  qsort (img->pending.v, img->pending.n, sizeof (uint64_t), cmp_u64);
-  for (i = 0; i < img->pending.n; i++) {
-    uint64_t off = img->pending.v[i] & ~PENDING_FLAGS;
-    enum meta_kind kind = (img->pending.v[i] & PENDING_FLAGS) >> PENDING_KIND_SHIFT;
-    if ((r = alloc_release (img, off, kind)) < 0)
+  assert (mutex_held (&m->lock));
+  if (a->pending.len)
+    qsort (a->pending.ptr, a->pending.len, sizeof (uint64_t), cmp_u64);
+  for (i = 0; i < a->pending.len; i++) {
+    uint64_t off = a->pending.ptr[i] & ~PENDING_FLAGS;
+    enum meta_kind kind = (a->pending.ptr[i] & PENDING_FLAGS) >> PENDING_KIND_SHIFT;
+    if ((r = alloc_release (a, off, kind, &freed)) < 0)
       break;
-    if (r == 0 || (img->pending.v[i] & PENDING_PUNCHED))
+    if (!freed || (a->pending.ptr[i] & PENDING_PUNCHED))
       continue;
     if (run_len && run_start + run_len == off)
-      run_len += img->cluster_size;
+      run_len += m->lay.cluster_size;
     else {
-      if (run_len)
-        reclaim_punch (img, run_start, run_len);
+      host_release (&m->hf, run_start, run_len);
       run_start = off;
-      run_len = img->cluster_size;
+      run_len = m->lay.cluster_size;
     }
   }
-  if (run_len)
-    reclaim_punch (img, run_start, run_len);
-  if (r < 0) {
-    memmove (img->pending.v, img->pending.v + i,
-             (img->pending.n - i) * sizeof *img->pending.v);
-    img->pending.n -= i;
-    return r;
+  host_release (&m->hf, run_start, run_len);
+  /* What was not applied stays for the next attempt. */
+  u64_vector_remove_front (&a->pending, i);
+  return r;
+}
+
+int alloc_drop_empty_blocks (struct alloc *a)
+{
+  struct meta *m = a->m;
+  uint64_t idx, dropped[64], n = 0, i, last, off;
+  bool empty;
+  int r = 0;
+
+  assert (mutex_held (&m->lock));
+  /* Block 0 counts the header, so it is never empty. */
+  for (idx = 1; idx < m->reftable.size && n < 64; idx++) {
+    if ((r = refcount_block_offset (m, idx, &off)) < 0)
+      return r;
+    if (!off)
+      continue;
+    if ((r = refcount_block_scan (m, idx, off >> m->lay.cluster_bits, &last, &empty)) < 0)
+      return r;
+    if (!empty)
+      continue;
+    table_set (&m->reftable, idx, 0);
+    dropped[n++] = off;
   }
-  img->pending.n = 0;
-  return 0;
+  if (n == 0)
+    return 0;
+  /* The table must stop naming a block before its cluster is reused. */
+  if ((r = writeback_refcounts (m)) < 0)
+    return r;
+  for (i = 0; i < n; i++) {
+    uint64_t c = dropped[i] >> m->lay.cluster_bits;
+    cache_drop (&m->cache, dropped[i]);
+    overlap_del (&m->lay.meta, c);
+    /* A block counted elsewhere gives that count back; one that counted
+     * itself is simply gone.
+     */
+    if (refcount_covered (m, c) && table_get (&m->reftable, c >> m->lay.rb_bits) &&
+        (r = alloc_release (a, dropped[i], META_DATA, NULL)) < 0)
+      return r;
+    if (c < a->free_hint)
+      a->free_hint = c;
+    host_release (&m->hf, dropped[i], m->lay.cluster_size);
+    a->refblocks_freed++;
+  }
+  return writeback_refcounts (m);
 }

@@ -1,6 +1,9 @@
-/* Cluster allocation: lowest free clusters first, so that freed space near
- * the start is reused and the end of the file can be truncated.  Freeing is
- * deferred until the references dropped are on disk.  Callers hold meta_lock.
+/* SPDX-License-Identifier: BSD-3-Clause */
+/* Cluster allocation on top of the refcounts: lowest free clusters first,
+ * so that freed space near the start is reused and the end of the file
+ * can be truncated.  Freeing a cluster whose reference is on disk is
+ * deferred until the change dropping the reference is on disk too
+ * (DESIGN.md, "Invariants").  Callers hold m->lock.
  */
 #ifndef Q2_ALLOC_H
 #define Q2_ALLOC_H
@@ -8,28 +11,50 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#include "overlap.h"
+#include "metakind.h"
+#include "vector.h"
 
-struct q2_image;
+struct meta;
 
-/* Lowest run of n free clusters; nothing is claimed. */
-int alloc_find_free (struct q2_image *img, uint64_t n, uint64_t *offset);
+struct alloc {
+  struct meta *m;
+  uint64_t free_hint;         /* no cluster below this index is free */
+  /* Decrements waiting for the metadata change that dropped their
+   * reference to reach the disk: host offset | kind << 1 | punched.
+   */
+  struct u64_vector pending;
+  /* Data clusters whose count fell to 1: their last reference may be an
+   * active entry that needs COPIED (copied.h takes them).
+   */
+  struct u64_vector fell_to_one;
+  bool shrink_wanted;         /* clusters were freed since the last shrink */
+  uint64_t clusters_freed;
+  uint64_t refblocks_freed;
+};
+
+void alloc_init (struct alloc *a, struct meta *m);
+void alloc_free (struct alloc *a);
+
 /* Claims exactly n contiguous clusters (refcount 1 each). */
-int alloc_contiguous (struct q2_image *img, uint64_t n, uint64_t *offset);
+int alloc_contiguous (struct alloc *a, uint64_t n, uint64_t *offset);
 /* Claims between 1 and max contiguous clusters at the lowest free place. */
-int alloc_clusters (struct q2_image *img, uint64_t max, uint64_t *offset, uint64_t *got);
+int alloc_clusters (struct alloc *a, uint64_t max, uint64_t *offset, uint64_t *got);
 /* Drops one reference now: only for references that are not on disk.
- * kind says what the cluster holds (data, an L2 table...): a reference of
- * one kind never drops another's count, whatever a corrupt entry says.
- * Returns 1 when the cluster became free (the caller may punch it).
+ * kind says what the cluster holds: a reference of one kind never drops
+ * another's count, whatever a corrupt entry says.  *freed (may be NULL)
+ * says the count reached zero.
  */
-int alloc_release (struct q2_image *img, uint64_t offset, enum meta_kind kind);
-/* Drops one reference once the metadata that used it has been written;
+int alloc_release (struct alloc *a, uint64_t offset, enum meta_kind kind, bool *freed);
+/* Drops one reference once the metadata that held it has been written;
  * punched says the host range is already a hole.
  */
-int alloc_free_later (struct q2_image *img, uint64_t offset, enum meta_kind kind,
-                      bool punched);
-int alloc_apply_pending (struct q2_image *img);
-void alloc_note_end (struct q2_image *img, uint64_t end);
+int alloc_free_later (struct alloc *a, uint64_t offset, enum meta_kind kind, bool punched);
+size_t alloc_pending (const struct alloc *a);
+/* The deferred decrements, once what they wait for is on disk. */
+int alloc_apply_pending (struct alloc *a);
+/* Drops refcount blocks that count nothing (but perhaps themselves) from
+ * the refcount table, once the decrements that emptied them are on disk.
+ */
+int alloc_drop_empty_blocks (struct alloc *a);
 
 #endif

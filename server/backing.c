@@ -1,24 +1,27 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 #include <config.h>
 
 #include <errno.h>
-#include <fcntl.h>
 #include <libgen.h>
-#include <limits.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
-#include <unistd.h>
 
-#include "image.h"
+#include "qcow2-format.h"
+#include "qcow2reclaim.h"
 #include "backing.h"
+#include "host.h"
+#include "hostlock.h"
 #include "log.h"
 
-/* Deeper than any real chain; a loop (a -> b -> a) ends here. */
+/* Deeper than any real chain; a loop the inode check misses ends here. */
 #define MAX_CHAIN 16
 
 struct backing {
-  struct q2_image *qcow2;     /* or NULL for raw */
+  const struct backing_ops *ops;
+  void *qcow2;                /* the qcow2 image's handle, or NULL for raw */
   struct hostfile raw;
   uint64_t size;
 };
@@ -43,26 +46,35 @@ static char *resolve (const char *image, const char *name)
   return path;
 }
 
+/* The format of a backing file the header does not name: qcow2 if it has
+ * the magic, else raw, as QEMU probes (but never a format that could make
+ * a raw file be read as something else).
+ */
 static int probe_format (const char *path, char *fmt, size_t len)
 {
+  struct hostfile hf;
   uint8_t magic[4];
-  int fd = open (path, O_RDONLY | O_CLOEXEC);
-  ssize_t n;
+  uint64_t size;
+  int r = host_open (&hf, path, true);
 
-  if (fd == -1)
-    return -errno;
-  n = pread (fd, magic, 4, 0);
-  close (fd);
-  snprintf (fmt, len, "%s", n == 4 && be32_get (magic) == QCOW2_MAGIC ? "qcow2" : "raw");
-  return 0;
+  if (r == 0)
+    r = host_size (&hf, &size);
+  if (r == 0 && size >= 4)
+    r = host_pread (&hf, magic, 4, 0);
+  host_close (&hf);
+  if (r == 0)
+    snprintf (fmt, len, "%s", size >= 4 && be32_get (magic) == QCOW2_MAGIC ? "qcow2" : "raw");
+  return r;
 }
 
-static int open_raw (struct backing *b, const char *path)
+static int open_raw (struct backing *b, const char *image, const char *path)
 {
   int r = host_open (&b->raw, path, true);
 
+  if (r < 0)
+    log_error ("%s: cannot open backing file %s: %s", image, path, strerror (-r));
   if (r == 0)
-    r = image_lock (b->raw.fd, path, false);
+    r = hostlock_take (&b->raw, false);
   if (r == 0)
     r = host_size (&b->raw, &b->size);
   return r;
@@ -71,29 +83,31 @@ static int open_raw (struct backing *b, const char *path)
 /* A file already in the chain, named again (a -> b -> a): said as a loop,
  * before the lock it would collide with speaks of another program.
  */
-static int check_loop (const struct q2_image *img, const char *path)
+static int check_loop (const struct backing_chain *chain, const char *path)
 {
-  const struct q2_image *p;
-  struct stat sb, sp;
+  const struct backing_chain *p;
+  struct stat sb;
 
   if (stat (path, &sb) < 0)
     return 0;           /* the open that follows says why */
-  for (p = img; p; p = p->child)
-    if (fstat (p->hf.fd, &sp) == 0 && sp.st_dev == sb.st_dev && sp.st_ino == sb.st_ino) {
+  for (p = chain; p; p = p->above)
+    if (p->dev == sb.st_dev && p->ino == sb.st_ino) {
       if (strcmp (path, p->name) == 0)
-        q2_error ("%s: the backing chain loops: backing file %s is already in the "
-                  "chain", img->name, path);
+        log_error ("%s: the backing chain loops: backing file %s is already in the "
+                   "chain", chain->name, path);
       else
-        q2_error ("%s: the backing chain loops: backing file %s is the same file as "
-                  "%s, already in the chain", img->name, path, p->name);
+        log_error ("%s: the backing chain loops: backing file %s is the same file as "
+                   "%s, already in the chain", chain->name, path, p->name);
       return -ELOOP;
     }
   return 0;
 }
 
-int backing_open (struct q2_image *img, const char *name, const char *format,
-                  int depth, struct backing **bp)
+int backing_open (const struct backing_ops *ops, const struct backing_chain *chain,
+                  const char *name, const char *format, int depth,
+                  struct backing **bp)
 {
+  const char *image = chain->name;
   struct backing *b;
   char fmt[32];
   char *path;
@@ -101,40 +115,40 @@ int backing_open (struct q2_image *img, const char *name, const char *format,
 
   *bp = NULL;
   if (depth >= MAX_CHAIN) {
-    q2_error ("%s: the backing chain is more than %d images deep (does it loop?)",
-              img->name, MAX_CHAIN);
+    log_error ("%s: the backing chain is more than %d images deep (does it loop?)",
+               image, MAX_CHAIN);
     return -ELOOP;
   }
-  path = resolve (img->name, name);
+  path = resolve (image, name);
   b = calloc (1, sizeof *b);
   if (!path || !b) {
     free (path);
     free (b);
     return -ENOMEM;
   }
-  b->raw.fd = -1;
-  if ((r = check_loop (img, path)) < 0)
+  b->ops = ops;
+  if ((r = check_loop (chain, path)) < 0)
     goto fail;
   snprintf (fmt, sizeof fmt, "%s", format ? format : "");
   if (!fmt[0] && (r = probe_format (path, fmt, sizeof fmt)) < 0) {
-    q2_error ("%s: cannot open backing file %s: %s", img->name, path, strerror (-r));
+    log_error ("%s: cannot open backing file %s: %s", image, path, strerror (-r));
     goto fail;
   }
   if (strcmp (fmt, "qcow2") == 0)
-    r = image_open_chain (path, depth + 1, img, &b->qcow2);
+    r = ops->open (path, depth + 1, chain, &b->qcow2);
   else if (strcmp (fmt, "raw") == 0)
-    r = open_raw (b, path);
+    r = open_raw (b, image, path);
   else {
-    q2_error ("%s: backing file %s has format \"%s\"; only qcow2 and raw are supported",
-              img->name, path, fmt);
+    log_error ("%s: backing file %s has format \"%s\"; only qcow2 and raw are supported",
+               image, path, fmt);
     r = -ENOTSUP;
   }
   if (r < 0) {
-    q2_error ("%s: cannot use backing file %s", img->name, path);
+    log_error ("%s: cannot use backing file %s", image, path);
     goto fail;
   }
   if (b->qcow2)
-    b->size = q2_virtual_size (b->qcow2);
+    b->size = ops->size (b->qcow2);
   free (path);
   *bp = b;
   return 0;
@@ -149,9 +163,8 @@ void backing_close (struct backing *b)
   if (!b)
     return;
   if (b->qcow2)
-    q2_close (b->qcow2);
-  if (b->raw.fd >= 0)
-    host_close (&b->raw);
+    b->ops->close (b->qcow2);
+  host_close (&b->raw);
   free (b);
 }
 
@@ -161,7 +174,7 @@ int backing_read (struct backing *b, void *buf, uint64_t len, uint64_t off)
   int r = 0;
 
   if (n)
-    r = b->qcow2 ? q2_read (b->qcow2, buf, n, off) : host_pread (&b->raw, buf, n, off);
+    r = b->qcow2 ? b->ops->read (b->qcow2, buf, n, off) : host_pread (&b->raw, buf, n, off);
   if (r == 0 && n < len)
     memset ((char *) buf + n, 0, len - n);
   return r;
@@ -170,18 +183,21 @@ int backing_read (struct backing *b, void *buf, uint64_t len, uint64_t off)
 static int raw_status (struct backing *b, uint64_t off, uint64_t len,
                        uint32_t *type, uint64_t *run)
 {
-  off_t data = lseek (b->raw.fd, off, SEEK_DATA), hole;
+  uint64_t data, hole;
+  int r;
 
-  if (data == (off_t) -1 || (uint64_t) data > off) {
+  if ((r = host_seek_data (&b->raw, off, &data)) < 0)
+    return r;
+  if (data > off) {
     /* A hole up to the next data (or the end). */
-    uint64_t end = data == (off_t) -1 ? b->size : (uint64_t) data;
     *type = Q2_EXTENT_HOLE | Q2_EXTENT_ZERO;
-    *run = end - off;
+    *run = (data > b->size ? b->size : data) - off;
   }
   else {
-    hole = lseek (b->raw.fd, off, SEEK_HOLE);
+    if ((r = host_seek_hole (&b->raw, off, &hole)) < 0)
+      return r;
     *type = 0;
-    *run = (hole == (off_t) -1 ? b->size : (uint64_t) hole) - off;
+    *run = (hole > b->size ? b->size : hole) - off;
   }
   if (*run > len || *run == 0)
     *run = len;
@@ -199,7 +215,7 @@ int backing_status (struct backing *b, uint64_t off, uint64_t len,
   if (len > b->size - off)
     len = b->size - off;
   if (b->qcow2)
-    return image_block_status (b->qcow2, off, len, type, run);
+    return b->ops->block_status (b->qcow2, off, len, type, run);
   return raw_status (b, off, len, type, run);
 }
 
@@ -217,7 +233,7 @@ int backing_map_status (struct backing *b, uint64_t off, uint64_t len, int depth
   if (len > b->size - off)
     len = b->size - off;
   if (b->qcow2)
-    return image_map_status (b->qcow2, off, len, depth, e);
+    return b->ops->map_status (b->qcow2, off, len, depth, e);
   /* A raw file maps one to one. */
   if ((r = raw_status (b, off, len, &type, &run)) < 0)
     return r;

@@ -1,19 +1,49 @@
-/* Backing files: the chain below an image (qcow2 or raw), read through
- * where the image has nothing allocated.
+/* SPDX-License-Identifier: BSD-3-Clause */
+/* Backing files: the chain below an image, read through where the image
+ * has nothing allocated.  A raw backing file is read here directly; a
+ * qcow2 one is an image of its own, reached through the operations the
+ * image layer hands in (as an nbdkit filter calls next->pread), so this
+ * layer knows nothing of the image above or below it.
  */
 #ifndef Q2_BACKING_H
 #define Q2_BACKING_H
 
 #include <stdint.h>
+#include <sys/types.h>
 
-struct q2_image;
 struct backing;
+struct q2_map_entry;
 
-/* Opens the backing file named in the header (or the override); depth
- * counts the images above, to refuse loops.
+/* The images from the one opening a backing file up to the top: the file
+ * a backing file must not be (a -> b -> a would never end).
  */
-int backing_open (struct q2_image *img, const char *name, const char *format,
-                  int depth, struct backing **bp);
+struct backing_chain {
+  const struct backing_chain *above;
+  dev_t dev;
+  ino_t ino;
+  const char *name;
+};
+
+struct backing_ops {
+  /* Opens the qcow2 image at path, depth images below the top, read-only. */
+  int (*open) (const char *path, int depth, const struct backing_chain *chain,
+               void **handle);
+  void (*close) (void *handle);
+  uint64_t (*size) (void *handle);
+  int (*read) (void *handle, void *buf, uint64_t len, uint64_t offset);
+  int (*block_status) (void *handle, uint64_t offset, uint64_t len,
+                       uint32_t *type, uint64_t *run);
+  int (*map_status) (void *handle, uint64_t offset, uint64_t len, int depth,
+                     struct q2_map_entry *e);
+};
+
+/* Opens the backing file name (as the image at the head of chain names
+ * it; relative to that image's folder) of the given format (NULL: probe).
+ * depth counts the images above the new one.
+ */
+int backing_open (const struct backing_ops *ops, const struct backing_chain *chain,
+                  const char *name, const char *format, int depth,
+                  struct backing **bp);
 void backing_close (struct backing *b);
 
 /* Reads len bytes at guest offset off; past the backing file's end: zeros. */
@@ -21,8 +51,7 @@ int backing_read (struct backing *b, void *buf, uint64_t len, uint64_t off);
 /* Block status of the backing file at off, for at most len bytes. */
 int backing_status (struct backing *b, uint64_t off, uint64_t len,
                     uint32_t *type, uint64_t *run);
-
-struct q2_map_entry;
+/* qemu-img map's view of the backing file at off, depth layers down. */
 int backing_map_status (struct backing *b, uint64_t off, uint64_t len, int depth,
                         struct q2_map_entry *e);
 

@@ -1,21 +1,35 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
+/* A hash of entries by host offset and one LRU list.  Eviction takes the
+ * least recently used unpinned entry, writing it back first through the
+ * write-back function when dirty; when everything is pinned the cache
+ * grows past its budget for a moment rather than fail a request.
+ */
 #include <config.h>
 
+#include <assert.h>
 #include <errno.h>
+#include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "image.h"
-#include "flush.h"
+#include "cache.h"
+#include "corrupt.h"
+#include "host.h"
 #include "log.h"
+#include "mutex.h"
 
 /* Even a tiny budget keeps enough tables for one request's worth of work:
  * an L2 table, a couple of refcount blocks and whatever is pinned meanwhile.
  */
 #define MIN_ENTRIES 16
 
-int cache_init (struct meta_cache *c, size_t bytes, size_t entry_size)
+int cache_init (struct meta_cache *c, struct hostfile *hf, const struct layout *lay,
+                const struct mutex *lock, size_t bytes, size_t entry_size)
 {
   memset (c, 0, sizeof *c);
+  c->hf = hf;
+  c->lay = lay;
+  c->lock = lock;
   c->entry_size = entry_size;
   c->max_entries = bytes / entry_size;
   if (c->max_entries < MIN_ENTRIES)
@@ -28,6 +42,12 @@ int cache_init (struct meta_cache *c, size_t bytes, size_t entry_size)
     return -ENOMEM;
   c->lru.lru_next = c->lru.lru_prev = &c->lru;
   return 0;
+}
+
+void cache_set_writeback (struct meta_cache *c, cache_writeback_fn fn, void *opaque)
+{
+  c->writeback = fn;
+  c->writeback_opaque = opaque;
 }
 
 static size_t bucket_of (const struct meta_cache *c, uint64_t offset)
@@ -68,8 +88,10 @@ void cache_mark_dirty (struct meta_cache *c, struct cache_entry *e)
 
 void cache_mark_clean (struct meta_cache *c, struct cache_entry *e)
 {
-  if (e->dirty)
+  if (e->dirty) {
+    assert (c->ndirty[e->kind] > 0);
     c->ndirty[e->kind]--;
+  }
   e->dirty = false;
 }
 
@@ -85,6 +107,8 @@ static void entry_free (struct meta_cache *c, struct cache_entry *e)
 
 void cache_free (struct meta_cache *c)
 {
+  if (!c->buckets)
+    return;
   while (c->lru.lru_next != &c->lru)
     entry_free (c, c->lru.lru_next);
   free (c->buckets);
@@ -101,12 +125,8 @@ static struct cache_entry *lookup (struct meta_cache *c, uint64_t offset)
   return NULL;
 }
 
-/* Makes room for one entry by evicting the least recently used unpinned
- * one, writing it back first (in dependency order) when dirty.
- */
-static int make_room (struct q2_image *img)
+static int make_room (struct meta_cache *c)
 {
-  struct meta_cache *c = &img->cache;
   struct cache_entry *e;
   int r;
 
@@ -116,25 +136,29 @@ static int make_room (struct q2_image *img)
     if (e->pins)
       continue;
     if (e->dirty) {
-      r = flush_evict_entry (img, e);
+      /* The write-back must not need the cache: that would evict again. */
+      assert (c->writeback && !c->evicting);
+      c->evicting = true;
+      r = c->writeback (c->writeback_opaque, e);
+      c->evicting = false;
       if (r < 0)
         return r;
+      assert (!e->dirty && !e->pins);
     }
     entry_free (c, e);
     return 0;
   }
-  return 0;          /* everything pinned: grow past the budget briefly */
+  return 0;
 }
 
-static int insert (struct q2_image *img, enum cache_kind kind, uint64_t offset,
+static int insert (struct meta_cache *c, enum meta_kind kind, uint64_t offset,
                    struct cache_entry **ep)
 {
-  struct meta_cache *c = &img->cache;
   struct cache_entry *e;
+  size_t b;
   int r;
 
-  r = make_room (img);
-  if (r < 0)
+  if ((r = make_room (c)) < 0)
     return r;
   e = calloc (1, sizeof *e);
   if (!e)
@@ -146,7 +170,7 @@ static int insert (struct q2_image *img, enum cache_kind kind, uint64_t offset,
   e->offset = offset;
   e->kind = kind;
   e->pins = 1;
-  size_t b = bucket_of (c, offset);
+  b = bucket_of (c, offset);
   e->hnext = c->buckets[b];
   c->buckets[b] = e;
   lru_push_front (c, e);
@@ -155,32 +179,31 @@ static int insert (struct q2_image *img, enum cache_kind kind, uint64_t offset,
   return 0;
 }
 
-int cache_get (struct q2_image *img, enum cache_kind kind, uint64_t offset,
+int cache_get (struct meta_cache *c, enum meta_kind kind, uint64_t offset,
                struct cache_entry **ep)
 {
-  struct meta_cache *c = &img->cache;
-  struct cache_entry *e = lookup (c, offset);
+  struct cache_entry *e;
   int r;
 
-  if (e) {
+  assert (mutex_held (c->lock));
+  assert (kind == META_L2 || kind == META_REFBLOCK);
+  if ((e = lookup (c, offset)) != NULL) {
     if (e->kind != kind)
-      return q2_corrupt (img, "%s at host offset 0x%" PRIx64 " is also used as %s",
-                         kind == CACHE_L2 ? "an L2 table" : "a refcount block",
-                         offset,
-                         e->kind == CACHE_L2 ? "an L2 table" : "a refcount block");
+      return corrupt_error (c->lay, "%s at host offset 0x%" PRIx64 " is also used as %s",
+                            kind == META_L2 ? "an L2 table" : "a refcount block",
+                            offset, metakind_name (e->kind));
     lru_unlink (e);
     lru_push_front (c, e);
     e->pins++;
     *ep = e;
     return 0;
   }
-  r = insert (img, kind, offset, &e);
-  if (r < 0)
+  if ((r = insert (c, kind, offset, &e)) < 0)
     return r;
-  r = host_pread (&img->hf, e->buf, c->entry_size, offset);
+  r = host_pread (c->hf, e->buf, c->entry_size, offset);
   if (r < 0) {
-    q2_error ("%s: cannot read %s at host offset 0x%" PRIx64 ": %s", img->name,
-              kind == CACHE_L2 ? "L2 table" : "refcount block", offset, strerror (-r));
+    log_error ("%s: cannot read %s at host offset 0x%" PRIx64 ": %s", c->lay->name,
+               kind == META_L2 ? "L2 table" : "refcount block", offset, strerror (-r));
     e->pins = 0;
     entry_free (c, e);
     return r;
@@ -189,31 +212,32 @@ int cache_get (struct q2_image *img, enum cache_kind kind, uint64_t offset,
   return 0;
 }
 
-int cache_get_new (struct q2_image *img, enum cache_kind kind, uint64_t offset,
+int cache_get_new (struct meta_cache *c, enum meta_kind kind, uint64_t offset,
                    struct cache_entry **ep)
 {
-  struct cache_entry *e = lookup (&img->cache, offset);
+  struct cache_entry *e;
   int r;
 
-  if (e) {
+  assert (mutex_held (c->lock));
+  assert (kind == META_L2 || kind == META_REFBLOCK);
+  if ((e = lookup (c, offset)) != NULL) {
     /* A stale table of a freed cluster: reuse the slot. */
-    cache_mark_clean (&img->cache, e);
+    cache_mark_clean (c, e);
     e->kind = kind;
     e->pins++;
   }
-  else {
-    r = insert (img, kind, offset, &e);
-    if (r < 0)
-      return r;
-  }
-  memset (e->buf, 0, img->cache.entry_size);
-  cache_mark_dirty (&img->cache, e);
+  else if ((r = insert (c, kind, offset, &e)) < 0)
+    return r;
+  memset (e->buf, 0, c->entry_size);
+  cache_mark_dirty (c, e);
   *ep = e;
   return 0;
 }
 
-void cache_put (struct cache_entry *e)
+void cache_put (struct meta_cache *c, struct cache_entry *e)
 {
+  assert (mutex_held (c->lock));
+  assert (e->pins > 0);
   e->pins--;
 }
 
@@ -221,30 +245,30 @@ void cache_drop (struct meta_cache *c, uint64_t offset)
 {
   struct cache_entry *e = lookup (c, offset);
 
+  assert (mutex_held (c->lock));
   if (e && !e->pins)
     entry_free (c, e);
   else if (e)
     cache_mark_clean (c, e);
 }
 
-int cache_for_each_dirty (struct q2_image *img, enum cache_kind kind,
+int cache_for_each_dirty (struct meta_cache *c, enum meta_kind kind,
                           cache_visit_fn fn, void *opaque)
 {
-  struct meta_cache *c = &img->cache;
   struct cache_entry *e;
   int r;
 
+  assert (mutex_held (c->lock));
+  if (!c->ndirty[kind])
+    return 0;
   for (e = c->lru.lru_prev; e != &c->lru; e = e->lru_prev) {
-    if (e->dirty && e->kind == kind) {
-      r = fn (img, e, opaque);
-      if (r < 0)
-        return r;
-    }
+    if (e->dirty && e->kind == kind && (r = fn (opaque, e)) < 0)
+      return r;
   }
   return 0;
 }
 
-bool cache_any_dirty (const struct meta_cache *c, enum cache_kind kind)
+bool cache_any_dirty (const struct meta_cache *c, enum meta_kind kind)
 {
   return c->ndirty[kind] > 0;
 }

@@ -1,5 +1,9 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Metadata cache: cluster-sized L2 tables and refcount blocks, LRU-evicted
- * within a byte budget.  Callers hold the image's meta_lock.
+ * within a budget of entries.  The cache knows nothing of write ordering:
+ * the layer above gives it a write-back function, which writes one dirty
+ * entry with whatever must reach the disk before it (as QEMU's qcow2 cache
+ * is given a dependency).  Callers hold the lock given at init.
  */
 #ifndef Q2_CACHE_H
 #define Q2_CACHE_H
@@ -8,49 +12,62 @@
 #include <stddef.h>
 #include <stdint.h>
 
-struct q2_image;
+#include "metakind.h"
 
-enum cache_kind { CACHE_L2, CACHE_REFBLOCK };
+struct hostfile;
+struct layout;
+struct mutex;
 
 struct cache_entry {
   uint64_t offset;
-  enum cache_kind kind;
+  enum meta_kind kind;        /* META_L2 or META_REFBLOCK */
   bool dirty;
-  unsigned pins;
+  unsigned pins;              /* users between get and put: never evicted */
   void *buf;
   struct cache_entry *hnext;              /* hash chain */
   struct cache_entry *lru_prev, *lru_next;
 };
 
+/* Writes e back (and what it depends on) and marks it clean. */
+typedef int (*cache_writeback_fn) (void *opaque, struct cache_entry *e);
+
 struct meta_cache {
+  struct hostfile *hf;
+  const struct layout *lay;
+  const struct mutex *lock;
+  cache_writeback_fn writeback;
+  void *writeback_opaque;
+  bool evicting;              /* inside writeback: must not re-enter */
   size_t max_entries, nentries;
   size_t nbuckets;
   struct cache_entry **buckets;
-  struct cache_entry lru;                 /* sentinel: lru.next is newest */
+  struct cache_entry lru;     /* sentinel: lru.lru_next is the newest */
   size_t entry_size;
-  size_t ndirty[2];                       /* per cache_kind */
+  size_t ndirty[META_KINDS];
 };
 
-int cache_init (struct meta_cache *c, size_t bytes, size_t entry_size);
+int cache_init (struct meta_cache *c, struct hostfile *hf, const struct layout *lay,
+                const struct mutex *lock, size_t bytes, size_t entry_size);
+void cache_set_writeback (struct meta_cache *c, cache_writeback_fn fn, void *opaque);
 void cache_free (struct meta_cache *c);
 
-/* Returns the pinned table at offset, reading it from the file if needed. */
-int cache_get (struct q2_image *img, enum cache_kind kind, uint64_t offset,
+/* The pinned table at offset, read from the file if needed. */
+int cache_get (struct meta_cache *c, enum meta_kind kind, uint64_t offset,
                struct cache_entry **ep);
-/* Returns a pinned, zeroed, dirty table for a newly allocated cluster. */
-int cache_get_new (struct q2_image *img, enum cache_kind kind, uint64_t offset,
+/* A pinned, zeroed, dirty table for a newly allocated cluster. */
+int cache_get_new (struct meta_cache *c, enum meta_kind kind, uint64_t offset,
                    struct cache_entry **ep);
-void cache_put (struct cache_entry *e);
+void cache_put (struct meta_cache *c, struct cache_entry *e);
 void cache_mark_dirty (struct meta_cache *c, struct cache_entry *e);
 void cache_mark_clean (struct meta_cache *c, struct cache_entry *e);
 
-/* Forget a table whose cluster was freed, without writing it. */
+/* Forgets the table of a freed cluster without writing it. */
 void cache_drop (struct meta_cache *c, uint64_t offset);
 
-/* Visit every dirty entry of a kind, oldest first. */
-typedef int (*cache_visit_fn) (struct q2_image *img, struct cache_entry *e, void *opaque);
-int cache_for_each_dirty (struct q2_image *img, enum cache_kind kind,
+/* Visits every dirty entry of a kind, least recently used first. */
+typedef int (*cache_visit_fn) (void *opaque, struct cache_entry *e);
+int cache_for_each_dirty (struct meta_cache *c, enum meta_kind kind,
                           cache_visit_fn fn, void *opaque);
-bool cache_any_dirty (const struct meta_cache *c, enum cache_kind kind);
+bool cache_any_dirty (const struct meta_cache *c, enum meta_kind kind);
 
 #endif

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Consistency check: every reference in the image (header, L1 tables of the
  * active layer and of each internal snapshot, L2 tables, data and
  * compressed clusters, refcount table and blocks, snapshot table) is counted
@@ -6,17 +7,19 @@
 #include <config.h>
 
 #include <errno.h>
+#include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
-#include "image.h"
-#include "cluster.h"
+#include "qcow2-format.h"
+#include "check.h"
+#include "engine.h"
 #include "log.h"
 #include "refcount.h"
 
 struct walk {
   struct q2_image *img;
+  const struct layout *lay;
   struct q2_check *res;
   uint32_t *refs;             /* references found, per host cluster */
   uint8_t *active;            /* referenced by the active layer or global metadata */
@@ -30,13 +33,13 @@ struct walk {
 static void add_ref (struct walk *w, uint64_t offset, uint64_t len, bool active,
                      const char *what)
 {
-  uint64_t c, first = offset >> w->img->cluster_bits;
-  uint64_t last = (offset + len - 1) >> w->img->cluster_bits;
+  uint64_t c, first = offset >> w->lay->cluster_bits;
+  uint64_t last = (offset + len - 1) >> w->lay->cluster_bits;
 
   for (c = first; c <= last; c++) {
     if (c >= w->nclusters) {
-      q2_error ("%s: ERROR %s at host offset 0x%" PRIx64 " is past the end of the file",
-                w->img->name, what, offset);
+      log_error ("%s: ERROR %s at host offset 0x%" PRIx64 " is past the end of the file",
+                w->lay->name, what, offset);
       w->res->corruptions++;
       return;
     }
@@ -50,18 +53,18 @@ static uint64_t read_be64 (struct q2_image *img, uint64_t off, int *r)
 {
   uint8_t b[8];
 
-  *r = host_pread (&img->hf, b, 8, off);
+  *r = host_pread (&img->m.hf, b, 8, off);
   return be64_get (b);
 }
 
 static void count_l2_entry (struct walk *w, uint64_t e, bool active, bool frag)
 {
-  struct q2_image *img = w->img;
+  const struct layout *lay = w->lay;
   uint64_t off = e & L2E_OFFSET_MASK;
 
   if (e & QCOW_OFLAG_COMPRESSED) {
     uint64_t coff, clen;
-    compressed_extent (img, e, &coff, &clen);
+    layout_compressed_extent (lay, e, &coff, &clen);
     add_ref (w, coff, clen, active, "compressed cluster");
     if (frag) {
       w->res->allocated_clusters++;
@@ -71,36 +74,37 @@ static void count_l2_entry (struct walk *w, uint64_t e, bool active, bool frag)
     return;
   }
   /* What the request paths refuse as corrupt, the check reports too. */
-  if (e & L2E_RESERVED_MASK || off & (img->cluster_size - 1) ||
-      ((e & QCOW_OFLAG_ZERO) && img->version < 3)) {
-    q2_error ("%s: ERROR L2 entry 0x%" PRIx64 " has reserved bits set or an unaligned "
-              "offset", img->name, e);
+  if (e & L2E_RESERVED_MASK || off & (lay->cluster_size - 1) ||
+      ((e & QCOW_OFLAG_ZERO) && lay->version < 3)) {
+    log_error ("%s: ERROR L2 entry 0x%" PRIx64 " has reserved bits set or an unaligned "
+              "offset", lay->name, e);
     w->res->corruptions++;
     return;
   }
   if (!off)
     return;
-  add_ref (w, off, img->cluster_size, active, "data cluster");
+  add_ref (w, off, lay->cluster_size, active, "data cluster");
   if (frag) {
     w->res->allocated_clusters++;
     if (w->next_contiguous && off != w->next_contiguous)
       w->res->fragmented_clusters++;
-    w->next_contiguous = off + img->cluster_size;
+    w->next_contiguous = off + lay->cluster_size;
   }
 }
 
 static int walk_l2 (struct walk *w, uint64_t l2off, bool active)
 {
+  const struct layout *lay = w->lay;
   struct q2_image *img = w->img;
-  uint8_t *t = malloc (img->cluster_size);
+  uint8_t *t = malloc (lay->cluster_size);
   uint64_t i;
   int r;
 
   if (!t)
     return -ENOMEM;
   w->next_contiguous = 0;     /* qemu-img counts fragmentation per L2 table */
-  r = host_pread (&img->hf, t, img->cluster_size, l2off);
-  for (i = 0; r == 0 && i < l2_entries (img); i++)
+  r = host_pread (&img->m.hf, t, lay->cluster_size, l2off);
+  for (i = 0; r == 0 && i < layout_l2_entries (lay); i++)
     count_l2_entry (w, be64_get (t + i * 8), active, active);
   free (t);
   return r;
@@ -108,6 +112,7 @@ static int walk_l2 (struct walk *w, uint64_t l2off, bool active)
 
 static int walk_l1 (struct walk *w, uint64_t l1off, uint64_t l1size, bool active)
 {
+  const struct layout *lay = w->lay;
   struct q2_image *img = w->img;
   uint64_t i, e, l2;
   int r = 0;
@@ -116,17 +121,17 @@ static int walk_l1 (struct walk *w, uint64_t l1off, uint64_t l1size, bool active
     return 0;
   add_ref (w, l1off, l1size * 8, active, "L1 table");
   for (i = 0; i < l1size && r == 0; i++) {
-    e = active ? img->l1.entries[i] : read_be64 (img, l1off + i * 8, &r);
+    e = active ? table_get (&img->m.l1, i) : read_be64 (img, l1off + i * 8, &r);
     l2 = e & L1E_OFFSET_MASK;
     if (r < 0 || !l2)
       continue;
-    if (l2 & (img->cluster_size - 1) || (l2 >> img->cluster_bits) >= w->nclusters) {
-      q2_error ("%s: ERROR L1 entry %" PRIu64 " points to invalid L2 table offset 0x%"
-                PRIx64, img->name, i, l2);
+    if (l2 & (lay->cluster_size - 1) || (l2 >> lay->cluster_bits) >= w->nclusters) {
+      log_error ("%s: ERROR L1 entry %" PRIu64 " points to invalid L2 table offset 0x%"
+                PRIx64, lay->name, i, l2);
       w->res->corruptions++;
       continue;
     }
-    add_ref (w, l2, img->cluster_size, active, "L2 table");
+    add_ref (w, l2, lay->cluster_size, active, "L2 table");
     r = walk_l2 (w, l2, active);
     if (w->progress && active)
       w->progress (w->opaque, ++w->done, w->total);
@@ -137,30 +142,31 @@ static int walk_l1 (struct walk *w, uint64_t l1off, uint64_t l1size, bool active
 /* Internal snapshots: the table, and each snapshot's L1 and L2 tables. */
 static int walk_snapshots (struct walk *w)
 {
+  const struct layout *lay = w->lay;
   struct q2_image *img = w->img;
-  uint64_t off = img->snapshots_offset, start = off;
+  uint64_t off = lay->snapshots_offset, start = off;
   uint8_t h[40];
   uint32_t i;
   int r;
 
-  for (i = 0; i < img->nb_snapshots; i++) {
-    if ((r = host_pread (&img->hf, h, sizeof h, off)) < 0)
+  for (i = 0; i < lay->nb_snapshots; i++) {
+    if ((r = host_pread (&img->m.hf, h, sizeof h, off)) < 0)
       return r;
     uint64_t l1off = be64_get (h);
     uint32_t l1size = be32_get (h + 8);
     uint16_t idlen = be16_get (h + 12), namelen = be16_get (h + 14);
     uint32_t extra = be32_get (h + 36);
-    uint64_t file_bytes = w->nclusters << img->cluster_bits;
+    uint64_t file_bytes = w->nclusters << lay->cluster_bits;
     if (off >= file_bytes) {
-      q2_error ("%s: ERROR snapshot %u at 0x%" PRIx64 " is past the end of the file",
-                img->name, i, off);
+      log_error ("%s: ERROR snapshot %u at 0x%" PRIx64 " is past the end of the file",
+                lay->name, i, off);
       w->res->corruptions++;
       break;
     }
     if ((uint64_t) l1size * 8 > QCOW2_MAX_L1_BYTES || l1off >= file_bytes ||
         l1size * 8ull > file_bytes - l1off) {
-      q2_error ("%s: ERROR snapshot %u has an invalid L1 table (0x%" PRIx64 ", %u entries)",
-                img->name, i, l1off, l1size);
+      log_error ("%s: ERROR snapshot %u has an invalid L1 table (0x%" PRIx64 ", %u entries)",
+                lay->name, i, l1off, l1size);
       w->res->corruptions++;
     }
     else if ((r = walk_l1 (w, l1off, l1size, false)) < 0)
@@ -174,49 +180,51 @@ static int walk_snapshots (struct walk *w)
 
 static int walk_refcount_structures (struct walk *w)
 {
+  const struct layout *lay = w->lay;
   struct q2_image *img = w->img;
   uint64_t i, b;
 
-  add_ref (w, img->reftable.offset, img->reftable_clusters << img->cluster_bits, true,
+  add_ref (w, lay->reftable_offset, lay->reftable_clusters << lay->cluster_bits, true,
            "refcount table");
-  for (i = 0; i < img->reftable.size; i++)
-    if ((b = img->reftable.entries[i] & REFT_OFFSET_MASK))
-      add_ref (w, b, img->cluster_size, true, "refcount block");
+  for (i = 0; i < img->m.reftable.size; i++)
+    if ((b = table_get (&img->m.reftable, i) & REFT_OFFSET_MASK))
+      add_ref (w, b, lay->cluster_size, true, "refcount block");
   return 0;
 }
 
 /* COPIED must say exactly "refcount is 1" in the active tables. */
 static int check_copied (struct walk *w)
 {
+  const struct layout *lay = w->lay;
   struct q2_image *img = w->img;
-  uint8_t *t = malloc (img->cluster_size);
+  uint8_t *t = malloc (lay->cluster_size);
   uint64_t i, j, rc;
   int r = 0;
 
   if (!t)
     return -ENOMEM;
-  for (i = 0; i < img->l1.size && r == 0; i++) {
-    uint64_t e = img->l1.entries[i], l2 = e & L1E_OFFSET_MASK;
-    if (!l2 || (l2 >> img->cluster_bits) >= w->nclusters)
+  for (i = 0; i < img->m.l1.size && r == 0; i++) {
+    uint64_t e = table_get (&img->m.l1, i), l2 = e & L1E_OFFSET_MASK;
+    if (!l2 || (l2 >> lay->cluster_bits) >= w->nclusters)
       continue;
-    if ((r = refcount_get (img, l2 >> img->cluster_bits, &rc)) < 0)
+    if ((r = refcount_get (&img->m, l2 >> lay->cluster_bits, &rc)) < 0)
       break;
     if (!!(e & QCOW_OFLAG_COPIED) != (rc == 1)) {
-      q2_error ("%s: ERROR OFLAG_COPIED L2 table at 0x%" PRIx64 ": refcount=%" PRIu64,
-                img->name, l2, rc);
+      log_error ("%s: ERROR OFLAG_COPIED L2 table at 0x%" PRIx64 ": refcount=%" PRIu64,
+                lay->name, l2, rc);
       w->res->corruptions++;
     }
-    if ((r = host_pread (&img->hf, t, img->cluster_size, l2)) < 0)
+    if ((r = host_pread (&img->m.hf, t, lay->cluster_size, l2)) < 0)
       break;
-    for (j = 0; j < l2_entries (img) && r == 0; j++) {
+    for (j = 0; j < layout_l2_entries (lay) && r == 0; j++) {
       uint64_t d = be64_get (t + j * 8), off = d & L2E_OFFSET_MASK;
-      if (!off || (d & QCOW_OFLAG_COMPRESSED) || (off >> img->cluster_bits) >= w->nclusters)
+      if (!off || (d & QCOW_OFLAG_COMPRESSED) || (off >> lay->cluster_bits) >= w->nclusters)
         continue;
-      if ((r = refcount_get (img, off >> img->cluster_bits, &rc)) < 0)
+      if ((r = refcount_get (&img->m, off >> lay->cluster_bits, &rc)) < 0)
         break;
       if (!!(d & QCOW_OFLAG_COPIED) != (rc == 1)) {
-        q2_error ("%s: ERROR OFLAG_COPIED data cluster at 0x%" PRIx64 ": refcount=%" PRIu64,
-                  img->name, off, rc);
+        log_error ("%s: ERROR OFLAG_COPIED data cluster at 0x%" PRIx64 ": refcount=%" PRIu64,
+                  lay->name, off, rc);
         w->res->corruptions++;
       }
     }
@@ -236,37 +244,38 @@ static uint64_t next_referenced (const struct walk *w, uint64_t c, uint64_t limi
 
 static int compare_refcounts (struct walk *w)
 {
+  const struct layout *lay = w->lay;
   struct q2_image *img = w->img;
-  uint64_t covered = img->reftable.size << img->rb_bits, c, rc;
+  uint64_t covered = img->m.reftable.size << lay->rb_bits, c, rc;
   uint64_t end = covered > w->nclusters ? covered : w->nclusters;
   int r;
 
   for (c = 0; c < end; c++) {
     uint64_t want = c < w->nclusters ? w->refs[c] : 0;
     if (c < covered) {
-      if (!(img->reftable.entries[c >> img->rb_bits] & REFT_OFFSET_MASK)) {
+      if (!(table_get (&img->m.reftable, c >> lay->rb_bits) & REFT_OFFSET_MASK)) {
         rc = 0;
         if (!want) {
           /* Skip the absent block, but not a reference further into it. */
-          c = next_referenced (w, c + 1, (c | ((1ull << img->rb_bits) - 1)) + 1) - 1;
+          c = next_referenced (w, c + 1, (c | ((1ull << lay->rb_bits) - 1)) + 1) - 1;
           continue;
         }
       }
-      else if ((r = refcount_get (img, c, &rc)) < 0)
+      else if ((r = refcount_get (&img->m, c, &rc)) < 0)
         return r;
     }
     else
       rc = 0;
     if (want)
-      w->res->image_end_offset = (c + 1) << img->cluster_bits;
+      w->res->image_end_offset = (c + 1) << lay->cluster_bits;
     if (rc < want) {
-      q2_error ("%s: ERROR cluster %" PRIu64 " refcount=%" PRIu64 " reference=%" PRIu64,
-                img->name, c, rc, want);
+      log_error ("%s: ERROR cluster %" PRIu64 " refcount=%" PRIu64 " reference=%" PRIu64,
+                lay->name, c, rc, want);
       w->res->corruptions++;
     }
     else if (rc > want) {
-      q2_notice ("%s: Leaked cluster %" PRIu64 " refcount=%" PRIu64 " reference=%" PRIu64,
-                 img->name, c, rc, want);
+      log_notice ("%s: Leaked cluster %" PRIu64 " refcount=%" PRIu64 " reference=%" PRIu64,
+                 lay->name, c, rc, want);
       w->res->leaks++;
     }
     if (want && !w->active[c])
@@ -275,39 +284,47 @@ static int compare_refcounts (struct walk *w)
   return 0;
 }
 
-static uint64_t host_bytes_in_free (struct walk *w)
+/* Host space the file holds in clusters nothing references. */
+static int host_bytes_in_free (struct walk *w, uint64_t *total)
 {
   struct q2_image *img = w->img;
-  uint64_t total = 0, cs = img->cluster_size;
-  off_t pos = 0, d, h;
+  uint64_t cs = w->lay->cluster_size, pos = 0, d, h;
+  int r;
 
-  while ((d = lseek (img->hf.fd, pos, SEEK_DATA)) != (off_t) -1) {
-    h = lseek (img->hf.fd, d, SEEK_HOLE);
-    if (h == (off_t) -1)
-      break;
-    for (uint64_t o = d; o < (uint64_t) h; ) {
-      uint64_t c = o / cs, next = (c + 1) * cs < (uint64_t) h ? (c + 1) * cs : (uint64_t) h;
+  *total = 0;
+  for (;;) {
+    if ((r = host_seek_data (&img->m.hf, pos, &d)) < 0)
+      return r;
+    if (d == UINT64_MAX)
+      return 0;
+    if ((r = host_seek_hole (&img->m.hf, d, &h)) < 0)
+      return r;
+    if (h <= d)
+      return 0;
+    for (uint64_t o = d; o < h; ) {
+      uint64_t c = o / cs, next = (c + 1) * cs < h ? (c + 1) * cs : h;
       if (c >= w->nclusters || w->refs[c] == 0)
-        total += next - o;
+        *total += next - o;
       o = next;
     }
     pos = h;
   }
-  return total;
 }
 
-int q2_check (struct q2_image *img, struct q2_check *res, q2_progress_fn progress,
-              void *opaque)
+int check_image (struct q2_image *img, struct q2_check *res, q2_progress_fn progress,
+                 void *opaque)
 {
-  struct walk w = { .img = img, .res = res, .progress = progress, .opaque = opaque };
+  const struct layout *lay = &img->m.lay;
+  struct walk w = { .img = img, .lay = lay, .res = res, .progress = progress,
+                    .opaque = opaque };
   uint64_t size;
   int r;
 
   memset (res, 0, sizeof *res);
-  if ((r = host_size (&img->hf, &size)) < 0)
+  if ((r = host_size (&img->m.hf, &size)) < 0)
     return r;
-  w.nclusters = size_to_clusters (img, size);
-  w.total = img->l1.size;
+  w.nclusters = layout_clusters (lay, size);
+  w.total = img->m.l1.size;
   w.refs = calloc (w.nclusters + 1, sizeof *w.refs);
   w.active = calloc (w.nclusters + 1, 1);
   if (!w.refs || !w.active) {
@@ -315,10 +332,10 @@ int q2_check (struct q2_image *img, struct q2_check *res, q2_progress_fn progres
     free (w.active);
     return -ENOMEM;
   }
-  res->total_clusters = size_to_clusters (img, img->virtual_size);
-  pthread_mutex_lock (&img->meta_lock);
-  add_ref (&w, 0, img->cluster_size, true, "header");
-  r = walk_l1 (&w, img->l1.offset, img->l1.size, true);
+  res->total_clusters = layout_clusters (lay, lay->virtual_size);
+  mutex_lock (&img->m.lock);
+  add_ref (&w, 0, lay->cluster_size, true, "header");
+  r = walk_l1 (&w, lay->l1_offset, img->m.l1.size, true);
   if (r == 0)
     r = walk_snapshots (&w);
   if (r == 0)
@@ -327,9 +344,9 @@ int q2_check (struct q2_image *img, struct q2_check *res, q2_progress_fn progres
     r = compare_refcounts (&w);
   if (r == 0)
     r = check_copied (&w);
-  pthread_mutex_unlock (&img->meta_lock);
+  mutex_unlock (&img->m.lock);
   if (r == 0)
-    res->reclaimable_bytes = host_bytes_in_free (&w);
+    r = host_bytes_in_free (&w, &res->reclaimable_bytes);
   free (w.refs);
   free (w.active);
   return r;

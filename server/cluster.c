@@ -1,54 +1,51 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 #include <config.h>
 
+#include <assert.h>
 #include <errno.h>
+#include <inttypes.h>
 
-#include "image.h"
+#include "qcow2-format.h"
+#include "cleanup.h"
 #include "cluster.h"
+#include "corrupt.h"
+#include "engine.h"
 #include "l2.h"
-#include "log.h"
-
-void compressed_extent (const struct q2_image *img, uint64_t entry,
-                        uint64_t *offset, uint64_t *len)
-{
-  uint64_t sectors = ((entry >> img->csize_shift) & img->csize_mask) + 1;
-
-  *offset = entry & img->coffset_mask;
-  *len = sectors * 512 - (*offset & 511);
-}
 
 static int classify (struct q2_image *img, uint64_t guest, uint64_t entry,
                      enum map_kind *kind)
 {
+  const struct layout *lay = &img->m.lay;
   uint64_t off = entry & L2E_OFFSET_MASK;
 
   if (entry & QCOW_OFLAG_COMPRESSED) {
     uint64_t coff, clen;
-    compressed_extent (img, entry, &coff, &clen);
+    layout_compressed_extent (lay, entry, &coff, &clen);
     *kind = MAP_COMPRESSED;
     if (entry & QCOW_OFLAG_COPIED)
-      return q2_corrupt (img, "compressed L2 entry for guest offset 0x%" PRIx64
-                         " has the COPIED bit set", guest);
-    return check_host_range (img, coff, clen, META_NONE, "compressed L2 entry", guest);
+      return corrupt_error (lay, "compressed L2 entry for guest offset 0x%" PRIx64
+                            " has the COPIED bit set", guest);
+    return corrupt_check_range (lay, coff, clen, META_DATA, "compressed L2 entry", guest);
   }
-  if (entry & L2E_RESERVED_MASK || off & (img->cluster_size - 1))
-    return q2_corrupt (img, "L2 entry 0x%" PRIx64 " for guest offset 0x%" PRIx64
-                       " has reserved bits set or an unaligned offset", entry, guest);
+  if (entry & L2E_RESERVED_MASK || off & (lay->cluster_size - 1))
+    return corrupt_error (lay, "L2 entry 0x%" PRIx64 " for guest offset 0x%" PRIx64
+                          " has reserved bits set or an unaligned offset", entry, guest);
   if (entry & QCOW_OFLAG_ZERO) {
-    if (img->version < 3)
-      return q2_corrupt (img, "zero cluster entry for guest offset 0x%" PRIx64
-                         " in a version 2 image", guest);
+    if (lay->version < 3)
+      return corrupt_error (lay, "zero cluster entry for guest offset 0x%" PRIx64
+                            " in a version 2 image", guest);
     *kind = off ? MAP_ZERO_ALLOC : MAP_ZERO_PLAIN;
   }
   else
     *kind = off ? MAP_NORMAL : MAP_UNALLOC;
   if (off == 0)
     return 0;
-  return check_host_range (img, off, img->cluster_size, META_NONE, "L2 entry", guest);
+  return corrupt_check_range (lay, off, lay->cluster_size, META_DATA, "L2 entry", guest);
 }
 
 /* Can the next cluster join the run? */
 static bool same_run (const struct mapping *m, enum map_kind kind, uint64_t entry,
-                      uint64_t expect_host, const struct q2_image *img)
+                      uint64_t expect_host)
 {
   if (kind != m->kind)
     return false;
@@ -60,22 +57,22 @@ static bool same_run (const struct mapping *m, enum map_kind kind, uint64_t entr
     return (entry & L2E_OFFSET_MASK) == expect_host &&
       !!(entry & QCOW_OFLAG_COPIED) == m->copied;
   default:
-    (void) img;
     return false;
   }
 }
 
-int map_get (struct q2_image *img, uint64_t offset, uint64_t bytes, struct mapping *m)
+int cluster_map (struct q2_image *img, uint64_t offset, uint64_t bytes, struct mapping *m)
 {
+  const struct layout *lay = &img->m.lay;
+  uint64_t in = layout_in_cluster (lay, offset);
+  uint64_t idx = layout_l2_index (lay, offset), n, limit;
   struct cache_entry *e;
-  uint64_t in = offset_in_cluster (img, offset);
-  uint64_t idx = l2_index (img, offset), n, limit;
   enum map_kind kind;
   int r;
 
-  if ((r = l2_table_get (img, offset, &e)) < 0)
+  if ((r = l2_get (img, offset, &e)) < 0)
     return r;
-  limit = (l2_entries (img) - idx) * img->cluster_size - in;
+  limit = (layout_l2_entries (lay) - idx) * lay->cluster_size - in;
   if (bytes > limit)
     bytes = limit;
   m->entry = e ? l2_entry_get (e, idx) : 0;
@@ -83,38 +80,49 @@ int map_get (struct q2_image *img, uint64_t offset, uint64_t bytes, struct mappi
     goto out;
   m->copied = !!(m->entry & QCOW_OFLAG_COPIED);
   m->host = (m->entry & L2E_OFFSET_MASK) + in;
-  m->bytes = img->cluster_size - in;
+  m->bytes = lay->cluster_size - in;
   for (n = 1; m->bytes < bytes; n++) {
     uint64_t entry = e ? l2_entry_get (e, idx + n) : 0;
-    uint64_t guest = offset - in + n * img->cluster_size;
+    uint64_t guest = offset - in + n * lay->cluster_size;
     /* A bad entry ends the run quietly; it is reported when reached. */
-    img->quiet_corruption = true;
+    bool quiet = corrupt_quiet (true);
     r = classify (img, guest, entry, &kind);
-    img->quiet_corruption = false;
+    corrupt_quiet (quiet);
     if (r < 0) {
       r = 0;
       break;
     }
-    if (!same_run (m, kind, entry, (m->entry & L2E_OFFSET_MASK) +
-                   n * img->cluster_size, img))
+    if (!same_run (m, kind, entry, (m->entry & L2E_OFFSET_MASK) + n * lay->cluster_size))
       break;
-    m->bytes += img->cluster_size;
+    m->bytes += lay->cluster_size;
   }
   if (m->bytes > bytes)
     m->bytes = bytes;
 out:
   if (e)
-    cache_put (e);
+    l2_put (img, e);
   return r;
 }
 
-int map_get_locked (struct q2_image *img, uint64_t offset, uint64_t bytes,
-                    struct mapping *m)
+int cluster_map_locked (struct q2_image *img, uint64_t offset, uint64_t bytes,
+                        struct mapping *m)
 {
-  int r;
+  LOCK_FOR_SCOPE (&img->m.lock);
+  return cluster_map (img, offset, bytes, m);
+}
 
-  pthread_mutex_lock (&img->meta_lock);
-  r = map_get (img, offset, bytes, m);
-  pthread_mutex_unlock (&img->meta_lock);
-  return r;
+int cluster_unref_later (struct q2_image *img, uint64_t entry, bool punched)
+{
+  const struct layout *lay = &img->m.lay;
+  uint64_t off, len, c;
+  int r = 0;
+
+  if (entry & QCOW_OFLAG_COMPRESSED) {
+    layout_compressed_extent (lay, entry, &off, &len);
+    for (c = off & ~(lay->cluster_size - 1); c < off + len && r == 0; c += lay->cluster_size)
+      r = alloc_free_later (&img->alloc, c, META_DATA, punched);
+    return r;
+  }
+  off = entry & L2E_OFFSET_MASK;
+  return off ? alloc_free_later (&img->alloc, off, META_DATA, punched) : 0;
 }

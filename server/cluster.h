@@ -1,5 +1,7 @@
-/* Guest-to-host mapping: what a run of guest clusters is (unallocated,
- * zero, normal, compressed) and where its data lives.  Callers hold meta_lock.
+/* SPDX-License-Identifier: BSD-3-Clause */
+/* Guest clusters: what a run of them is (unallocated, zero, normal,
+ * compressed) and where its data lives, and the references an L2 entry
+ * holds.  Callers hold img->m.lock, except for cluster_map_locked.
  */
 #ifndef Q2_CLUSTER_H
 #define Q2_CLUSTER_H
@@ -28,13 +30,14 @@ struct mapping {
 /* Describes the longest run starting at offset (at most bytes long, within
  * one L2 table) whose clusters are alike and, if allocated, contiguous.
  */
-int map_get (struct q2_image *img, uint64_t offset, uint64_t bytes, struct mapping *m);
-/* The same, taking meta_lock for the lookup. */
-int map_get_locked (struct q2_image *img, uint64_t offset, uint64_t bytes,
-                    struct mapping *m);
+int cluster_map (struct q2_image *img, uint64_t offset, uint64_t bytes, struct mapping *m);
+/* The same, taking the metadata lock for the lookup. */
+int cluster_map_locked (struct q2_image *img, uint64_t offset, uint64_t bytes,
+                        struct mapping *m);
 
-/* Decodes a compressed entry: start and length of the compressed bytes. */
-void compressed_extent (const struct q2_image *img, uint64_t entry,
-                        uint64_t *offset, uint64_t *len);
+/* Drops the references an L2 entry held, once the entry replacing it is on
+ * disk; punched says their host range is already a hole.
+ */
+int cluster_unref_later (struct q2_image *img, uint64_t entry, bool punched);
 
 #endif

@@ -1,14 +1,18 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 #include <config.h>
 
 #include <errno.h>
+#include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
 #include <zlib.h>
 #include <zstd.h>
 
-#include "image.h"
+#include "qcow2-format.h"
+#include "cleanup.h"
 #include "compress.h"
-#include "cluster.h"
+#include "corrupt.h"
+#include "host.h"
 #include "log.h"
 
 /* qcow2 stores raw deflate streams (no zlib header) with a 4 KiB window. */
@@ -56,31 +60,29 @@ static int unzstd (const void *in, size_t inlen, void *out, size_t outlen)
   return r;
 }
 
-int compressed_read_cluster (struct q2_image *img, uint64_t entry, uint64_t guest,
-                             void *out)
+int compress_read (struct hostfile *hf, const struct layout *lay, uint64_t entry,
+                   uint64_t guest, void *out)
 {
   uint64_t coff, clen;
-  void *in;
   int r;
 
-  compressed_extent (img, entry, &coff, &clen);
-  in = malloc (clen);
+  layout_compressed_extent (lay, entry, &coff, &clen);
+  CLEANUP_FREE void *in = malloc (clen);
   if (!in)
     return -ENOMEM;
-  r = host_pread (&img->hf, in, clen, coff);
-  if (r < 0)
-    q2_error ("%s: cannot read the compressed cluster for guest offset 0x%" PRIx64
-              " at host offset 0x%" PRIx64 ": %s", img->name, guest, coff, strerror (-r));
-  else {
-    if (img->compression_type == COMPRESSION_ZSTD)
-      r = unzstd (in, clen, out, img->cluster_size);
-    else
-      r = inflate_raw (in, clen, out, img->cluster_size);
-    if (r == -EIO)
-      q2_corrupt (img, "the compressed cluster for guest offset 0x%" PRIx64
-                  " at host offset 0x%" PRIx64 " (%" PRIu64 " bytes) cannot be "
-                  "decompressed", guest, coff, clen);
+  r = host_pread (hf, in, clen, coff);
+  if (r < 0) {
+    log_error ("%s: cannot read the compressed cluster for guest offset 0x%" PRIx64
+               " at host offset 0x%" PRIx64 ": %s", lay->name, guest, coff, strerror (-r));
+    return r;
   }
-  free (in);
+  if (lay->compression_type == COMPRESSION_ZSTD)
+    r = unzstd (in, clen, out, lay->cluster_size);
+  else
+    r = inflate_raw (in, clen, out, lay->cluster_size);
+  if (r == -EIO)
+    corrupt_error (lay, "the compressed cluster for guest offset 0x%" PRIx64
+                   " at host offset 0x%" PRIx64 " (%" PRIu64 " bytes) cannot be "
+                   "decompressed", guest, coff, clen);
   return r;
 }

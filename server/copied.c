@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* COPIED upkeep when a shared data cluster loses its other references.
  *
  * When a request drops a reference and a data cluster's count falls to 1,
@@ -12,21 +13,30 @@
  */
 #include <config.h>
 
+#include <assert.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "image.h"
-#include "cluster.h"
+#include "qcow2-format.h"
 #include "copied.h"
+#include "corrupt.h"
+#include "engine.h"
 #include "l2.h"
 #include "log.h"
 #include "refcount.h"
+#include "vector.h"
 
 struct shared_ref {
   uint64_t cluster;           /* host cluster index */
   uint64_t guest;             /* guest cluster index of the entry */
+};
+DEFINE_VECTOR_TYPE (shared_vector, struct shared_ref);
+
+struct copied {
+  struct shared_vector shared;  /* sorted by cluster, then guest */
+  bool scanned;
 };
 
 #define WINDOW_BITS 26          /* host clusters per scan pass: 64 MiB of counts */
@@ -47,14 +57,14 @@ struct scan {
 };
 
 /* The host cluster of a normal or allocated-zero entry, if it has one. */
-static bool plain_cluster (const struct q2_image *img, uint64_t e, uint64_t *cluster)
+static bool plain_cluster (const struct layout *lay, uint64_t e, uint64_t *cluster)
 {
   uint64_t off = e & L2E_OFFSET_MASK;
 
   if (e & (QCOW_OFLAG_COMPRESSED | L2E_RESERVED_MASK) || !off ||
-      off & (img->cluster_size - 1))
+      off & (lay->cluster_size - 1))
     return false;
-  *cluster = off >> img->cluster_bits;
+  *cluster = off >> lay->cluster_bits;
   return true;
 }
 
@@ -82,27 +92,19 @@ static bool wanted (uint8_t v)
 
 static void remember (struct scan *s, uint64_t cluster, uint64_t guest)
 {
-  struct q2_image *img = s->img;
+  struct copied *cp = s->img->copied;
+  struct shared_ref ref = { cluster, guest };
 
-  if (img->nshared == MAX_SHARED) {
+  if (cp->shared.len == MAX_SHARED) {
     if (!s->full_said)
-      q2_notice ("%s: more than %u guest clusters share host clusters; COPIED flags "
-                 "of the others are left for `qemu-img check -r all`", img->name,
-                 MAX_SHARED);
+      log_notice ("%s: more than %u guest clusters share host clusters; COPIED flags "
+                  "of the others are left for `qemu-img check -r all`", s->img->m.lay.name,
+                  MAX_SHARED);
     s->full_said = true;
     return;
   }
-  if (img->nshared == img->shared_cap) {
-    size_t cap = img->shared_cap ? img->shared_cap * 2 : 64;
-    struct shared_ref *p = realloc (img->shared, cap * sizeof *p);
-    if (!p) {
-      s->err = -ENOMEM;
-      return;
-    }
-    img->shared = p;
-    img->shared_cap = cap;
-  }
-  img->shared[img->nshared++] = (struct shared_ref) { cluster, guest };
+  if (shared_vector_append (&cp->shared, ref) < 0)
+    s->err = -ENOMEM;
 }
 
 static void visit_entry (struct scan *s, uint64_t e, uint64_t guest)
@@ -113,13 +115,13 @@ static void visit_entry (struct scan *s, uint64_t e, uint64_t guest)
   if (e & QCOW_OFLAG_COMPRESSED) {
     if (s->collect)
       return;
-    compressed_extent (s->img, e, &off, &len);
-    for (c = off >> s->img->cluster_bits;
-         c <= (off + len - 1) >> s->img->cluster_bits; c++)
+    layout_compressed_extent (&s->img->m.lay, e, &off, &len);
+    for (c = off >> s->img->m.lay.cluster_bits;
+         c <= (off + len - 1) >> s->img->m.lay.cluster_bits; c++)
       count (s, c, false);
     return;
   }
-  if (!plain_cluster (s->img, e, &cl))
+  if (!plain_cluster (&s->img->m.lay, e, &cl))
     return;
   if (!s->collect)
     count (s, cl, !(e & QCOW_OFLAG_COPIED));
@@ -133,26 +135,26 @@ static void visit_entry (struct scan *s, uint64_t e, uint64_t guest)
 static int scan_pass (struct scan *s)
 {
   struct q2_image *img = s->img;
-  bool quiet = img->quiet_corruption;
+  const struct layout *lay = &img->m.lay;
+  bool quiet = corrupt_quiet (true);
   uint64_t i, j;
   int r = 0;
 
-  img->quiet_corruption = true;
-  for (i = 0; i < img->l1.size && s->err == 0; i++) {
-    uint64_t first = i << img->l2_bits;
+  for (i = 0; i < img->m.l1.size && s->err == 0; i++) {
+    uint64_t first = i << lay->l2_bits;
     struct cache_entry *e;
-    r = l2_table_get (img, first << img->cluster_bits, &e);
+    r = l2_get (img, first << lay->cluster_bits, &e);
     if (r == -EIO)
       continue;
     if (r < 0)
       break;
     if (!e)
       continue;
-    for (j = 0; j < l2_entries (img); j++)
+    for (j = 0; j < layout_l2_entries (lay); j++)
       visit_entry (s, l2_entry_get (e, j), first + j);
-    cache_put (e);
+    l2_put (img, e);
   }
-  img->quiet_corruption = quiet;
+  corrupt_quiet (quiet);
   return r < 0 && r != -EIO ? r : s->err;
 }
 
@@ -166,8 +168,8 @@ static int scan_window (struct scan *s)
 
   if (!(s->c = calloc (s->n, 1)))
     return -ENOMEM;
-  for (i = 0; i < img->fell_to_one.n; i++)
-    if ((p = slot (s, img->fell_to_one.v[i])))
+  for (i = 0; i < img->alloc.fell_to_one.len; i++)
+    if ((p = slot (s, img->alloc.fell_to_one.ptr[i])))
       *p |= FELL_TO_ONE;
   s->collect = false;
   r = scan_pass (s);
@@ -192,7 +194,8 @@ static int cmp_ref (const void *a, const void *b)
 
 static int scan (struct q2_image *img)
 {
-  uint64_t total = size_to_clusters (img, img->file_end);
+  struct copied *cp = img->copied;
+  uint64_t total = layout_clusters (&img->m.lay, img->m.lay.file_end);
   struct scan s = { .img = img };
   int r = 0;
 
@@ -201,27 +204,27 @@ static int scan (struct q2_image *img)
     r = scan_window (&s);
   }
   if (r < 0) {
-    img->nshared = 0;
+    cp->shared.len = 0;
     return r;
   }
-  if (img->nshared) {
-    qsort (img->shared, img->nshared, sizeof *img->shared, cmp_ref);
-    q2_notice ("%s: %zu guest clusters share a host cluster with other active "
-               "references (not an image QEMU writes); their COPIED flags are kept "
-               "up to date", img->name, img->nshared);
+  if (cp->shared.len) {
+    qsort (cp->shared.ptr, cp->shared.len, sizeof *cp->shared.ptr, cmp_ref);
+    log_notice ("%s: %zu guest clusters share a host cluster with other active "
+                "references (not an image QEMU writes); their COPIED flags are kept "
+                "up to date", img->m.lay.name, cp->shared.len);
   }
-  img->shared_scanned = true;
+  cp->scanned = true;
   return 0;
 }
 
-/* The first remembered entry of cluster, or nshared. */
-static size_t first_ref (const struct q2_image *img, uint64_t cluster)
+/* The first remembered entry of cluster, or the number of them. */
+static size_t first_ref (const struct copied *cp, uint64_t cluster)
 {
-  size_t lo = 0, hi = img->nshared;
+  size_t lo = 0, hi = cp->shared.len;
 
   while (lo < hi) {
     size_t mid = lo + (hi - lo) / 2;
-    if (img->shared[mid].cluster < cluster)
+    if (cp->shared.ptr[mid].cluster < cluster)
       lo = mid + 1;
     else
       hi = mid;
@@ -232,86 +235,85 @@ static size_t first_ref (const struct q2_image *img, uint64_t cluster)
 /* Whether the active entry of guest cluster g still uses cluster without COPIED. */
 static int still_shared (struct q2_image *img, uint64_t g, uint64_t cluster, bool *yes)
 {
+  const struct layout *lay = &img->m.lay;
   struct cache_entry *e;
   uint64_t entry, cl;
   int r;
 
   *yes = false;
-  if ((r = l2_table_get (img, g << img->cluster_bits, &e)) < 0 || !e)
+  if ((r = l2_get (img, g << lay->cluster_bits, &e)) < 0 || !e)
     return r;
-  entry = l2_entry_get (e, l2_index (img, g << img->cluster_bits));
-  cache_put (e);
-  *yes = plain_cluster (img, entry, &cl) && cl == cluster &&
-    !(entry & QCOW_OFLAG_COPIED);
+  entry = l2_entry_get (e, layout_l2_index (lay, g << lay->cluster_bits));
+  l2_put (img, e);
+  *yes = plain_cluster (lay, entry, &cl) && cl == cluster && !(entry & QCOW_OFLAG_COPIED);
   return 0;
 }
 
 static int restore_one (struct q2_image *img, uint64_t cluster, bool *changed)
 {
+  const struct layout *lay = &img->m.lay;
+  const struct copied *cp = img->copied;
   uint64_t rc, guest = 0, entry;
   struct cache_entry *e;
   size_t k, users = 0;
   bool yes;
   int r;
 
-  if ((r = refcount_get (img, cluster, &rc)) < 0 || rc != 1)
+  if ((r = refcount_get (&img->m, cluster, &rc)) < 0 || rc != 1)
     return r;
-  for (k = first_ref (img, cluster); k < img->nshared &&
-         img->shared[k].cluster == cluster; k++) {
-    if ((r = still_shared (img, img->shared[k].guest, cluster, &yes)) < 0)
+  for (k = first_ref (cp, cluster); k < cp->shared.len &&
+         cp->shared.ptr[k].cluster == cluster; k++) {
+    if ((r = still_shared (img, cp->shared.ptr[k].guest, cluster, &yes)) < 0)
       return r;
     if (yes) {
       users++;
-      guest = img->shared[k].guest << img->cluster_bits;
+      guest = cp->shared.ptr[k].guest << lay->cluster_bits;
     }
   }
   if (users != 1) {
     /* Two users of a count of 1: flagging either would let writes through. */
     if (users > 1)
-      q2_corrupt (img, "host offset 0x%" PRIx64 " is mapped by %zu guest clusters "
-                  "but its refcount is 1", cluster << img->cluster_bits, users);
+      corrupt_error (lay, "host offset 0x%" PRIx64 " is mapped by %zu guest clusters "
+                     "but its refcount is 1", cluster << lay->cluster_bits, users);
     return 0;
   }
-  if ((r = l2_table_get_writable (img, guest, &e)) < 0)
+  if ((r = l2_get_writable (img, guest, &e)) < 0)
     return r;
-  entry = l2_entry_get (e, l2_index (img, guest));
-  l2_entry_set (img, e, l2_index (img, guest), entry | QCOW_OFLAG_COPIED);
-  cache_put (e);
+  entry = l2_entry_get (e, layout_l2_index (lay, guest));
+  l2_entry_set (img, e, layout_l2_index (lay, guest), entry | QCOW_OFLAG_COPIED);
+  l2_put (img, e);
   *changed = true;
   return 0;
 }
 
-int copied_note_single (struct q2_image *img, uint64_t cluster)
+int copied_new (struct copied **cpp)
 {
-  return u64_list_push (&img->fell_to_one, cluster);
+  return (*cpp = calloc (1, sizeof **cpp)) ? 0 : -ENOMEM;
+}
+
+void copied_free (struct copied *cp)
+{
+  if (!cp)
+    return;
+  shared_vector_reset (&cp->shared);
+  free (cp);
 }
 
 int copied_restore (struct q2_image *img, bool *changed)
 {
+  struct u64_vector *fell = &img->alloc.fell_to_one;
   size_t i;
   int r = 0;
 
+  assert (mutex_held (&img->m.lock));
   *changed = false;
-  if (!img->fell_to_one.n)
+  if (!fell->len)
     return 0;
-  if (!img->shared_scanned && (r = scan (img)) < 0)
+  if (!img->copied->scanned && (r = scan (img)) < 0)
     return r;
-  for (i = 0; i < img->fell_to_one.n && r == 0; i++)
-    r = restore_one (img, img->fell_to_one.v[i], changed);
-  if (r < 0) {
-    memmove (img->fell_to_one.v, img->fell_to_one.v + i - 1,
-             (img->fell_to_one.n - i + 1) * sizeof *img->fell_to_one.v);
-    img->fell_to_one.n -= i - 1;
-    return r;
-  }
-  img->fell_to_one.n = 0;
-  return 0;
-}
-
-void copied_free (struct q2_image *img)
-{
-  u64_list_free (&img->fell_to_one);
-  free (img->shared);
-  img->shared = NULL;
-  img->nshared = img->shared_cap = 0;
+  for (i = 0; i < fell->len && r == 0; i++)
+    r = restore_one (img, fell->ptr[i], changed);
+  /* The one that failed is tried again next time, with the rest. */
+  u64_vector_remove_front (fell, r < 0 ? i - 1 : i);
+  return r;
 }

@@ -1,15 +1,16 @@
-/* Block status as qemu-nbd reports it: data for normal and compressed
- * clusters, hole+zero for zero clusters and for unallocated ones without a
- * backing file, and the backing file's own status where it shows through.
+/* SPDX-License-Identifier: BSD-3-Clause */
+/* Data for normal and compressed clusters, hole+zero for zero clusters and
+ * for unallocated ones without a backing file, and the backing file's own
+ * status where it shows through.
  */
 #include <config.h>
 
 #include <errno.h>
-#include <unistd.h>
 
-#include "image.h"
 #include "backing.h"
 #include "cluster.h"
+#include "engine.h"
+#include "extents.h"
 
 /* Holes in the host file inside allocated clusters (never-written parts
  * of partially written clusters, sub-cluster discards) read as zeros:
@@ -18,28 +19,32 @@
 static int host_status (struct q2_image *img, uint64_t host, uint32_t *type,
                         uint64_t *run)
 {
-  off_t d = lseek (img->hf.fd, host, SEEK_DATA), h;
+  uint64_t d, h;
+  int r;
 
-  if (d == (off_t) -1 || (uint64_t) d > host) {
-    if (d != (off_t) -1 && (uint64_t) d - host < *run)
+  if ((r = host_seek_data (&img->m.hf, host, &d)) < 0)
+    return r;
+  if (d > host) {
+    if (d - host < *run)
       *run = d - host;
     *type = Q2_EXTENT_ZERO;
     return 0;
   }
-  h = lseek (img->hf.fd, host, SEEK_HOLE);
-  if (h != (off_t) -1 && (uint64_t) h - host < *run)
+  if ((r = host_seek_hole (&img->m.hf, host, &h)) < 0)
+    return r;
+  if (h > host && h - host < *run)
     *run = h - host;
   *type = 0;
   return 0;
 }
 
-int image_block_status (struct q2_image *img, uint64_t offset, uint64_t len,
-                        uint32_t *type, uint64_t *run)
+int extents_status (struct q2_image *img, uint64_t offset, uint64_t len,
+                    uint32_t *type, uint64_t *run)
 {
   struct mapping m;
   int r;
 
-  if ((r = map_get_locked (img, offset, len, &m)) < 0)
+  if ((r = cluster_map_locked (img, offset, len, &m)) < 0)
     return r;
   *run = m.bytes;
   switch (m.kind) {
@@ -59,18 +64,18 @@ int image_block_status (struct q2_image *img, uint64_t offset, uint64_t len,
   }
 }
 
-int q2_extents (struct q2_image *img, uint64_t count, uint64_t offset,
-                bool req_one, q2_extent_fn fn, void *opaque)
+int extents_walk (struct q2_image *img, uint64_t count, uint64_t offset, bool req_one,
+                  q2_extent_fn fn, void *opaque)
 {
   uint64_t end = offset + count, start = offset, run, len = 0;
   uint32_t type, cur = 0;
   int r;
 
-  if (offset >= img->virtual_size || count > img->virtual_size - offset)
+  if (offset >= img->m.lay.virtual_size || count > img->m.lay.virtual_size - offset)
     return -EINVAL;
   /* Adjacent runs of one type are merged into one extent. */
   while (offset < end) {
-    if ((r = image_block_status (img, offset, end - offset, &type, &run)) < 0)
+    if ((r = extents_status (img, offset, end - offset, &type, &run)) < 0)
       return r;
     if (len && type != cur) {
       if ((r = fn (opaque, start, len, cur)) != 0)

@@ -1,5 +1,7 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* The qcow2 header: validation at open, header extensions, and the few
- * fields we ever rewrite (each with one small write inside one sector).
+ * fields we ever rewrite, each with one small write inside one sector, so
+ * that a switch of the refcount table is atomic.
  */
 #ifndef Q2_HEADER_H
 #define Q2_HEADER_H
@@ -7,7 +9,8 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-struct q2_image;
+struct hostfile;
+struct layout;
 
 struct header_extras {
   uint64_t backing_offset;
@@ -16,12 +19,13 @@ struct header_extras {
 };
 
 /* Parses and validates the header in buf (the first cluster, or as much of
- * it as the file has); fills img's geometry.  file_size guards truncation.
+ * it as the file has) into lay's geometry and places; file_size guards
+ * truncation.  readonly allows images marked corrupt or dirty.
  */
-int header_parse (struct q2_image *img, const uint8_t *buf, uint64_t buflen,
-                  uint64_t file_size, struct header_extras *ex);
+int header_parse (struct layout *lay, const uint8_t *buf, uint64_t buflen,
+                  uint64_t file_size, bool readonly, struct header_extras *ex);
 
-int header_write_reftable (struct q2_image *img, uint64_t offset, uint32_t clusters);
-int header_clear_autoclear (struct q2_image *img);
+int header_write_reftable (struct hostfile *hf, uint64_t offset, uint32_t clusters);
+int header_clear_autoclear (struct hostfile *hf, struct layout *lay);
 
 #endif

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 #include <config.h>
 
 #include <errno.h>
@@ -21,7 +22,7 @@ struct hosttest {
 };
 
 static const char *const op_names[HOP_COUNT] = {
-  "read", "write", "punch", "zero", "truncate", "sync",
+  "read", "write", "punch", "zero", "truncate", "sync", "seek",
 };
 
 struct hosttest *hosttest_new (const char *name, int writable)
@@ -42,9 +43,9 @@ struct hosttest *hosttest_new (const char *name, int writable)
   if (iolog && *iolog) {
     t->iolog_fd = open (iolog, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
     if (t->iolog_fd == -1)
-      q2_error ("%s: cannot open the I/O log %s: %s", name, iolog, strerror (errno));
+      log_error ("%s: cannot open the I/O log %s: %s", name, iolog, strerror (errno));
   }
-  q2_notice ("%s: test hooks are on (%s%s%s)", name, faults ? "faults" : "",
+  log_notice ("%s: test hooks are on (%s%s%s)", name, faults ? "faults" : "",
              faults && iolog ? ", " : "", iolog ? "I/O log" : "");
   return t;
 }
@@ -113,13 +114,13 @@ void hosttest_record (struct hosttest *t, enum host_op op, const void *data,
 {
   uint8_t head[24] = { (uint8_t) op };
 
-  if (t->iolog_fd < 0 || op == HOP_READ)
+  if (t->iolog_fd < 0 || op == HOP_READ || op == HOP_SEEK)
     return;
   memcpy (head + 8, &offset, 8);
   memcpy (head + 16, &len, 8);
   pthread_mutex_lock (&t->lock);
   if (write (t->iolog_fd, head, sizeof head) != sizeof head ||
       (op == HOP_WRITE && write (t->iolog_fd, data, len) != (ssize_t) len))
-    q2_error ("I/O log write failed: %s", strerror (errno));
+    log_error ("I/O log write failed: %s", strerror (errno));
   pthread_mutex_unlock (&t->lock);
 }

@@ -1,12 +1,13 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Test hooks of the host I/O layer, off unless the environment asks:
  *   QCOW2RECLAIM_FAULTS=FILE  injects errors: FILE holds lines "OP ERRNO"
- *     (OP: read write punch zero truncate sync; ERRNO: EIO ENOSPC
+ *     (OP: read write punch zero truncate sync seek; ERRNO: EIO ENOSPC
  *     EOPNOTSUPP), re-read whenever it changes; an empty file injects none.
  *   QCOW2RECLAIM_IOLOG=FILE   records every write, punch, zero, truncate
  *     and sync of the image, with the data, for crash-point replay.
  * With either set, io_uring batches are not used, so every operation
  * passes through here.
- *   QCOW2RECLAIM_RING_STALL=1 (hostio.c) makes each io_uring batch wait
+ *   QCOW2RECLAIM_RING_STALL=1 (host.c) makes each io_uring batch wait
  *     behind a read of an empty pipe, as if the kernel held the writes.
  */
 #ifndef Q2_HOSTTEST_H
@@ -15,9 +16,12 @@
 #include <stddef.h>
 #include <stdint.h>
 
-enum host_op { HOP_READ, HOP_WRITE, HOP_PUNCH, HOP_ZERO, HOP_TRUNCATE, HOP_SYNC, HOP_COUNT };
+/* The numbers are the I/O log's record types (tests/crash_replay.py). */
+enum host_op {
+  HOP_READ, HOP_WRITE, HOP_PUNCH, HOP_ZERO, HOP_TRUNCATE, HOP_SYNC, HOP_SEEK,
+  HOP_COUNT
+};
 
-struct hostfile;
 struct hosttest;
 
 /* Returns NULL when no test hook is asked for (the normal case). */
@@ -25,7 +29,9 @@ struct hosttest *hosttest_new (const char *name, int writable);
 void hosttest_free (struct hosttest *t);
 /* 0, or the negative errno to fail this operation with. */
 int hosttest_fault (struct hosttest *t, enum host_op op);
-/* Records a completed operation (data only for writes). */
+/* Records a completed operation (data only for writes; reads and seeks
+ * change nothing and are not recorded).
+ */
 void hosttest_record (struct hosttest *t, enum host_op op, const void *data,
                       uint64_t offset, uint64_t len);
 

@@ -1,175 +1,219 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
+/* The image API (include/qcow2reclaim.h): opening and closing an image,
+ * and the entry points of every operation.  Options that cross operations
+ * are applied here: read-only, detect-zeroes, FUA, and when deferred frees
+ * pile up between flushes.
+ */
 #include <config.h>
 
 #include <errno.h>
-#include <stdarg.h>
+#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "image.h"
-#include "copied.h"
-#include "header.h"
+#include "qcow2-format.h"
+#include "qcow2reclaim.h"
 #include "backing.h"
-#include "flush.h"
-#include "l1.h"
+#include "check.h"
+#include "cleanup.h"
+#include "commit.h"
+#include "copied.h"
+#include "cow.h"
+#include "discard.h"
+#include "engine.h"
+#include "extents.h"
+#include "header.h"
+#include "hostlock.h"
 #include "log.h"
+#include "map.h"
+#include "read.h"
+#include "request.h"
 
 #define HEADER_READ_MAX (2u << 20)   /* the largest cluster holds the header */
 
-int q2_corrupt (struct q2_image *img, const char *fmt, ...)
-{
-  char msg[768];
-  va_list ap;
+static int image_open (const struct q2_options *o, int depth,
+                       const struct backing_chain *above, struct q2_image **imgp);
 
-  if (img->quiet_corruption)
-    return -EIO;
-  va_start (ap, fmt);
-  vsnprintf (msg, sizeof msg, fmt, ap);
-  va_end (ap);
-  q2_error ("%s: corrupt image: %s", img->name, msg);
-  return -EIO;
+void q2_set_logger (q2_log_fn fn)
+{
+  log_set_fn (fn);
 }
 
-static bool overlaps (uint64_t a, uint64_t alen, uint64_t b, uint64_t blen)
+/* A qcow2 backing file is an image of its own, opened read-only. */
+static int backing_qcow2_open (const char *path, int depth,
+                               const struct backing_chain *chain, void **handle)
 {
-  return blen && a < b + blen && b < a + alen;
+  struct q2_options o = { .file = path, .readonly = true,
+                          .cache_size = Q2_DEFAULT_CACHE_SIZE / 4 };
+  struct q2_image *img;
+  int r = image_open (&o, depth, chain, &img);
+
+  *handle = img;
+  return r;
 }
 
-/* self is what the range is meant to hold: data (META_NONE), or one kind
- * of metadata, which must then be known as that kind.
- */
-int check_host_range (struct q2_image *img, uint64_t offset, uint64_t len,
-                      enum meta_kind self, const char *what, uint64_t guest)
+static void backing_qcow2_close (void *h)
 {
-  static const char *const held[] = {
-    [META_L2] = "which holds an L2 table", [META_REFBLOCK] = "which holds a refcount block",
-  };
-  enum meta_kind k;
-  uint64_t c;
-  const char *why = NULL;
-  uint64_t cs = img->cluster_size;
-  char gbuf[48] = "";
-
-  /* The last cluster may end past the end of the file: partial writes
-   * into fresh clusters leave the rest as a hole, which reads as zeros.
-   */
-  if (offset >= img->file_end)
-    why = "past the end of the file";
-  else if (offset < cs)
-    why = "inside the image header";
-  else if (overlaps (offset, len, img->l1.offset, (img->l1.size * 8 + cs - 1) & ~(cs - 1)))
-    why = "inside the L1 table";
-  else if (overlaps (offset, len, img->reftable.offset, img->reftable_clusters * cs))
-    why = "inside the refcount table";
-  for (c = offset >> img->cluster_bits; !why && c <= (offset + len - 1) >> img->cluster_bits; c++)
-    if ((k = overlap_kind (&img->meta, c)) != META_NONE && k != self)
-      why = held[k];
-  if (!why)
-    return 0;
-  if (guest != UINT64_MAX)
-    snprintf (gbuf, sizeof gbuf, " for guest offset 0x%" PRIx64, guest);
-  return q2_corrupt (img, "%s%s points to host offset 0x%" PRIx64 ", %s",
-                     what, gbuf, offset, why);
+  q2_close (h);
 }
 
-static int read_header (struct q2_image *img, char **backing_name, char *backing_fmt, size_t fmtlen)
+static uint64_t backing_qcow2_size (void *h)
 {
+  return q2_virtual_size (h);
+}
+
+static int backing_qcow2_read (void *h, void *buf, uint64_t len, uint64_t off)
+{
+  return read_range (h, buf, len, off);
+}
+
+static int backing_qcow2_status (void *h, uint64_t off, uint64_t len, uint32_t *type,
+                                 uint64_t *run)
+{
+  return extents_status (h, off, len, type, run);
+}
+
+static int backing_qcow2_map (void *h, uint64_t off, uint64_t len, int depth,
+                              struct q2_map_entry *e)
+{
+  return map_status (h, off, len, depth, e);
+}
+
+static const struct backing_ops backing_qcow2 = {
+  .open = backing_qcow2_open,
+  .close = backing_qcow2_close,
+  .size = backing_qcow2_size,
+  .read = backing_qcow2_read,
+  .block_status = backing_qcow2_status,
+  .map_status = backing_qcow2_map,
+};
+
+static int read_header (struct q2_image *img, char **backing_name, char *backing_fmt,
+                        size_t fmtlen)
+{
+  struct layout *lay = &img->m.lay;
   struct header_extras ex;
   uint64_t size, n;
-  uint8_t *buf;
   int r;
 
-  if ((r = host_size (&img->hf, &size)) < 0)
+  if ((r = host_size (&img->m.hf, &size)) < 0)
     return r;
-  img->file_end = size;
+  lay->file_end = size;
   n = size < HEADER_READ_MAX ? size : HEADER_READ_MAX;
-  buf = calloc (1, n > HDR_V3_MIN_LENGTH ? n : HDR_V3_MIN_LENGTH);
+  CLEANUP_FREE uint8_t *buf = calloc (1, n > HDR_V3_MIN_LENGTH ? n : HDR_V3_MIN_LENGTH);
   if (!buf)
     return -ENOMEM;
-  r = host_pread (&img->hf, buf, n, 0);
-  if (r < 0)
-    q2_error ("%s: cannot read the header: %s", img->name, strerror (-r));
-  if (r == 0)
-    r = header_parse (img, buf, n, size, &ex);
-  if (r == 0 && ex.backing_offset && ex.backing_len) {
-    *backing_name = strndup ((char *) buf + ex.backing_offset, ex.backing_len);
-    snprintf (backing_fmt, fmtlen, "%s", ex.backing_format);
-    if (!*backing_name)
-      r = -ENOMEM;
+  if ((r = host_pread (&img->m.hf, buf, n, 0)) < 0) {
+    log_error ("%s: cannot read the header: %s", lay->name, strerror (-r));
+    return r;
   }
-  free (buf);
-  return r;
+  if ((r = header_parse (lay, buf, n, size, img->readonly, &ex)) < 0)
+    return r;
+  if (ex.backing_offset && ex.backing_len) {
+    if (!(*backing_name = strndup ((char *) buf + ex.backing_offset, ex.backing_len)))
+      return -ENOMEM;
+    snprintf (backing_fmt, fmtlen, "%s", ex.backing_format);
+  }
+  return 0;
+}
+
+/* Which clusters hold active L2 tables and refcount blocks; bad offsets
+ * are left for the request that meets them to report.
+ */
+static int build_overlap (struct q2_image *img)
+{
+  struct meta *m = &img->m;
+  uint64_t i, off;
+  int r;
+
+  for (i = 0; i < m->reftable.size; i++)
+    if ((off = table_get (&m->reftable, i) & REFT_OFFSET_MASK) &&
+        (r = overlap_add (&m->lay.meta, off >> m->lay.cluster_bits, META_REFBLOCK)) < 0)
+      return r;
+  for (i = 0; i < m->l1.size; i++)
+    if ((off = table_get (&m->l1, i) & L1E_OFFSET_MASK) &&
+        overlap_kind (&m->lay.meta, off >> m->lay.cluster_bits) == META_DATA &&
+        (r = overlap_add (&m->lay.meta, off >> m->lay.cluster_bits, META_L2)) < 0)
+      return r;
+  return 0;
 }
 
 /* backing=none refuses images that need a backing file; backing=FILE
  * replaces the one the header names.
  */
-static int open_backing (struct q2_image *img, const char *override, char *name,
-                         const char *fmt, int depth)
+static int open_backing (struct q2_image *img, const struct backing_chain *chain,
+                         const char *override, const char *name, const char *fmt,
+                         int depth)
 {
   if (override && strcmp (override, "none") == 0) {
     if (!name)
       return 0;
-    q2_error ("%s: the image has a backing file (%s), and backing=none refuses to "
-              "follow it", img->name, name);
+    log_error ("%s: the image has a backing file (%s), and backing=none refuses to "
+               "follow it", img->m.lay.name, name);
     return -EINVAL;
   }
   if (override)
-    return backing_open (img, override, NULL, depth, &img->backing);
+    return backing_open (&backing_qcow2, chain, override, NULL, depth, &img->backing);
   if (!name)
     return 0;
-  return backing_open (img, name, fmt[0] ? fmt : NULL, depth, &img->backing);
+  return backing_open (&backing_qcow2, chain, name, fmt[0] ? fmt : NULL, depth,
+                       &img->backing);
 }
 
 static int image_open (const struct q2_options *o, int depth,
-                       const struct q2_image *child, struct q2_image **imgp)
+                       const struct backing_chain *above, struct q2_image **imgp)
 {
-  struct q2_image *img;
-  char *backing_name = NULL;
+  struct backing_chain link = { .above = above };
+  CLEANUP_FREE char *backing_name = NULL;
   char backing_fmt[32] = "";
+  struct q2_image *img;
+  struct meta *m;
+  struct stat st;
   int r;
 
   *imgp = NULL;
-  img = calloc (1, sizeof *img);
-  if (!img)
+  if (!(img = calloc (1, sizeof *img)))
     return -ENOMEM;
-  pthread_mutex_init (&img->meta_lock, NULL);
-  range_lock_init (&img->guest_lock);
+  m = &img->m;
+  mutex_init (&m->lock);
+  rangelock_init (&img->guest_lock);
+  alloc_init (&img->alloc, m);
   img->readonly = o->readonly;
   img->discard = o->discard;
   img->detect_zeroes = o->detect_zeroes;
-  img->child = child;
-  img->hf.fd = -1;
-  pthread_mutex_init (&img->hf.ring_lock, NULL);
-  r = host_open (&img->hf, o->file, o->readonly);
+  if ((r = host_open (&m->hf, o->file, o->readonly)) < 0) {
+    log_error ("%s: cannot open: %s", o->file, strerror (-r));
+    goto fail;
+  }
+  m->lay.name = m->hf.name;
+  if ((r = hostlock_take (&m->hf, !o->readonly)) < 0 ||
+      (r = read_header (img, &backing_name, backing_fmt, sizeof backing_fmt)) < 0 ||
+      (r = table_load (&m->l1, &m->hf, &m->lay, "L1 table", m->lay.l1_offset,
+                       m->lay.l1_entries)) < 0 ||
+      (r = table_load (&m->reftable, &m->hf, &m->lay, "refcount table",
+                       m->lay.reftable_offset, layout_reftable_entries (&m->lay))) < 0 ||
+      (r = build_overlap (img)) < 0 ||
+      (r = copied_new (&img->copied)) < 0)
+    goto fail;
+  r = cache_init (&m->cache, &m->hf, &m->lay, &m->lock,
+                  o->cache_size ? o->cache_size : Q2_DEFAULT_CACHE_SIZE,
+                  m->lay.cluster_size);
   if (r < 0)
     goto fail;
-  img->name = img->hf.name;
-  if ((r = image_lock (img->hf.fd, img->name, !o->readonly)) < 0)
+  writeback_init (m);
+  if ((r = host_stat (&m->hf, &st)) < 0)
     goto fail;
-  if ((r = read_header (img, &backing_name, backing_fmt,
-                        sizeof backing_fmt)) < 0)
+  link.dev = st.st_dev;
+  link.ino = st.st_ino;
+  link.name = m->lay.name;
+  if ((r = open_backing (img, &link, o->backing, backing_name, backing_fmt, depth)) < 0)
     goto fail;
-  if ((r = table_load (img, &img->l1, "L1 table")) < 0 ||
-      (r = table_load (img, &img->reftable, "refcount table")) < 0)
+  if (!img->readonly && (r = header_clear_autoclear (&m->hf, &m->lay)) < 0)
     goto fail;
-  if ((r = overlap_build (img)) < 0)
-    goto fail;
-  r = cache_init (&img->cache, o->cache_size ? o->cache_size : Q2_DEFAULT_CACHE_SIZE,
-                  img->cluster_size);
-  if (r < 0)
-    goto fail;
-  r = open_backing (img, o->backing, backing_name, backing_fmt, depth);
-  img->child = NULL;
-  if (r < 0)
-    goto fail;
-  if (!img->readonly && (r = header_clear_autoclear (img)) < 0)
-    goto fail;
-  free (backing_name);
   *imgp = img;
   return 0;
 fail:
-  free (backing_name);
   q2_close (img);
   return r;
 }
@@ -179,59 +223,180 @@ int q2_open (const struct q2_options *o, struct q2_image **imgp)
   return image_open (o, 0, NULL, imgp);
 }
 
-int image_open_chain (const char *path, int depth, const struct q2_image *child,
-                      struct q2_image **imgp)
-{
-  struct q2_options o = { .file = path, .readonly = true,
-                          .cache_size = Q2_DEFAULT_CACHE_SIZE / 4 };
-  return image_open (&o, depth, child, imgp);
-}
-
 int q2_after_fork (struct q2_image *img)
 {
   if (!img->readonly)
-    host_start_ring (&img->hf);
+    host_start_ring (&img->m.hf);
   return 0;
 }
 
 int q2_close (struct q2_image *img)
 {
+  struct meta *m;
   bool synced;
   int r = 0;
 
   if (!img)
     return 0;
-  if (!img->readonly && img->hf.fd >= 0 && img->cache.buckets) {
-    pthread_mutex_lock (&img->meta_lock);
-    r = flush_metadata (img, &synced);
-    pthread_mutex_unlock (&img->meta_lock);
+  m = &img->m;
+  if (!img->readonly && m->cache.buckets) {
+    mutex_lock (&m->lock);
+    r = commit_run (img, &synced);
+    mutex_unlock (&m->lock);
   }
   backing_close (img->backing);
-  if (img->cache.buckets)
-    cache_free (&img->cache);
-  overlap_free (&img->meta);
-  table_free (&img->l1);
-  table_free (&img->reftable);
-  u64_list_free (&img->pending);
-  copied_free (img);
-  host_close (&img->hf);
-  range_lock_destroy (&img->guest_lock);
-  pthread_mutex_destroy (&img->meta_lock);
+  cache_free (&m->cache);
+  overlap_free (&m->lay.meta);
+  table_free (&m->l1);
+  table_free (&m->reftable);
+  alloc_free (&img->alloc);
+  copied_free (img->copied);
+  host_close (&m->hf);
+  rangelock_destroy (&img->guest_lock);
+  mutex_destroy (&m->lock);
   free (img);
   return r;
 }
 
 uint64_t q2_virtual_size (const struct q2_image *img)
 {
-  return img->virtual_size;
+  return img->m.lay.virtual_size;
 }
 
 uint32_t q2_cluster_size (const struct q2_image *img)
 {
-  return (uint32_t) img->cluster_size;
+  return (uint32_t) img->m.lay.cluster_size;
 }
 
 bool q2_readonly (const struct q2_image *img)
 {
   return img->readonly;
+}
+
+const char *q2_file_name (const struct q2_image *img)
+{
+  return img->m.lay.name;
+}
+
+int q2_file_size (struct q2_image *img, uint64_t *size)
+{
+  return host_size (&img->m.hf, size);
+}
+
+uint32_t q2_format_version (const struct q2_image *img)
+{
+  return img->m.lay.version;
+}
+
+uint32_t q2_snapshot_count (const struct q2_image *img)
+{
+  return img->m.lay.nb_snapshots;
+}
+
+int q2_read (struct q2_image *img, void *buf, uint64_t count, uint64_t offset)
+{
+  return read_range (img, buf, count, offset);
+}
+
+static bool is_zero (const void *buf, uint64_t count)
+{
+  const unsigned char *p = buf;
+
+  /* Compare the buffer with itself shifted by one byte after checking the
+   * first: all equal and the first is zero means all zero.
+   */
+  return count == 0 || (p[0] == 0 && memcmp (p, p + 1, count - 1) == 0);
+}
+
+int q2_write (struct q2_image *img, const void *buf, uint64_t count,
+              uint64_t offset, unsigned flags)
+{
+  struct rangelock_held h;
+  bool apply_frees;
+  int r;
+
+  if (img->readonly)
+    return -EROFS;
+  if ((r = request_check (img, count, offset)) < 0)
+    return r;
+  if (img->detect_zeroes && is_zero (buf, count)) {
+    r = q2_zero (img, count, offset, (flags & Q2_FUA) |
+                 (img->detect_zeroes == Q2_DETECT_ZEROES_UNMAP ? Q2_MAY_TRIM : 0));
+    return r < 0 ? r : 0;
+  }
+  request_lock (img, &h, count, offset, true);
+  r = cow_write (img, buf, count, offset, &apply_frees);
+  if (r == 0 && (flags & Q2_FUA))
+    r = q2_flush (img);
+  else if (r == 0 && apply_frees) {
+    mutex_lock (&img->m.lock);
+    r = commit_frees (img);
+    mutex_unlock (&img->m.lock);
+  }
+  request_unlock (img, &h);
+  return r;
+}
+
+int q2_zero (struct q2_image *img, uint64_t count, uint64_t offset, unsigned flags)
+{
+  bool kept;
+  int r = discard_zero (img, count, offset, flags & ~Q2_FUA, &kept);
+
+  if (r == 0 && (flags & Q2_FUA))
+    r = q2_flush (img);
+  return r < 0 ? r : kept;
+}
+
+int q2_discard (struct q2_image *img, uint64_t count, uint64_t offset, unsigned flags)
+{
+  bool kept;
+  int r = discard_range (img, count, offset, &kept);
+
+  if (r == 0 && (flags & Q2_FUA))
+    r = q2_flush (img);
+  return r < 0 ? r : kept;
+}
+
+int q2_flush (struct q2_image *img)
+{
+  bool synced = false;
+  int r;
+
+  if (img->readonly)
+    return 0;
+  mutex_lock (&img->m.lock);
+  r = commit_run (img, &synced);
+  mutex_unlock (&img->m.lock);
+  /* Data alone needs no lock: sync outside it so lookups go on. */
+  if (r == 0 && !synced && (r = host_sync_if_needed (&img->m.hf)) < 0)
+    log_error ("%s: cannot sync the image file: %s", img->m.lay.name, strerror (-r));
+  return r;
+}
+
+int q2_extents (struct q2_image *img, uint64_t count, uint64_t offset,
+                bool req_one, q2_extent_fn fn, void *opaque)
+{
+  return extents_walk (img, count, offset, req_one, fn, opaque);
+}
+
+int q2_map (struct q2_image *img, q2_map_fn fn, void *opaque)
+{
+  return map_walk (img, fn, opaque);
+}
+
+int q2_check (struct q2_image *img, struct q2_check *res, q2_progress_fn progress,
+              void *opaque)
+{
+  return check_image (img, res, progress, opaque);
+}
+
+void q2_get_stats (struct q2_image *img, struct q2_stats *s)
+{
+  LOCK_FOR_SCOPE (&img->m.lock);
+  s->bytes_punched = host_bytes_released (&img->m.hf);
+  s->clusters_freed = img->alloc.clusters_freed;
+  s->l2_tables_freed = img->l2_tables_freed;
+  s->refblocks_freed = img->alloc.refblocks_freed;
+  s->truncations = img->truncations;
+  s->bytes_truncated = img->bytes_truncated;
 }

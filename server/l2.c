@@ -1,18 +1,15 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 #include <config.h>
 
+#include <assert.h>
 #include <errno.h>
+#include <inttypes.h>
 #include <string.h>
 
-#include "image.h"
+#include "qcow2-format.h"
+#include "corrupt.h"
+#include "engine.h"
 #include "l2.h"
-#include "l1.h"
-#include "alloc.h"
-#include "log.h"
-
-static uint64_t l1_index (const struct q2_image *img, uint64_t guest_offset)
-{
-  return guest_offset >> (img->cluster_bits + img->l2_bits);
-}
 
 uint64_t l2_entry_get (const struct cache_entry *e, uint64_t index)
 {
@@ -21,75 +18,84 @@ uint64_t l2_entry_get (const struct cache_entry *e, uint64_t index)
 
 void l2_entry_set (struct q2_image *img, struct cache_entry *e, uint64_t index, uint64_t v)
 {
+  assert (e->kind == META_L2 && e->pins > 0);
   be64_put ((uint8_t *) e->buf + index * 8, v);
-  cache_mark_dirty (&img->cache, e);
+  cache_mark_dirty (&img->m.cache, e);
+}
+
+void l2_put (struct q2_image *img, struct cache_entry *e)
+{
+  cache_put (&img->m.cache, e);
 }
 
 /* The L2 offset in an L1 entry, checked before anything is read there. */
-static int l1_entry_offset (struct q2_image *img, uint64_t guest_offset, uint64_t *off)
+static int l1_entry_offset (struct q2_image *img, uint64_t guest, uint64_t *off)
 {
-  uint64_t i = l1_index (img, guest_offset);
-  uint64_t e = img->l1.entries[i];
-  uint64_t table_start = i << (img->cluster_bits + img->l2_bits);
+  const struct layout *lay = &img->m.lay;
+  uint64_t i = layout_l1_index (lay, guest);
+  uint64_t e = table_get (&img->m.l1, i);
+  uint64_t table_start = i << (lay->cluster_bits + lay->l2_bits);
 
   *off = e & L1E_OFFSET_MASK;
   if (*off == 0)
     return 0;
-  if (e & L1E_RESERVED_MASK & ~QCOW_OFLAG_COPIED || *off & (img->cluster_size - 1))
-    return q2_corrupt (img, "L1 entry %" PRIu64 " (0x%" PRIx64 ") for guest offset 0x%"
-                       PRIx64 " is not a valid L2 table offset", i, e, table_start);
-  return check_host_range (img, *off, img->cluster_size, META_L2, "L1 entry",
-                           table_start);
+  if (e & L1E_RESERVED_MASK & ~QCOW_OFLAG_COPIED || *off & (lay->cluster_size - 1))
+    return corrupt_error (lay, "L1 entry %" PRIu64 " (0x%" PRIx64 ") for guest offset 0x%"
+                          PRIx64 " is not a valid L2 table offset", i, e, table_start);
+  return corrupt_check_range (lay, *off, lay->cluster_size, META_L2, "L1 entry",
+                              table_start);
 }
 
-int l2_table_get (struct q2_image *img, uint64_t guest_offset, struct cache_entry **ep)
+int l2_get (struct q2_image *img, uint64_t guest, struct cache_entry **ep)
 {
   uint64_t off;
   int r;
 
+  assert (mutex_held (&img->m.lock));
   *ep = NULL;
-  if ((r = l1_entry_offset (img, guest_offset, &off)) < 0 || off == 0)
+  if ((r = l1_entry_offset (img, guest, &off)) < 0 || off == 0)
     return r;
-  return cache_get (img, CACHE_L2, off, ep);
+  return cache_get (&img->m.cache, META_L2, off, ep);
 }
 
-int l2_table_get_writable (struct q2_image *img, uint64_t guest_offset,
-                           struct cache_entry **ep)
+int l2_get_writable (struct q2_image *img, uint64_t guest, struct cache_entry **ep)
 {
-  uint64_t i = l1_index (img, guest_offset);
+  struct meta *m = &img->m;
+  uint64_t i = layout_l1_index (&m->lay, guest);
   struct cache_entry *old = NULL, *e;
   uint64_t old_off, new_off;
   int r;
 
-  if ((r = l1_entry_offset (img, guest_offset, &old_off)) < 0)
+  assert (mutex_held (&m->lock));
+  if ((r = l1_entry_offset (img, guest, &old_off)) < 0)
     return r;
-  if (old_off && (img->l1.entries[i] & QCOW_OFLAG_COPIED))
-    return cache_get (img, CACHE_L2, old_off, ep);
+  if (old_off && (table_get (&m->l1, i) & QCOW_OFLAG_COPIED))
+    return cache_get (&m->cache, META_L2, old_off, ep);
 
-  /* New table, or a private copy of one shared with a snapshot. */
-  if (old_off && (r = cache_get (img, CACHE_L2, old_off, &old)) < 0)
+  /* A new table, or a private copy of one shared with a snapshot. */
+  if (old_off && (r = cache_get (&m->cache, META_L2, old_off, &old)) < 0)
     return r;
-  r = alloc_contiguous (img, 1, &new_off);
+  r = alloc_contiguous (&img->alloc, 1, &new_off);
   if (r == 0)
-    r = cache_get_new (img, CACHE_L2, new_off, &e);
+    r = cache_get_new (&m->cache, META_L2, new_off, &e);
   if (r < 0) {
     if (old)
-      cache_put (old);
+      cache_put (&m->cache, old);
     return r;
   }
   if (old) {
-    memcpy (e->buf, old->buf, img->cluster_size);
-    cache_put (old);
-    if ((r = alloc_free_later (img, old_off, META_L2, false)) < 0) {
-      cache_put (e);
+    memcpy (e->buf, old->buf, m->lay.cluster_size);
+    cache_put (&m->cache, old);
+    if ((r = alloc_free_later (&img->alloc, old_off, META_L2, false)) < 0) {
+      cache_put (&m->cache, e);
       return r;
     }
   }
-  if ((r = overlap_add (&img->meta, new_off >> img->cluster_bits, META_L2)) < 0) {
-    cache_put (e);
+  if ((r = overlap_add (&m->lay.meta, new_off >> m->lay.cluster_bits, META_L2)) < 0) {
+    cache_put (&m->cache, e);
     return r;
   }
-  table_set (&img->l1, i, new_off | QCOW_OFLAG_COPIED);
+  table_set (&m->l1, i, new_off | QCOW_OFLAG_COPIED);
   *ep = e;
   return 0;
 }

@@ -1,25 +1,26 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 #include <config.h>
 
 #include <stdarg.h>
 #include <stdio.h>
 
-#include "qcow2reclaim.h"
 #include "log.h"
 
 static void stderr_logger (int level, const char *msg)
 {
-  if (level <= Q2_LOG_NOTICE)
+  if (level <= LOG_NOTICE)
     fprintf (stderr, "qcow2reclaim: %s\n", msg);
 }
 
-static q2_log_fn logger = stderr_logger;
+/* Set once, before any image is opened (the plugin's .load). */
+static log_fn logger = stderr_logger;
 
-void q2_set_logger (q2_log_fn fn)
+void log_set_fn (log_fn fn)
 {
   logger = fn ? fn : stderr_logger;
 }
 
-void q2_log (int level, const char *fmt, ...)
+void log_msg (int level, const char *fmt, ...)
 {
   char msg[1024];
   va_list ap;

@@ -1,7 +1,9 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 #include <config.h>
 
 #include <errno.h>
 #include <fcntl.h>
+#include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -12,7 +14,7 @@
 #include <liburing.h>
 #endif
 
-#include "hostio.h"
+#include "host.h"
 #include "hosttest.h"
 #include "log.h"
 
@@ -24,23 +26,22 @@ int host_open (struct hostfile *hf, const char *name, bool readonly)
 {
   memset (hf, 0, sizeof *hf);
   pthread_mutex_init (&hf->ring_lock, NULL);
-  hf->fd = open (name, (readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC);
-  if (hf->fd == -1) {
-    int err = errno;
-    q2_error ("%s: cannot open: %s", name, strerror (err));
-    return -err;
-  }
-  hf->name = strdup (name);
-  if (!hf->name) {
-    close (hf->fd);
+  hf->live = true;
+  hf->fd = -1;
+  if (!(hf->name = strdup (name)))
     return -ENOMEM;
-  }
+  hf->fd = open (name, (readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+  if (hf->fd == -1)
+    return -errno;
   hf->test = hosttest_new (name, !readonly);
   return 0;
 }
 
 void host_close (struct hostfile *hf)
 {
+  if (!hf->live)
+    return;
+  hf->live = false;
 #ifdef HAVE_LIBURING
   if (hf->ring) {
     io_uring_queue_exit (hf->ring);
@@ -73,7 +74,7 @@ void host_start_ring (struct hostfile *hf)
   if (!ring)
     return;
   if (io_uring_queue_init (RING_DEPTH, ring, 0) < 0) {
-    q2_debug ("%s: io_uring is not available, using plain system calls", hf->name);
+    log_debug ("%s: io_uring is not available, using plain system calls", hf->name);
     free (ring);
     return;
   }
@@ -193,7 +194,7 @@ static int ring_reap (struct hostfile *hf, size_t n)
       if (++idle == RING_CANCEL_SECONDS)
         ring_cancel_unstarted (hf);
       if (idle == RING_SLOW_SECONDS)
-        q2_notice ("%s: %zu of %zu host writes are still pending after %u s",
+        log_notice ("%s: %zu of %zu host writes are still pending after %u s",
                    hf->name, n - done, n, idle);
     }
     if (r == -EINTR || r == -ETIME)
@@ -217,7 +218,7 @@ static int ring_reap (struct hostfile *hf, size_t n)
                          hw->offset + res);
   }
   if (redone)
-    q2_notice ("%s: io_uring had not started %zu of %zu host writes after %u s; "
+    log_notice ("%s: io_uring had not started %zu of %zu host writes after %u s; "
                "they were written with plain system calls", hf->name, redone, n,
                RING_CANCEL_SECONDS);
   return err;
@@ -270,7 +271,7 @@ static int ring_write_some (struct hostfile *hf, const struct host_write *w, siz
   submitted = submitted > extra ? submitted - extra : 0;
   err = ring_reap (hf, submitted);
   if (submitted < n) {
-    q2_debug ("%s: io_uring took %zu of %zu writes, using plain system calls",
+    log_debug ("%s: io_uring took %zu of %zu writes, using plain system calls",
               hf->name, submitted, n);
     __atomic_store_n (&hf->ring_ok, false, __ATOMIC_RELEASE);
     return err ? err : -EAGAIN;
@@ -312,6 +313,36 @@ int host_punch (struct hostfile *hf, uint64_t offset, uint64_t len)
     return -errno;
   RECORD (hf, HOP_PUNCH, NULL, offset, len);
   return 0;
+}
+
+void host_release (struct hostfile *hf, uint64_t offset, uint64_t len)
+{
+  int r;
+
+  if (len == 0 || !host_can_punch (hf))
+    return;
+  r = host_punch (hf, offset, len);
+  if (r == -EOPNOTSUPP) {
+    /* Said by the first thread to find out, once. */
+    if (!__atomic_exchange_n (&hf->punch_unsupported, true, __ATOMIC_ACQ_REL))
+      log_notice ("%s: the host filesystem cannot punch holes; freed clusters are "
+                  "reused, but their space does not go back to the host", hf->name);
+  }
+  else if (r < 0)
+    log_error ("%s: cannot punch host range 0x%" PRIx64 "+%" PRIu64 ": %s",
+               hf->name, offset, len, strerror (-r));
+  else
+    __atomic_add_fetch (&hf->bytes_released, len, __ATOMIC_RELAXED);
+}
+
+bool host_can_punch (const struct hostfile *hf)
+{
+  return !__atomic_load_n (&hf->punch_unsupported, __ATOMIC_ACQUIRE);
+}
+
+uint64_t host_bytes_released (const struct hostfile *hf)
+{
+  return __atomic_load_n (&hf->bytes_released, __ATOMIC_RELAXED);
 }
 
 /* Zeroes a range, keeping it allocated where the filesystem can. */
@@ -376,4 +407,55 @@ int host_size (struct hostfile *hf, uint64_t *size)
     return -errno;
   *size = st.st_size;
   return 0;
+}
+
+int host_stat (struct hostfile *hf, struct stat *st)
+{
+  return fstat (hf->fd, st) == -1 ? -errno : 0;
+}
+
+/* ENXIO is lseek's "nothing of that kind from here on", not a failure. */
+static int seek (struct hostfile *hf, uint64_t offset, int whence, uint64_t *pos)
+{
+  off_t r;
+
+  FAULT (hf, HOP_SEEK);
+  if (offset > INT64_MAX)
+    return -EINVAL;
+  r = lseek (hf->fd, (off_t) offset, whence);
+  if (r == (off_t) -1)
+    return errno == ENXIO ? -ENXIO : -errno;
+  *pos = (uint64_t) r;
+  return 0;
+}
+
+int host_seek_data (struct hostfile *hf, uint64_t offset, uint64_t *data)
+{
+  int r = seek (hf, offset, SEEK_DATA, data);
+
+  if (r == -ENXIO) {
+    *data = UINT64_MAX;
+    return 0;
+  }
+  return r;
+}
+
+int host_seek_hole (struct hostfile *hf, uint64_t offset, uint64_t *hole)
+{
+  int r = seek (hf, offset, SEEK_HOLE, hole);
+
+  if (r == -ENXIO) {
+    *hole = offset;
+    return 0;
+  }
+  return r;
+}
+
+int host_is_hole (struct hostfile *hf, uint64_t offset, uint64_t len, bool *hole)
+{
+  uint64_t d;
+  int r = host_seek_data (hf, offset, &d);
+
+  *hole = r == 0 && d >= offset + len;
+  return r;
 }

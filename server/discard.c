@@ -1,4 +1,5 @@
-/* Discard and write-zeroes (DESIGN.md "Discard", "Write-zeroes").
+/* SPDX-License-Identifier: BSD-3-Clause */
+/* Discard and write-zeroes (DESIGN.md, "Semantics").
  *
  * Whole clusters lose their L2 entry (or get the zero flag where a backing
  * file would show through); clusters only we reference are punched at once,
@@ -9,18 +10,21 @@
 #include <config.h>
 
 #include <errno.h>
+#include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
-#include "image.h"
-#include "alloc.h"
-#include "flush.h"
-#include "l1.h"
+#include "qcow2-format.h"
+#include "cleanup.h"
+#include "cluster.h"
+#include "corrupt.h"
+#include "cow.h"
+#include "discard.h"
+#include "engine.h"
 #include "l2.h"
 #include "log.h"
-#include "reclaim.h"
-#include "rw.h"
+#include "request.h"
+#include "vector.h"
 
 #define HOST_BLOCK 4096u
 
@@ -40,27 +44,8 @@ struct reclaim {
    * request ran, or a flush could free them, a write reuse them, and the
    * late punch wipe the new data.
    */
-  struct u64_list unref;
+  struct u64_vector unref;
 };
-
-void reclaim_punch (struct q2_image *img, uint64_t offset, uint64_t len)
-{
-  int r;
-
-  if (img->punch_unsupported || len == 0)
-    return;
-  r = host_punch (&img->hf, offset, len);
-  if (r == -EOPNOTSUPP) {
-    img->punch_unsupported = true;
-    q2_notice ("%s: the host filesystem cannot punch holes; freed clusters are "
-               "reused, but their space does not go back to the host", img->name);
-  }
-  else if (r < 0)
-    q2_error ("%s: cannot punch host range 0x%" PRIx64 "+%" PRIu64 ": %s",
-              img->name, offset, len, strerror (-r));
-  else
-    __atomic_add_fetch (&img->stats.bytes_punched, len, __ATOMIC_RELAXED);
-}
 
 /* Adjacent punches of one request become one fallocate call. */
 static void punch_add (struct reclaim *rc, uint64_t offset, uint64_t len)
@@ -69,7 +54,7 @@ static void punch_add (struct reclaim *rc, uint64_t offset, uint64_t len)
     rc->punch_len += len;
     return;
   }
-  reclaim_punch (rc->img, rc->punch_start, rc->punch_len);
+  host_release (&rc->img->m.hf, rc->punch_start, rc->punch_len);
   rc->punch_start = offset;
   rc->punch_len = len;
 }
@@ -81,7 +66,7 @@ static bool zero_entry (const struct q2_image *img, uint64_t *e)
 {
   if (!img->backing)
     *e = 0;
-  else if (img->version >= 3)
+  else if (img->m.lay.version >= 3)
     *e = QCOW_OFLAG_ZERO;
   else
     return false;
@@ -94,16 +79,12 @@ static int set_entry (struct q2_image *img, uint64_t guest, uint64_t old, uint64
   struct cache_entry *t;
   int r;
 
-  pthread_mutex_lock (&img->meta_lock);
-  r = l2_table_get_writable (img, guest, &t);
-  if (r == 0) {
-    l2_entry_set (img, t, l2_index (img, guest), e);
-    cache_put (t);
-    if (free_old)
-      r = free_old_entry (img, old, punched);
-  }
-  pthread_mutex_unlock (&img->meta_lock);
-  return r;
+  LOCK_FOR_SCOPE (&img->m.lock);
+  if ((r = l2_get_writable (img, guest, &t)) < 0)
+    return r;
+  l2_entry_set (img, t, layout_l2_index (&img->m.lay, guest), e);
+  l2_put (img, t);
+  return free_old ? cluster_unref_later (img, old, punched) : 0;
 }
 
 static int release_unrefs (struct reclaim *rc)
@@ -111,51 +92,47 @@ static int release_unrefs (struct reclaim *rc)
   size_t i;
   int r = 0;
 
-  pthread_mutex_lock (&rc->img->meta_lock);
-  for (i = 0; i < rc->unref.n && r == 0; i++)
-    r = alloc_free_later (rc->img, rc->unref.v[i], META_NONE, true);
-  pthread_mutex_unlock (&rc->img->meta_lock);
-  u64_list_free (&rc->unref);
+  mutex_lock (&rc->img->m.lock);
+  for (i = 0; i < rc->unref.len && r == 0; i++)
+    r = alloc_free_later (&rc->img->alloc, rc->unref.ptr[i], META_DATA, true);
+  mutex_unlock (&rc->img->m.lock);
+  u64_vector_reset (&rc->unref);
   return r;
 }
 
 static int write_zeros (struct reclaim *rc, uint64_t guest, uint64_t len)
 {
-  char *z;
-  int r;
-
   if (rc->fast)
     return -ENOTSUP;
-  if (!(z = calloc (1, len)))
+  CLEANUP_FREE char *z = calloc (1, len);
+  if (!z)
     return -ENOMEM;
-  r = write_locked (rc->img, z, len, guest);
-  free (z);
-  return r;
+  return cow_write (rc->img, z, len, guest, NULL);
 }
 
 /* A whole cluster that is ours alone, with data. */
 static int whole_owned (struct reclaim *rc, uint64_t guest, const struct mapping *m)
 {
   struct q2_image *img = rc->img;
-  uint64_t host = m->entry & L2E_OFFSET_MASK, e;
-  bool v3 = img->version >= 3;
+  uint64_t host = m->entry & L2E_OFFSET_MASK, cs = img->m.lay.cluster_size, e;
+  bool v3 = img->m.lay.version >= 3;
   int r;
 
   if (rc->release && !rc->keep && zero_entry (img, &e)) {
-    if ((r = u64_list_push (&rc->unref, host)) < 0)
+    if ((r = u64_vector_append (&rc->unref, host)) < 0)
       return r;
-    punch_add (rc, host, img->cluster_size);
+    punch_add (rc, host, cs);
     return set_entry (img, guest, m->entry, e, false, false);
   }
   if (m->kind == MAP_ZERO_ALLOC)
     return 0;
   if (rc->release) {
     /* keep mode, or a v2 image over a backing file: the hole reads zeros. */
-    punch_add (rc, host, img->cluster_size);
+    punch_add (rc, host, cs);
   }
-  else if ((r = host_zero (&img->hf, host, img->cluster_size)) < 0) {
-    q2_error ("%s: cannot zero host offset 0x%" PRIx64 ": %s", img->name, host,
-              strerror (-r));
+  else if ((r = host_zero (&img->m.hf, host, cs)) < 0) {
+    log_error ("%s: cannot zero host offset 0x%" PRIx64 ": %s", img->m.lay.name, host,
+               strerror (-r));
     return r;
   }
   return v3 ? set_entry (img, guest, m->entry, m->entry | QCOW_OFLAG_ZERO, false, false) : 0;
@@ -169,7 +146,7 @@ static int whole_shared (struct reclaim *rc, uint64_t guest, const struct mappin
   if (m->kind != MAP_COMPRESSED)
     rc->shared_seen = true;
   if (!zero_entry (rc->img, &e))
-    return rc->op == OP_ZERO ? write_zeros (rc, guest, rc->img->cluster_size) : 0;
+    return rc->op == OP_ZERO ? write_zeros (rc, guest, rc->img->m.lay.cluster_size) : 0;
   return set_entry (rc->img, guest, m->entry, e, true, false);
 }
 
@@ -188,7 +165,7 @@ static int whole_cluster (struct reclaim *rc, uint64_t guest, const struct mappi
       return 0;
     if (zero_entry (rc->img, &e))
       return set_entry (rc->img, guest, 0, e, false, false);
-    return rc->op == OP_ZERO ? write_zeros (rc, guest, rc->img->cluster_size) : 0;
+    return rc->op == OP_ZERO ? write_zeros (rc, guest, rc->img->m.lay.cluster_size) : 0;
   case MAP_NORMAL:
   case MAP_ZERO_ALLOC:
     return m->copied ? whole_owned (rc, guest, m) : whole_shared (rc, guest, m);
@@ -198,47 +175,47 @@ static int whole_cluster (struct reclaim *rc, uint64_t guest, const struct mappi
   return -EIO;
 }
 
-static bool host_is_hole (struct q2_image *img, uint64_t offset, uint64_t len)
-{
-  off_t d = lseek (img->hf.fd, offset, SEEK_DATA);
-
-  return d == (off_t) -1 ? errno == ENXIO : (uint64_t) d >= offset + len;
-}
-
 /* Part of a cluster we own: punch what host blocks it covers. */
 static int partial_owned (struct reclaim *rc, uint64_t guest, uint64_t len,
                           const struct mapping *m)
 {
   struct q2_image *img = rc->img;
+  const struct layout *lay = &img->m.lay;
   uint64_t h = m->host, start = (h + HOST_BLOCK - 1) & ~(uint64_t) (HOST_BLOCK - 1);
   uint64_t end = (h + len) & ~(uint64_t) (HOST_BLOCK - 1);
-  uint64_t cluster = h - offset_in_cluster (img, guest);
+  uint64_t cluster = h - layout_in_cluster (lay, guest);
   struct mapping whole = *m;
+  bool hole;
   int r = 0;
 
   if (!rc->release)
-    r = host_zero (&img->hf, h, len);
+    r = host_zero (&img->m.hf, h, len);
   else {
     if (start < end)
-      reclaim_punch (img, start, end - start);
+      host_release (&img->m.hf, start, end - start);
     /* The edges must read as zeros after write-zeroes. */
     if (rc->op == OP_ZERO && start < end) {
       if (start > h)
-        r = host_zero (&img->hf, h, start - h);
+        r = host_zero (&img->m.hf, h, start - h);
       if (r == 0 && h + len > end)
-        r = host_zero (&img->hf, end, h + len - end);
+        r = host_zero (&img->m.hf, end, h + len - end);
     }
     else if (rc->op == OP_ZERO)
-      r = host_zero (&img->hf, h, len);
+      r = host_zero (&img->m.hf, h, len);
   }
   if (r < 0) {
-    q2_error ("%s: cannot zero host offset 0x%" PRIx64 ": %s", img->name, h, strerror (-r));
+    log_error ("%s: cannot zero host offset 0x%" PRIx64 ": %s", lay->name, h, strerror (-r));
     return r;
   }
-  if (!rc->release || rc->keep || !host_is_hole (img, cluster, img->cluster_size))
+  if (!rc->release || rc->keep)
+    return 0;
+  /* Whether the cluster is all hole now is only a chance to free it:
+   * if the host cannot tell, the cluster stays.
+   */
+  if (host_is_hole (&img->m.hf, cluster, lay->cluster_size, &hole) < 0 || !hole)
     return 0;
   whole.host = cluster;
-  return whole_cluster (rc, guest - offset_in_cluster (img, guest), &whole);
+  return whole_cluster (rc, guest - layout_in_cluster (lay, guest), &whole);
 }
 
 static int partial_cluster (struct reclaim *rc, uint64_t guest, uint64_t len,
@@ -264,30 +241,31 @@ static int partial_cluster (struct reclaim *rc, uint64_t guest, uint64_t len,
 /* An L2 table whose entries are all empty is freed (L1 entry cleared). */
 static int free_l2_if_empty (struct q2_image *img, uint64_t l1i)
 {
-  uint64_t e = img->l1.entries[l1i], off = e & L1E_OFFSET_MASK, i;
+  struct meta *m = &img->m;
+  uint64_t e = table_get (&m->l1, l1i), off = e & L1E_OFFSET_MASK, i;
   struct cache_entry *t;
   bool empty = true;
   int r;
 
   if (!off || !(e & QCOW_OFLAG_COPIED))
     return 0;
-  if ((r = cache_get (img, CACHE_L2, off, &t)) < 0)
+  if ((r = l2_get (img, l1i << (m->lay.cluster_bits + m->lay.l2_bits), &t)) < 0)
     return r;
-  for (i = 0; i < l2_entries (img) && empty; i++)
+  for (i = 0; i < layout_l2_entries (&m->lay) && empty; i++)
     empty = l2_entry_get (t, i) == 0;
-  cache_put (t);
+  l2_put (img, t);
   if (!empty)
     return 0;
   /* Two L1 entries naming one table is corruption: freeing it would let
    * guest data overwrite a table still in use.
    */
-  for (i = 0; i < img->l1.size; i++)
-    if (i != l1i && (img->l1.entries[i] & L1E_OFFSET_MASK) == off)
-      return q2_corrupt (img, "L1 entries %" PRIu64 " and %" PRIu64 " both point "
-                         "to the L2 table at host offset 0x%" PRIx64, i, l1i, off);
-  table_set (&img->l1, l1i, 0);
-  img->stats.l2_tables_freed++;
-  return alloc_free_later (img, off, META_L2, false);
+  for (i = 0; i < m->l1.size; i++)
+    if (i != l1i && (table_get (&m->l1, i) & L1E_OFFSET_MASK) == off)
+      return corrupt_error (&m->lay, "L1 entries %" PRIu64 " and %" PRIu64 " both point "
+                            "to the L2 table at host offset 0x%" PRIx64, i, l1i, off);
+  table_set (&m->l1, l1i, 0);
+  img->l2_tables_freed++;
+  return alloc_free_later (&img->alloc, off, META_L2, false);
 }
 
 static int check_l2 (struct reclaim *rc, uint64_t next_l1)
@@ -295,9 +273,9 @@ static int check_l2 (struct reclaim *rc, uint64_t next_l1)
   int r = 0;
 
   if (rc->l1_pending != next_l1 && rc->l1_pending != UINT64_MAX) {
-    pthread_mutex_lock (&rc->img->meta_lock);
+    mutex_lock (&rc->img->m.lock);
     r = free_l2_if_empty (rc->img, rc->l1_pending);
-    pthread_mutex_unlock (&rc->img->meta_lock);
+    mutex_unlock (&rc->img->m.lock);
   }
   rc->l1_pending = next_l1;
   return r;
@@ -308,42 +286,43 @@ static bool nothing_to_do (const struct reclaim *rc, const struct mapping *m)
 {
   return m->kind == MAP_ZERO_PLAIN ||
     (m->kind == MAP_UNALLOC &&
-     (!rc->img->backing || (rc->op == OP_DISCARD && rc->img->version < 3)));
+     (!rc->img->backing || (rc->op == OP_DISCARD && rc->img->m.lay.version < 3)));
 }
 
 static int reclaim_range (struct q2_image *img, uint64_t count, uint64_t offset,
                           struct reclaim *rc)
 {
-  uint64_t l1_shift = img->cluster_bits + img->l2_bits;
-  struct range_held h;
+  const struct layout *lay = &img->m.lay;
+  uint64_t l1_shift = lay->cluster_bits + lay->l2_bits;
+  struct rangelock_held h;
   struct mapping m;
   int r, rr;
 
   if (img->readonly)
     return -EROFS;
-  if ((r = check_request (img, count, offset)) < 0)
+  if ((r = request_check (img, count, offset)) < 0)
     return r;
   rc->img = img;
   rc->l1_pending = UINT64_MAX;
-  lock_guest (img, &h, count, offset, true);
+  request_lock (img, &h, count, offset, true);
   while (count > 0 && r == 0) {
-    uint64_t in = offset_in_cluster (img, offset);
-    uint64_t len = img->cluster_size - in < count ? img->cluster_size - in : count;
+    uint64_t in = layout_in_cluster (lay, offset);
+    uint64_t len = lay->cluster_size - in < count ? lay->cluster_size - in : count;
     /* One cluster at a time, except over runs with nothing to do, which
      * are measured whole and skipped: asking for the whole remaining range
      * each time would walk the rest of the L2 table per cluster.
      */
-    if ((r = map_get_locked (img, offset, len, &m)) < 0)
+    if ((r = cluster_map_locked (img, offset, len, &m)) < 0)
       break;
     if (nothing_to_do (rc, &m)) {
-      if ((r = map_get_locked (img, offset, count, &m)) < 0)
+      if ((r = cluster_map_locked (img, offset, count, &m)) < 0)
         break;
       len = m.bytes;
     }
     else {
       if ((r = check_l2 (rc, offset >> l1_shift)) < 0)
         break;
-      if (in == 0 && len == img->cluster_size)
+      if (in == 0 && len == lay->cluster_size)
         r = whole_cluster (rc, offset, &m);
       else
         r = partial_cluster (rc, offset, len, &m);
@@ -351,24 +330,18 @@ static int reclaim_range (struct q2_image *img, uint64_t count, uint64_t offset,
     offset += len;
     count -= len;
   }
-  reclaim_punch (img, rc->punch_start, rc->punch_len);
+  host_release (&img->m.hf, rc->punch_start, rc->punch_len);
   rr = release_unrefs (rc);
   if (r == 0)
     r = rr;
   if (r == 0)
     r = check_l2 (rc, UINT64_MAX);
-  range_unlock (&img->guest_lock, &h);
+  request_unlock (img, &h);
   return r;
 }
 
-static int finish (struct q2_image *img, struct reclaim *rc, unsigned flags, int r)
-{
-  if (r == 0 && (flags & Q2_FUA))
-    r = q2_flush (img);
-  return r < 0 ? r : rc->shared_seen;
-}
-
-int q2_zero (struct q2_image *img, uint64_t count, uint64_t offset, unsigned flags)
+int discard_zero (struct q2_image *img, uint64_t count, uint64_t offset, unsigned flags,
+                  bool *kept)
 {
   struct reclaim rc = {
     .op = OP_ZERO,
@@ -376,27 +349,25 @@ int q2_zero (struct q2_image *img, uint64_t count, uint64_t offset, unsigned fla
     .keep = img->discard == Q2_DISCARD_KEEP,
     .fast = !!(flags & Q2_FAST_ZERO),
   };
+  int r = reclaim_range (img, count, offset, &rc);
 
-  return finish (img, &rc, flags, reclaim_range (img, count, offset, &rc));
+  *kept = rc.shared_seen;
+  return r;
 }
 
-int q2_discard (struct q2_image *img, uint64_t count, uint64_t offset, unsigned flags)
+int discard_range (struct q2_image *img, uint64_t count, uint64_t offset, bool *kept)
 {
   struct reclaim rc = {
     .op = OP_DISCARD,
     .release = true,
     .keep = img->discard == Q2_DISCARD_KEEP,
   };
+  int r;
 
+  *kept = false;
   if (img->discard == Q2_DISCARD_IGNORE)
     return img->readonly ? -EROFS : 0;
-  return finish (img, &rc, flags, reclaim_range (img, count, offset, &rc));
-}
-
-void q2_get_stats (struct q2_image *img, struct q2_stats *stats)
-{
-  pthread_mutex_lock (&img->meta_lock);
-  *stats = img->stats;
-  stats->bytes_punched = __atomic_load_n (&img->stats.bytes_punched, __ATOMIC_RELAXED);
-  pthread_mutex_unlock (&img->meta_lock);
+  r = reclaim_range (img, count, offset, &rc);
+  *kept = rc.shared_seen;
+  return r;
 }

@@ -1,0 +1,79 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
+#include <config.h>
+
+#include <assert.h>
+
+#include "commit.h"
+#include "copied.h"
+#include "engine.h"
+#include "shrink.h"
+
+/* Pending decrements need their references' removal synced, even when an
+ * eviction already wrote the table: sync_anyway.
+ */
+static int step_writeback (struct q2_image *img, bool *synced)
+{
+  return writeback_all (&img->m, alloc_pending (&img->alloc) > 0, synced);
+}
+
+/* The counts drop only now; they reach the disk before anything relies on
+ * them (COPIED, a dropped block, a truncation).
+ */
+static int step_frees (struct q2_image *img)
+{
+  int r;
+
+  if (!alloc_pending (&img->alloc))
+    return 0;
+  if ((r = alloc_apply_pending (&img->alloc)) < 0)
+    return r;
+  return writeback_refcounts (&img->m);
+}
+
+/* COPIED may be set only once the count of 1 is on disk: set early, a
+ * crash could leave it on a shared cluster, which is then written in place.
+ */
+static int step_copied (struct q2_image *img)
+{
+  bool changed, synced;
+  int r;
+
+  if ((r = copied_restore (img, &changed)) < 0 || !changed)
+    return r;
+  return writeback_all (&img->m, false, &synced);
+}
+
+static int step_shrink (struct q2_image *img)
+{
+  int r;
+
+  if (!img->alloc.shrink_wanted)
+    return 0;
+  img->alloc.shrink_wanted = false;
+  if ((r = alloc_drop_empty_blocks (&img->alloc)) < 0)
+    return r;
+  return shrink_truncate (img);
+}
+
+int commit_run (struct q2_image *img, bool *synced)
+{
+  int r;
+
+  assert (mutex_held (&img->m.lock));
+  if ((r = step_writeback (img, synced)) < 0 ||
+      (r = step_frees (img)) < 0 ||
+      (r = step_copied (img)) < 0)
+    return r;
+  return step_shrink (img);
+}
+
+int commit_frees (struct q2_image *img)
+{
+  bool synced;
+  int r;
+
+  assert (mutex_held (&img->m.lock));
+  if ((r = step_writeback (img, &synced)) < 0)
+    return r;
+  return step_frees (img);
+}

@@ -1,0 +1,46 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
+/* The open image as the layers from the mapping up see it: the metadata
+ * and allocation state below, and what the requests need besides (the
+ * backing chain, the guest range locks, the options).  Lower layers never
+ * see this structure; they are handed the parts they work on.
+ *
+ * Locks, outermost first (DESIGN.md, "Concurrency"):
+ *   guest_lock   guest cluster ranges of requests in flight
+ *   m.lock       all metadata and allocation state (m, alloc, copied,
+ *                and the counters below)
+ *   the host file's ring_lock, inside host I/O only.
+ */
+#ifndef Q2_ENGINE_H
+#define Q2_ENGINE_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "qcow2reclaim.h"
+#include "alloc.h"
+#include "rangelock.h"
+#include "writeback.h"
+
+struct backing;
+struct copied;
+
+struct q2_image {
+  struct meta m;
+  struct alloc alloc;
+  struct copied *copied;      /* COPIED upkeep (copied.h) */
+  struct backing *backing;    /* NULL: unallocated clusters read as zeros */
+  struct rangelock guest_lock;
+
+  bool readonly;
+  enum q2_discard_mode discard;
+  enum q2_detect_zeroes detect_zeroes;
+
+  /* Counters of the operations above allocation (the rest live with the
+   * layer that counts them).
+   */
+  uint64_t l2_tables_freed;
+  uint64_t truncations;
+  uint64_t bytes_truncated;
+};
+
+#endif

@@ -1,0 +1,88 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
+/* Host file I/O: every read, write, punch, zero, seek, truncate and sync of
+ * an image file goes through here, so that the test hooks (hosttest.h) see
+ * all of it.  Metadata write-back is batched through io_uring when the
+ * kernel has it, with plain system calls as the fallback.
+ *
+ * Giving space back (host_release) carries the punch policy: a filesystem
+ * that cannot punch holes is said once and then left alone, and the bytes
+ * given back are counted.
+ */
+#ifndef Q2_HOST_H
+#define Q2_HOST_H
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/stat.h>
+
+struct hosttest;
+
+struct host_write {
+  const void *buf;
+  size_t len;
+  uint64_t offset;
+};
+
+struct hostfile {
+  bool live;                  /* host_open ran: host_close has work to do */
+  int fd;
+  char *name;                 /* as the user gave it, for messages */
+  /* ring_lock guards the ring and stall_pipe: one batch at a time.
+   * ring_ok is read without it (atomic) to choose the path.
+   */
+  pthread_mutex_t ring_lock;
+  bool ring_ok;
+  void *ring;                 /* struct io_uring *, opaque here */
+  /* Test hook QCOW2RECLAIM_RING_STALL=1: every batch waits behind a read of
+   * this empty pipe, as if the kernel held the writes, until cancelled.
+   */
+  bool ring_stall;
+  int stall_pipe[2];
+  struct hosttest *test;      /* fault injection and I/O log, normally NULL */
+  /* Atomics: written by any request thread, with or without other locks. */
+  bool unsynced;              /* changed since the last sync began */
+  bool punch_unsupported;     /* the filesystem said EOPNOTSUPP to a punch */
+  uint64_t bytes_released;    /* bytes host_release turned into holes */
+};
+
+/* Says nothing on failure (the caller knows what the file is for); hf is
+ * then still safe to pass to host_close.
+ */
+int host_open (struct hostfile *hf, const char *name, bool readonly);
+void host_close (struct hostfile *hf);
+/* The ring is set up after nbdkit forks; failure falls back to syscalls. */
+void host_start_ring (struct hostfile *hf);
+
+/* Bytes past the end of the file read as zeros, as in QEMU. */
+int host_pread (struct hostfile *hf, void *buf, size_t len, uint64_t offset);
+int host_pwrite (struct hostfile *hf, const void *buf, size_t len, uint64_t offset);
+int host_pwrite_batch (struct hostfile *hf, const struct host_write *w, size_t n);
+/* Makes a range a hole; fails with the filesystem's error (EOPNOTSUPP...). */
+int host_punch (struct hostfile *hf, uint64_t offset, uint64_t len);
+/* The range's contents no longer matter: give its space back if the
+ * filesystem can.  Never fails; errors are logged, EOPNOTSUPP once.
+ */
+void host_release (struct hostfile *hf, uint64_t offset, uint64_t len);
+bool host_can_punch (const struct hostfile *hf);
+uint64_t host_bytes_released (const struct hostfile *hf);
+/* Zeroes a range, keeping it allocated where the filesystem can. */
+int host_zero (struct hostfile *hf, uint64_t offset, uint64_t len);
+int host_truncate (struct hostfile *hf, uint64_t size);
+int host_sync (struct hostfile *hf);
+/* Syncs only if anything changed since the last sync began. */
+int host_sync_if_needed (struct hostfile *hf);
+int host_size (struct hostfile *hf, uint64_t *size);
+int host_stat (struct hostfile *hf, struct stat *st);
+
+/* The first byte of data at or after offset: UINT64_MAX when only holes
+ * follow (or offset is past the end).
+ */
+int host_seek_data (struct hostfile *hf, uint64_t offset, uint64_t *data);
+/* The first hole at or after offset; the end of the file counts as one. */
+int host_seek_hole (struct hostfile *hf, uint64_t offset, uint64_t *hole);
+/* Whether [offset, offset + len) holds no data at all. */
+int host_is_hole (struct hostfile *hf, uint64_t offset, uint64_t len, bool *hole);
+
+#endif

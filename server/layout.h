@@ -1,0 +1,85 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
+/* The layout of an open image: its geometry, read from the header and
+ * fixed for the life of the image, and where the metadata that every
+ * offset is checked against lies (the header cluster, the L1 table, the
+ * refcount table, the clusters holding L2 tables and refcount blocks, the
+ * end of the file).  The layers that move or add metadata keep the second
+ * part current, under the image's metadata lock.
+ */
+#ifndef Q2_LAYOUT_H
+#define Q2_LAYOUT_H
+
+#include <stdint.h>
+
+#include "overlap.h"
+
+struct layout {
+  const char *name;           /* the image file, for messages */
+
+  uint32_t version;
+  uint32_t cluster_bits;
+  uint64_t cluster_size;
+  uint32_t l2_bits;           /* log2 of entries per L2 table */
+  uint32_t refcount_order;    /* refcount width is 1 << order bits */
+  uint32_t rb_bits;           /* log2 of counts per refcount block */
+  uint64_t refcount_max;
+  uint64_t virtual_size;
+  uint64_t incompat, compat, autoclear;
+  uint32_t header_length;
+  int compression_type;
+  uint32_t csize_shift;       /* compressed L2 entry: sector count position */
+  uint64_t csize_mask, coffset_mask;
+  uint32_t nb_snapshots;
+  uint64_t snapshots_offset;
+
+  uint64_t l1_offset;
+  uint64_t l1_entries;
+  uint64_t reftable_offset;
+  uint64_t reftable_clusters;
+  uint64_t file_end;          /* bytes: max(host file size, allocated end) */
+  struct overlap meta;        /* clusters holding L2 tables and refcount blocks */
+};
+
+static inline uint64_t layout_l2_entries (const struct layout *lay)
+{
+  return 1ull << lay->l2_bits;
+}
+
+/* Clusters needed to hold n bytes. */
+static inline uint64_t layout_clusters (const struct layout *lay, uint64_t n)
+{
+  return (n + lay->cluster_size - 1) >> lay->cluster_bits;
+}
+
+static inline uint64_t layout_in_cluster (const struct layout *lay, uint64_t off)
+{
+  return off & (lay->cluster_size - 1);
+}
+
+static inline uint64_t layout_l1_index (const struct layout *lay, uint64_t guest)
+{
+  return guest >> (lay->cluster_bits + lay->l2_bits);
+}
+
+static inline uint64_t layout_l2_index (const struct layout *lay, uint64_t guest)
+{
+  return (guest >> lay->cluster_bits) & (layout_l2_entries (lay) - 1);
+}
+
+/* Entries the refcount table has room for. */
+static inline uint64_t layout_reftable_entries (const struct layout *lay)
+{
+  return (lay->reftable_clusters << lay->cluster_bits) / 8;
+}
+
+/* Where the bytes of a compressed L2 entry lie in the file. */
+static inline void layout_compressed_extent (const struct layout *lay, uint64_t entry,
+                                             uint64_t *offset, uint64_t *len)
+{
+  uint64_t sectors = ((entry >> lay->csize_shift) & lay->csize_mask) + 1;
+
+  *offset = entry & lay->coffset_mask;
+  *len = sectors * 512 - (*offset & 511);
+}
+
+#endif

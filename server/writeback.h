@@ -1,0 +1,51 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
+/* The metadata of an open image as it is held in memory, and its
+ * write-back in dependency order (DESIGN.md, "Write ordering"):
+ *
+ *   refcount blocks -> sync -> refcount table -> sync
+ *     -> L2 tables -> sync -> L1 table -> sync
+ *
+ * so that on disk, at every instant, a cluster's refcount covers every
+ * reference to it and every table is named only once it is there.  A sync
+ * runs only where something was written since the last one.  The cache
+ * uses the same order for one entry it evicts.  Callers hold m->lock.
+ */
+#ifndef Q2_WRITEBACK_H
+#define Q2_WRITEBACK_H
+
+#include <stdbool.h>
+
+#include "cache.h"
+#include "host.h"
+#include "layout.h"
+#include "mutex.h"
+#include "table.h"
+
+struct meta {
+  struct layout lay;
+  struct hostfile hf;
+  /* Guards lay's places, the cache, both tables and the allocation state
+   * built on them (alloc.h): every metadata lookup and change.
+   */
+  struct mutex lock;
+  /* A metadata write failed in a way that leaves the disk in one of two
+   * states (the header switch of the refcount table): no more changes.
+   */
+  bool failed;
+  struct meta_cache cache;
+  struct mem_table l1;
+  struct mem_table reftable;
+};
+
+/* Gives the cache its write-back, in the order above. */
+void writeback_init (struct meta *m);
+/* Refcount blocks, then the refcount table, each synced. */
+int writeback_refcounts (struct meta *m);
+/* Everything dirty to disk and synced.  sync_anyway syncs even when
+ * nothing is dirty (tables evicted since the last sync must be on disk
+ * before references they dropped are given up); *synced says a sync ran.
+ */
+int writeback_all (struct meta *m, bool sync_anyway, bool *synced);
+bool writeback_needed (const struct meta *m);
+
+#endif
