@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: BSD-3-Clause
 # fio over NBD: qemu-nbd against the qcow2reclaim nbdkit plugin on the same
 # prefilled qcow2 image, with nbdkit's file plugin on the raw image as a
 # reference.  See bench/README.md.

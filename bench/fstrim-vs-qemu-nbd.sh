@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Giving space back to the host: qemu-nbd against the qcow2reclaim nbdkit
 # plugin, with a real ext4 filesystem on the served disk and fstrim, and
 # with one huge NBD trim request.  See bench/README.md.

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: BSD-3-Clause
 # Shared helpers for the qcow2reclaim benchmarks: tool checks, the work
 # directory, the prefilled test image, NBD servers on Unix sockets, fio runs
 # and reading fio's JSON.  Source it from a bash script running with set -eu:

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* On-disk qcow2 format: header layout, feature bits, entry masks and the
  * big-endian helpers every reader of the format needs.
  * See QEMU's docs/interop/qcow2.txt for the authoritative description.

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* qcow2reclaim engine: the public API used by the nbdkit plugin, the tool
  * and the tests.  Every call returns 0 or a negative errno; failures have
  * already been logged as one sentence naming the image and the offset.

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* nbdkit glue for the qcow2reclaim engine: parameters, callbacks, errno.
  * No qcow2 knowledge lives here.
  */

@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: BSD-3-Clause
 # Installs what qcow2reclaim needs to build, serve and run its tests on
 # Debian 12 (as root).  Used by the README's commands and by .ci/run.
 set -e

@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: BSD-3-Clause
 # Serves IMAGE (or a demo image made on the spot) with the freshly built
 # plugin on nbd://localhost:10809, until Ctrl-C.
 #   scripts/serve-demo.sh [IMAGE.qcow2] [more nbdkit plugin parameters]

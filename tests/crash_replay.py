@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: BSD-3-Clause
 """Crash consistency of qcow2reclaim: power cuts replayed from the host I/O
 log (test-crash.sh) and SIGKILL under parallel load (test-kill.sh).
 

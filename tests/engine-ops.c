@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* Drives the engine directly (built with ASan and UBSan): seeded random
  * writes, zeroes, discards, reads and flushes mirrored into memory, then a full
  * comparison, close, reopen and compare again.

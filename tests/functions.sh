@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: BSD-3-Clause
 # Shared by the shell tests: temporary directory, cleanup at exit, server
 # start/stop, skips.
 # Source it with: . "$srcdir/functions.sh"

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: BSD-3-Clause
 # Shared by the tests that put a real kernel filesystem on the server:
 # the export becomes a file through nbdfuse, a loop device goes on top.
 # Source after functions.sh; it registers a teardown with cleanup_fn that

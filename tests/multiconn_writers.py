@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: BSD-3-Clause
 # Helpers for test-multiconn.sh.  Run with $PYTHON (functions.sh), a python3
 # with libnbd's nbd module: the first python3 on PATH may have none.
 #

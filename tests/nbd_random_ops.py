@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: BSD-3-Clause
 """Seeded random workload against an NBD export, checked against a raw mirror.
 
 Every operation sent to the server is applied to a reference raw file of the

@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: BSD-3-Clause
 """Inspect and patch qcow2 images for tests (standard library only).
 
 Tests use this to build damaged images the way a bug, a crash or a hostile

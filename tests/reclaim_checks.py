@@ -1,4 +1,5 @@
 #!/usr/bin/python3
+# SPDX-License-Identifier: BSD-3-Clause
 """Live part of test-reclaim-rules.sh: one function per case.
 
     reclaim_checks.py live CASE URI IMAGE REF [--stats FILE]

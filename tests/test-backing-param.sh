@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # backing=FILE replaces the backing file the image names; writes copy up
 # from the replacement, and the image's own header is left alone.
 . "$srcdir/functions.sh"

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # L1 and L2 entries that point outside the file or at metadata: the only
 # safe answer is EIO for the requests that touch them, a log line naming the
 # image and the bad offset so an administrator can find it, and business as

@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Power cuts, replayed.  A random workload runs against the plugin with the
 # engine's I/O log on; crash_replay.py then rebuilds the images a power cut
 # could have left at many points of that log (everything up to the last

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # detect-zeroes: all-zero writes become write-zeroes (on) or free their
 # clusters (unmap); off writes them as data.
 . "$srcdir/functions.sh"

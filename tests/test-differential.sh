@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Differential test: a seeded random workload runs through the server against
 # many kinds of qcow2 image while every operation is mirrored into a raw
 # reference.  Afterwards QEMU itself must read the image back identical to the

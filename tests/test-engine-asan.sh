@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # The engine under ASan and UBSan, without nbdkit: random operations with a
 # small metadata cache on several image shapes; then qemu-img check.
 . "$srcdir/functions.sh"

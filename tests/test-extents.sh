@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Block status must say what qemu says, or copies of our exports are no longer
 # sparse (data reported for holes) or silently lose data (holes reported for
 # data).  For each image the reference is qemu-nbd serving the same file; the

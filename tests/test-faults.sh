@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Host I/O errors (server/hosttest.h fault injection) as a full disk or a
 # failing disk produces them.  What users rely on:
 #  - the request that met the error fails with that errno, EIO or ENOSPC,

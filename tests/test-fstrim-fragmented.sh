@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Fragmented free space: many small files (4-16 KiB) with every other one
 # deleted leaves free extents far smaller than a 64 KiB qcow2 cluster, so
 # hardly any cluster becomes entirely free.  A server that only frees whole

@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: BSD-3-Clause
 # What a user of a VM sees: a real kernel filesystem on the served disk,
 # files written and deleted, then fstrim.  The space must go back to the
 # host file, not just be marked free inside the image.

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Hostile images.  A qcow2 file is input from whoever made it: a guest's
 # owner uploading an image, a half-copied file, a disk that lost sectors.
 # Whatever it says, the engine must answer with EIO or a refusal, never a

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # What `make install` puts in place must be what users run: the plugin in
 # nbdkit's plugin directory, the man pages, and the qcow2reclaim tool (once
 # it is built).  The installed plugin must serve an image by its full path,

@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: BSD-3-Clause
 # SIGKILL under load.  Four client processes write, trim, zero and flush
 # on their own regions of one image while the server is killed at a random
 # moment; then the image must pass qemu-img check with at most leaks, every

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Huge sparse disks: offsets that only exist far from the start (past 4 GiB,
 # the last byte of a 1 TiB disk) and table boundaries (L2 tables, refcount
 # blocks, refcount table growth) must work without the host file growing

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # The man pages must be clean POD and must render without a single warning:
 # podchecker (with its extra warnings) on the sources, then man(1) and
 # groff with every warning enabled on the pages make built.  A warning here

@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Several NBD connections writing at once into one image.  The server
 # advertises multi-conn, so clients (nbdcopy, qemu, the kernel) will do this;
 # it is only safe if every connection sees one shared metadata cache and the

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # One writer per image, as with QEMU: two programs writing one qcow2 file
 # each keep their own refcounts and allocation state, and the image is lost
 # within seconds.  We take QEMU's OFD byte-range locks (DESIGN.md), so the

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # The reclaim rules, case by case: what TRIM and WRITE_ZEROES do to the
 # qcow2 metadata (L1/L2 entries, refcounts), to the host file (holes,
 # allocated bytes, length) and to the contents, on the kinds of image users

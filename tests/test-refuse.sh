@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Images the plugin must refuse before it serves anything: opening them
 # read-write (or at all) would either return wrong data or damage them.  Each
 # refusal must say why in words a user can act on, and must leave the image

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Socket activation, the way systemd/qcow2reclaim@.socket runs us, without
 # needing systemd as PID 1: a small Python launcher plays systemd's part.
 # It owns the listening Unix socket, waits until a client is queued on it

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # TLS in front of the plugin, over loopback TCP, with the client users
 # actually attach: QEMU's nbd driver (here qemu-io) with tls-creds objects.
 # Two ways of authenticating, each on its own server with --tls=require:

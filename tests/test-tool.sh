@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # qcow2reclaim info/map/check against qemu-img's own figures on images
 # qemu-img made, plus leaks, corruption and the lock while a server writes.
 . "$srcdir/functions.sh"

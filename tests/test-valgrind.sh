@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # The paths where memory goes astray most easily, again with every nbdkit
 # and tool process under valgrind memcheck: refused images, corrupt table
 # entries, injected host I/O faults, the reclaim rules, and a quit with a

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: BSD-3-Clause
 # Sourced by functions.sh when VALGRIND is set (make check-valgrind): every
 # nbdkit and every qcow2reclaim tool a test starts runs under memcheck, and
 # the test fails if any of them reported an error or leaked.  The server

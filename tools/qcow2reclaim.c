@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* qcow2reclaim: info, map and check on the engine the nbdkit plugin uses.
  * The image is opened read-only, with the shared locks qemu-img takes.
  */

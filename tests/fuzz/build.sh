@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Builds the libFuzzer target tests/fuzz/fuzz-image.c together with the
 # engine sources, all instrumented for coverage, ASan and UBSan.
 #

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
 /* libFuzzer target: an untrusted qcow2 image opened for writing by the
  * engine, then a short, input-driven sequence of requests.
  *

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Seed corpus for tests/fuzz/fuzz-image: small but real qcow2 images in the
 # shapes users have (made by qemu-img, so every field starts out valid), plus
 # named regression images that damage one structure each, the way a bug or

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: BSD-3-Clause
 # Sourced by the reproducer scripts in regressions/: paths, a scratch folder
 # removed at exit, and a plugin server on a Unix socket.
 #

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Reproducer: a compressed L2 entry whose stored length runs from the last
 # sector of a data cluster into the next cluster, an active L2 table (one
 # damaged entry; qemu-img check: "cluster 6 refcount=1 reference=2").

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Reproducer: an L2 table shared by two L1 entries (a corrupt image, as
 # tests/fuzz/make-corpus.sh builds reg-l2-loop.qcow2) is not recognised.
 # A trim through L1[1] empties the shared table, which is then freed while

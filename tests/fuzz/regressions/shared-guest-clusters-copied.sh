@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
 # Reproducer: two guest clusters on one host cluster (refcount 2, neither
 # entry COPIED).  QEMU never writes this, but qemu-img check finds nothing
 # wrong with it.  When a trim or a write takes one guest cluster away, the
