@@ -7,7 +7,7 @@ set -eu
 
 usage() {
     cat <<EOF
-Usage: $0 [-d DIR] [-t SECONDS] [-r SECONDS] [-R ROUNDS] [-s SIZE] [-o FILE] [-n] [-k]
+Usage: $0 [-d DIR] [-t SECONDS] [-r SECONDS] [-R ROUNDS] [-s SIZE] [-o FILE] [-B SO] [-n] [-k]
 
   -d DIR      where the images go (default \$BENCH_DIR, else /var/tmp); a
               private directory is made under it and removed at the end
@@ -18,6 +18,9 @@ Usage: $0 [-d DIR] [-t SECONDS] [-r SECONDS] [-R ROUNDS] [-s SIZE] [-o FILE] [-n
   -s SIZE     virtual disk size (default 2G); needs about (2 + servers) x SIZE
               of free space
   -o FILE     also write the results table as CSV to FILE
+  -B SO       also serve with this other build of the plugin (say, of an
+              earlier commit), as a column of its own with the ratio of
+              this build to it: before and after in one run
   -n          no nbdkit file plugin reference column
   -k          keep the work directory (fio JSON, server logs)
 
@@ -37,7 +40,8 @@ rounds=1
 size=2G
 csv=
 with_file=1
-while getopts d:t:r:R:s:o:nkh opt; do
+other=
+while getopts d:t:r:R:s:o:B:nkh opt; do
     case $opt in
         d) parent=$OPTARG ;;
         t) runtime=$OPTARG ;;
@@ -45,6 +49,7 @@ while getopts d:t:r:R:s:o:nkh opt; do
         R) rounds=$OPTARG ;;
         s) size=$OPTARG ;;
         o) csv=$OPTARG ;;
+        B) other=$OPTARG ;;
         n) with_file=0 ;;
         k) BENCH_KEEP=1 ;;
         h) usage; exit 0 ;;
@@ -77,7 +82,7 @@ TESTS=(
 )
 
 # The servers to run; the table always has a column for each.
-declare -A LABEL=([qemu]=qemu-nbd [plugin]=qcow2reclaim [file]=nbdkit-file)
+declare -A LABEL=([qemu]=qemu-nbd [plugin]=qcow2reclaim [other]=other-build [file]=nbdkit-file)
 RUN=(qemu)
 if plugin_available; then
     nbdkit "$PLUGIN" --dump-plugin >/dev/null 2>&1 ||
@@ -85,6 +90,12 @@ if plugin_available; then
     RUN+=(plugin)
 else
     bench_msg "qcow2reclaim plugin not found at $PLUGIN: skipping its column (build it, or set PLUGIN=)"
+fi
+if [ -n "$other" ]; then
+    [ -f "$other" ] || bench_die "-B $other: no such plugin build"
+    nbdkit "$other" --dump-plugin >/dev/null 2>&1 ||
+        bench_die "-B $other: nbdkit cannot load it (try: nbdkit $other --dump-plugin)"
+    RUN+=(other)
 fi
 if [ "$with_file" = 1 ]; then RUN+=(file); fi
 
@@ -96,6 +107,11 @@ if plugin_available; then
     cp "$PLUGIN" "$W/plugin.so" || bench_die "cannot copy $PLUGIN"
     bench_msg "qcow2reclaim plugin: $PLUGIN ($(date -r "$PLUGIN" '+built %F %T'))"
     PLUGIN=$W/plugin.so
+fi
+if [ -n "$other" ]; then
+    cp "$other" "$W/other.so" || bench_die "cannot copy $other"
+    bench_msg "other build: $other ($(date -r "$other" '+built %F %T'))"
+    other=$W/other.so
 fi
 # Templates, one copy per server, and slack for fio's logs.
 bench_check_space "$W" $(((2 + ${#RUN[@]}) * size_bytes + (64 << 20)))
@@ -125,6 +141,7 @@ for s in "${RUN[@]}"; do
     case $s in
         qemu)   serve_qemu "${IMAGE[$s]}" "${SOCK[$s]}" "$W/$s.log" ;;
         plugin) serve_plugin "${IMAGE[$s]}" "${SOCK[$s]}" "$W/$s.log" "${plugin_args[@]}" ;;
+        other)  PLUGIN=$other serve_plugin "${IMAGE[$s]}" "${SOCK[$s]}" "$W/$s.log" "${plugin_args[@]}" ;;
         file)   serve_file "${IMAGE[$s]}" "${SOCK[$s]}" "$W/$s.log" ;;
     esac
     PID[$s]=$SERVER_PID
@@ -184,21 +201,42 @@ for s in "${RUN[@]}"; do
 done
 
 # The table, and the same rows as CSV.
-row() { printf '%-13s %-6s %12s %13s %7s %12s\n' "$@"; }
-row test metric qemu-nbd qcow2reclaim ratio nbdkit-file
-[ -z "$csv" ] || echo "test,metric,qemu_nbd,qcow2reclaim,ratio,nbdkit_file" >"$csv"
+# With -B: the other build and this build's ratio to it, before the file column.
+row() {
+    if [ -n "$other" ]; then
+        printf '%-13s %-6s %12s %13s %7s %12s %9s %12s\n' "$@"
+    else
+        printf '%-13s %-6s %12s %13s %7s %12s\n' "$1" "$2" "$3" "$4" "$5" "$8"
+    fi
+}
+row test metric qemu-nbd qcow2reclaim ratio other-build vs-other nbdkit-file
+if [ -n "$csv" ]; then
+    if [ -n "$other" ]; then
+        echo "test,metric,qemu_nbd,qcow2reclaim,ratio,other_build,vs_other,nbdkit_file" >"$csv"
+    else
+        echo "test,metric,qemu_nbd,qcow2reclaim,ratio,nbdkit_file" >"$csv"
+    fi
+fi
 for t in "${TESTS[@]}"; do
     read -r name rw bs depth metric <<<"$t"
     unit=$([ "$metric" = iops ] && echo IOPS || echo MiB/s)
     q=${RESULT[$name.qemu]:-}
     p=${RESULT[$name.plugin]:-}
     f=${RESULT[$name.file]:-}
-    ratio=
+    o=${RESULT[$name.other]:-}
+    ratio= vs=
     if [ -n "$q" ] && [ -n "$p" ]; then
         ratio=$(awk -v p="$p" -v q="$q" 'BEGIN { if (q > 0) printf "%.2f", p / q }')
     fi
-    row "$name" "$unit" "${q:--}" "${p:--}" "${ratio:--}" "${f:--}"
-    [ -z "$csv" ] || echo "$name,$unit,$q,$p,$ratio,$f" >>"$csv"
+    if [ -n "$o" ] && [ -n "$p" ]; then
+        vs=$(awk -v p="$p" -v o="$o" 'BEGIN { if (o > 0) printf "%.2f", p / o }')
+    fi
+    row "$name" "$unit" "${q:--}" "${p:--}" "${ratio:--}" "${o:--}" "${vs:--}" "${f:--}"
+    if [ -n "$csv" ] && [ -n "$other" ]; then
+        echo "$name,$unit,$q,$p,$ratio,$o,$vs,$f" >>"$csv"
+    elif [ -n "$csv" ]; then
+        echo "$name,$unit,$q,$p,$ratio,$f" >>"$csv"
+    fi
 done
 [ -z "$csv" ] || bench_msg "results written to $csv"
 # A server that damages its image has no meaningful figures.
