@@ -37,6 +37,7 @@ struct reclaim {
   bool keep;                  /* discard=keep: zero flag, allocation kept */
   bool fast;                  /* FAST_ZERO: never write data */
   bool shared_seen;           /* a snapshot kept some of the space */
+  bool apply_frees;           /* zeroes written by copy-on-write left many frees */
   uint64_t punch_start, punch_len;
   uint64_t l1_pending;        /* L2 table to check for emptiness */
   /* Clusters whose entries are gone but whose punch may still be queued:
@@ -107,7 +108,11 @@ static int write_zeros (struct reclaim *rc, uint64_t guest, uint64_t len)
   CLEANUP_FREE char *z = calloc (1, len);
   if (!z)
     return -ENOMEM;
-  return cow_write (rc->img, z, len, guest, NULL);
+  bool more = false;
+  int r = cow_write (rc->img, z, len, guest, &more);
+
+  rc->apply_frees |= more;
+  return r;
 }
 
 /* A whole cluster that is ours alone, with data. */
@@ -341,7 +346,7 @@ static int reclaim_range (struct q2_image *img, uint64_t count, uint64_t offset,
 }
 
 int discard_zero (struct q2_image *img, uint64_t count, uint64_t offset, unsigned flags,
-                  bool *kept)
+                  bool *kept, bool *apply_frees)
 {
   struct reclaim rc = {
     .op = OP_ZERO,
@@ -352,6 +357,7 @@ int discard_zero (struct q2_image *img, uint64_t count, uint64_t offset, unsigne
   int r = reclaim_range (img, count, offset, &rc);
 
   *kept = rc.shared_seen;
+  *apply_frees = rc.apply_frees;
   return r;
 }
 

@@ -12,8 +12,10 @@
 struct q2_image;
 
 int discard_range (struct q2_image *img, uint64_t count, uint64_t offset, bool *kept);
-/* flags: Q2_MAY_TRIM, Q2_FAST_ZERO (Q2_FUA is the caller's). */
+/* flags: Q2_MAY_TRIM, Q2_FAST_ZERO (Q2_FUA is the caller's).  *apply_frees
+ * as cow_write says it, for zeroes that had to be written.
+ */
 int discard_zero (struct q2_image *img, uint64_t count, uint64_t offset, unsigned flags,
-                  bool *kept);
+                  bool *kept, bool *apply_frees);
 
 #endif

@@ -298,6 +298,15 @@ int q2_read (struct q2_image *img, void *buf, uint64_t count, uint64_t offset)
   return read_range (img, buf, count, offset);
 }
 
+/* Copy-on-write asked for the deferred frees it left: the first two steps
+ * of the commit sequence, so the clusters it freed can be reused.
+ */
+static int apply_pending (struct q2_image *img)
+{
+  LOCK_FOR_SCOPE (&img->m.lock);
+  return commit_frees (img);
+}
+
 static bool is_zero (const void *buf, uint64_t count)
 {
   const unsigned char *p = buf;
@@ -328,22 +337,21 @@ int q2_write (struct q2_image *img, const void *buf, uint64_t count,
   r = cow_write (img, buf, count, offset, &apply_frees);
   if (r == 0 && (flags & Q2_FUA))
     r = q2_flush (img);
-  else if (r == 0 && apply_frees) {
-    mutex_lock (&img->m.lock);
-    r = commit_frees (img);
-    mutex_unlock (&img->m.lock);
-  }
+  else if (r == 0 && apply_frees)
+    r = apply_pending (img);
   request_unlock (img, &h);
   return r;
 }
 
 int q2_zero (struct q2_image *img, uint64_t count, uint64_t offset, unsigned flags)
 {
-  bool kept;
-  int r = discard_zero (img, count, offset, flags & ~Q2_FUA, &kept);
+  bool kept, apply_frees;
+  int r = discard_zero (img, count, offset, flags & ~Q2_FUA, &kept, &apply_frees);
 
   if (r == 0 && (flags & Q2_FUA))
     r = q2_flush (img);
+  else if (r == 0 && apply_frees)
+    r = apply_pending (img);
   return r < 0 ? r : kept;
 }
 
