@@ -7,7 +7,7 @@ set -eu
 
 usage() {
     cat <<EOF
-Usage: $0 [-d DIR] [-t SECONDS] [-r SECONDS] [-R ROUNDS] [-s SIZE] [-o FILE] [-B SO] [-n] [-k]
+Usage: $0 [-d DIR] [-t SECONDS] [-r SECONDS] [-R ROUNDS] [-s SIZE] [-o FILE] [-B SO] [-T TESTS] [-n] [-k]
 
   -d DIR      where the images go (default \$BENCH_DIR, else /var/tmp); a
               private directory is made under it and removed at the end
@@ -21,6 +21,8 @@ Usage: $0 [-d DIR] [-t SECONDS] [-r SECONDS] [-R ROUNDS] [-s SIZE] [-o FILE] [-B
   -B SO       also serve with this other build of the plugin (say, of an
               earlier commit), as a column of its own with the ratio of
               this build to it: before and after in one run
+  -T TESTS    only these tests, comma-separated (randread-4k, randwrite-4k,
+              seqread-1m, seqwrite-1m), to look closer at one row
   -n          no nbdkit file plugin reference column
   -k          keep the work directory (fio JSON, server logs)
 
@@ -41,7 +43,8 @@ size=2G
 csv=
 with_file=1
 other=
-while getopts d:t:r:R:s:o:B:nkh opt; do
+only=
+while getopts d:t:r:R:s:o:B:T:nkh opt; do
     case $opt in
         d) parent=$OPTARG ;;
         t) runtime=$OPTARG ;;
@@ -50,6 +53,7 @@ while getopts d:t:r:R:s:o:B:nkh opt; do
         s) size=$OPTARG ;;
         o) csv=$OPTARG ;;
         B) other=$OPTARG ;;
+        T) only=$OPTARG ;;
         n) with_file=0 ;;
         k) BENCH_KEEP=1 ;;
         h) usage; exit 0 ;;
@@ -80,6 +84,14 @@ TESTS=(
     "seqread-1m    read      1m 4  mibs"
     "seqwrite-1m   write     1m 4  mibs"
 )
+if [ -n "$only" ]; then
+    chosen=()
+    for t in "${TESTS[@]}"; do
+        case ",$only," in *",${t%% *},"*) chosen+=("$t") ;; esac
+    done
+    [ ${#chosen[@]} -gt 0 ] || bench_die "-T $only: no such test (randread-4k, randwrite-4k, seqread-1m, seqwrite-1m)"
+    TESTS=("${chosen[@]}")
+fi
 
 # The servers to run; the table always has a column for each.
 declare -A LABEL=([qemu]=qemu-nbd [plugin]=qcow2reclaim [other]=other-build [file]=nbdkit-file)
