@@ -33,6 +33,11 @@ enum q2_detect_zeroes {
   Q2_DETECT_ZEROES_UNMAP,   /* ... with MAY_TRIM, so they free space */
 };
 
+enum q2_compact_mode {
+  Q2_COMPACT_AUTO = 0,      /* a background worker keeps the length near the data */
+  Q2_COMPACT_OFF,           /* only a free end is ever cut off */
+};
+
 struct q2_options {
   const char *file;
   bool readonly;
@@ -40,9 +45,12 @@ struct q2_options {
   size_t cache_size;        /* bytes of L2 tables and refcount blocks to keep, 0 = default */
   enum q2_discard_mode discard;
   enum q2_detect_zeroes detect_zeroes;
+  enum q2_compact_mode compact;
+  uint64_t compact_rate;    /* bytes a second the worker may move, 0 = default */
 };
 
 #define Q2_DEFAULT_CACHE_SIZE (32u << 20)
+#define Q2_DEFAULT_COMPACT_RATE (64u << 20)
 
 /* Messages go to the logger; level 0 = error, 1 = notice, 2 = debug. */
 typedef void (*q2_log_fn) (int level, const char *msg);
@@ -52,7 +60,9 @@ int q2_open (const struct q2_options *opts, struct q2_image **imgp);
 /* Writes back everything and closes; returns the first error seen. */
 int q2_close (struct q2_image *img);
 
-/* Start helper resources that must not exist before a fork (io_uring). */
+/* Starts what must not exist before a fork: io_uring, and the compaction
+ * worker (a thread) when the image is writable and compact=auto.
+ */
 int q2_after_fork (struct q2_image *img);
 
 uint64_t q2_virtual_size (const struct q2_image *img);
@@ -85,6 +95,15 @@ struct q2_stats {
   uint64_t refblocks_freed;
   uint64_t truncations;
   uint64_t bytes_truncated;
+  /* Compaction. */
+  uint64_t clusters_moved;
+  uint64_t bytes_moved;
+  uint64_t free_bytes_punched;  /* host space of free clusters given back */
+  uint64_t pinned_bytes;        /* past the target, and unable to move */
+  /* Gauges, as of the call. */
+  uint64_t file_length;
+  uint64_t host_allocated;      /* bytes the host file takes on disk */
+  uint64_t target_length;       /* what compaction aims at; 0 before it measured */
 };
 void q2_get_stats (struct q2_image *img, struct q2_stats *stats);
 
@@ -103,6 +122,27 @@ struct q2_check {
 typedef void (*q2_progress_fn) (void *opaque, uint64_t done, uint64_t total);
 int q2_check (struct q2_image *img, struct q2_check *res, q2_progress_fn progress,
               void *opaque);
+
+/* What a compaction found and did (qcow2reclaim compact). */
+struct q2_compact_result {
+  uint64_t length_before, length_after;
+  uint64_t used;                /* bytes in clusters with a refcount */
+  uint64_t bound;               /* past this length compaction starts by itself */
+  uint64_t target;              /* the length it aims at */
+  uint64_t reachable;           /* the length moving all that can move gives */
+  uint64_t clusters_moved, bytes_moved;
+  uint64_t free_bytes_punched;
+  /* Bytes past the target that stay where they are, by reason. */
+  uint64_t pinned_compressed;   /* compressed clusters */
+  uint64_t pinned_shared;       /* shared with internal snapshots */
+  uint64_t pinned_snapshot;     /* the snapshots' own tables and data */
+  uint64_t pinned_unreferenced; /* counted but referenced by nothing (leaks) */
+};
+/* Compacts now, in place (dry_run: only measures and plans); progress
+ * sees bytes moved of bytes to move.
+ */
+int q2_compact (struct q2_image *img, bool dry_run, q2_progress_fn progress,
+                void *opaque, struct q2_compact_result *res);
 
 /* The guest-to-host map, as qemu-img map reports it. */
 struct q2_map_entry {

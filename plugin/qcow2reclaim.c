@@ -25,6 +25,8 @@ static size_t cache_size;
 static enum q2_discard_mode discard = Q2_DISCARD_PUNCH;
 static char *statsfile;
 static enum q2_detect_zeroes detect_zeroes = Q2_DETECT_ZEROES_OFF;
+static enum q2_compact_mode compact = Q2_COMPACT_AUTO;
+static uint64_t compact_rate;
 
 /* One image for all connections: one metadata cache, so multi-conn is safe. */
 static struct q2_image *image;
@@ -64,9 +66,15 @@ static void format_stats (char *buf, size_t len)
   snprintf (buf, len,
             "bytes_punched=%" PRIu64 "\nclusters_freed=%" PRIu64
             "\nl2_tables_freed=%" PRIu64 "\nrefcount_blocks_freed=%" PRIu64
-            "\ntruncations=%" PRIu64 "\nbytes_truncated=%" PRIu64 "\n",
+            "\ntruncations=%" PRIu64 "\nbytes_truncated=%" PRIu64
+            "\nclusters_moved=%" PRIu64 "\nbytes_moved=%" PRIu64
+            "\nfree_bytes_punched=%" PRIu64 "\npinned_bytes=%" PRIu64
+            "\nfile_length=%" PRIu64 "\nhost_allocated=%" PRIu64
+            "\ntarget_length=%" PRIu64 "\n",
             s.bytes_punched, s.clusters_freed, s.l2_tables_freed,
-            s.refblocks_freed, s.truncations, s.bytes_truncated);
+            s.refblocks_freed, s.truncations, s.bytes_truncated,
+            s.clusters_moved, s.bytes_moved, s.free_bytes_punched, s.pinned_bytes,
+            s.file_length, s.host_allocated, s.target_length);
 }
 
 /* The counters go to statsfile=FILE, replaced whole (write, then rename),
@@ -79,7 +87,7 @@ static void write_statsfile (bool always)
   static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
   static struct timespec last;
   struct timespec now;
-  char buf[512], tmp[4096];
+  char buf[1024], tmp[4096];
   FILE *f;
 
   if (!statsfile || !image)
@@ -105,7 +113,7 @@ static void write_statsfile (bool always)
 /* The final write-back may free more, so the totals are taken after it. */
 static void q2r_unload (void)
 {
-  char buf[512], *p;
+  char buf[1024], *p;
 
   if (image) {
     if (!q2_readonly (image))
@@ -165,6 +173,26 @@ static int q2r_config (const char *key, const char *value)
       return -1;
     }
   }
+  else if (strcmp (key, "compact") == 0) {
+    if (strcmp (value, "auto") == 0)
+      compact = Q2_COMPACT_AUTO;
+    else if (strcmp (value, "off") == 0)
+      compact = Q2_COMPACT_OFF;
+    else {
+      nbdkit_error ("compact=%s: expected auto or off", value);
+      return -1;
+    }
+  }
+  else if (strcmp (key, "compact-rate") == 0) {
+    int64_t n = nbdkit_parse_size (value);
+    if (n == -1)
+      return -1;
+    if (n < 65536) {
+      nbdkit_error ("compact-rate=%s: at least 64K (bytes moved a second)", value);
+      return -1;
+    }
+    compact_rate = n;
+  }
   else if (strcmp (key, "statsfile") == 0) {
     free (statsfile);
     if (!(statsfile = strdup (value)))
@@ -214,6 +242,10 @@ static int q2r_config_complete (void)
   "detect-zeroes=off|on|unmap\n" \
   "                      Turn writes of all-zero data into write-zeroes (on),\n" \
   "                      or into write-zeroes that free the space (unmap).\n" \
+  "compact=auto|off      Move clusters from the end of the file into free ones\n" \
+  "                      below and cut the file, in the background, when it is\n" \
+  "                      more than 10% + 1 MiB longer than its data (default auto).\n" \
+  "compact-rate=<SIZE>   Bytes a second compaction may move (default 64M).\n" \
   "statsfile=<FILE>      Keep reclaim counters in FILE (rewritten after each\n" \
   "                      flush, trim and zero; also logged when nbdkit exits)."
 
@@ -225,6 +257,7 @@ static int q2r_get_ready (void)
   struct q2_options o = {
     .file = file, .readonly = readonly, .backing = backing,
     .cache_size = cache_size, .discard = discard, .detect_zeroes = detect_zeroes,
+    .compact = compact, .compact_rate = compact_rate,
   };
 
   return q2_open (&o, &image) < 0 ? -1 : 0;

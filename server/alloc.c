@@ -90,7 +90,7 @@ static int claim (struct alloc *a, uint64_t start, uint64_t n)
   return 0;
 }
 
-static int release_now (struct alloc *a, uint64_t offset, uint64_t n)
+int alloc_release_range (struct alloc *a, uint64_t offset, uint64_t n)
 {
   uint64_t i;
   int r;
@@ -118,7 +118,7 @@ static int ensure_block (struct alloc *a, uint64_t c)
     if ((r = refcount_grow_table (m, idx, &old_off, &old_n)) < 0)
       return r;
     /* The header no longer names the old table, so it can go at once. */
-    return (r = release_now (a, old_off, old_n)) < 0 ? r : -EAGAIN;
+    return (r = alloc_release_range (a, old_off, old_n)) < 0 ? r : -EAGAIN;
   }
   if ((r = refcount_block_offset (m, idx, &off)) < 0)
     return r;
@@ -304,7 +304,7 @@ int alloc_drop_empty_blocks (struct alloc *a)
       return r;
     if (!off)
       continue;
-    if ((r = refcount_block_scan (m, idx, off >> m->lay.cluster_bits, &last, &empty)) < 0)
+    if ((r = refcount_block_scan (m, idx, off >> m->lay.cluster_bits, &last, NULL, &empty)) < 0)
       return r;
     if (!empty)
       continue;
@@ -332,4 +332,103 @@ int alloc_drop_empty_blocks (struct alloc *a)
     a->refblocks_freed++;
   }
   return writeback_refcounts (m);
+}
+
+/* n clusters at the lowest free place, if that is below limit (a byte
+ * offset); *offset is 0 when there is none, and nothing is claimed.
+ */
+static int claim_below (struct alloc *a, uint64_t n, uint64_t limit, uint64_t *offset)
+{
+  uint64_t where, start, len;
+  int r;
+
+  *offset = 0;
+  /* Looked for first, so that no place is claimed (nor a refcount block
+   * created for it) past the limit: a move must never grow the file.
+   */
+  if ((r = find_run (a, n, &start, &len)) < 0)
+    return r;
+  if ((start + n) << a->m->lay.cluster_bits > limit)
+    return 0;
+  if ((r = alloc_contiguous (a, n, &where)) < 0)
+    return r;
+  if (where + (n << a->m->lay.cluster_bits) <= limit) {
+    *offset = where;
+    return 0;
+  }
+  /* Claimed, but no lower: given back, a reference that never reached disk. */
+  return alloc_release_range (a, where, n);
+}
+
+int alloc_move_block (struct alloc *a, uint64_t idx, bool *moved)
+{
+  struct meta *m = a->m;
+  uint64_t off, where;
+  int r;
+
+  assert (mutex_held (&m->lock));
+  *moved = false;
+  if (m->failed)
+    return -EIO;
+  if ((r = refcount_block_offset (m, idx, &off)) < 0 || !off)
+    return r;
+  if ((r = claim_below (a, 1, off, &where)) < 0 || !where)
+    return r;
+  /* Copied after the claim: the claim may have counted the new place in
+   * this very block.
+   */
+  /* The old place is dead from here on: counts change in the new one, and
+   * the refcount table names the new one before the old is freed.
+   */
+  if ((r = refcount_block_offset (m, idx, &off)) < 0 ||
+      (r = alloc_adopt_table (a, META_REFBLOCK, off, where)) < 0)
+    return r;
+  table_set (&m->reftable, idx, where);
+  *moved = true;
+  return alloc_free_later (a, off, META_REFBLOCK, false);
+}
+
+int alloc_adopt_table (struct alloc *a, enum meta_kind kind, uint64_t from, uint64_t to)
+{
+  struct meta *m = a->m;
+  uint64_t c = to >> m->lay.cluster_bits;
+  int r;
+
+  assert (mutex_held (&m->lock));
+  if ((r = overlap_add (&m->lay.meta, c, kind)) < 0 ||
+      (r = cache_move (&m->cache, kind, from, to)) < 0) {
+    overlap_del (&m->lay.meta, c);
+    alloc_release (a, to, META_DATA, NULL);
+    return r;
+  }
+  return 0;
+}
+
+int alloc_move_reftable (struct alloc *a, bool *moved)
+{
+  struct meta *m = a->m;
+  uint64_t n = m->lay.reftable_clusters, off = m->lay.reftable_offset, where;
+  int r;
+
+  assert (mutex_held (&m->lock));
+  *moved = false;
+  if (m->failed)
+    return -EIO;
+  if ((r = claim_below (a, n, off, &where)) < 0 || !where)
+    return r;
+  if ((r = refcount_move_table (m, where)) < 0) {
+    /* Unsure which table the disk names: both stay, and nothing changes. */
+    if (!m->failed)
+      alloc_release_range (a, where, n);
+    return r;
+  }
+  *moved = true;
+  /* The header no longer names the old place, and that is synced. */
+  return alloc_release_range (a, off, n);
+}
+
+int alloc_claim_below (struct alloc *a, uint64_t n, uint64_t limit, uint64_t *offset)
+{
+  assert (mutex_held (&a->m->lock));
+  return claim_below (a, n, limit, offset);
 }

@@ -52,6 +52,27 @@ int alloc_free_later (struct alloc *a, uint64_t offset, enum meta_kind kind, boo
 size_t alloc_pending (const struct alloc *a);
 /* The deferred decrements, once what they wait for is on disk. */
 int alloc_apply_pending (struct alloc *a);
+/* Releases n clusters from offset whose only reference is gone from the
+ * disk (synced), and gives their host space back.
+ */
+int alloc_release_range (struct alloc *a, uint64_t offset, uint64_t n);
+
+/* Compaction's moves (DESIGN.md, "Compaction").  Each claims the lowest
+ * free place and does nothing (*moved false, or *offset 0) when that is not
+ * below the old one.
+ */
+/* n clusters at the lowest free place, if they end at or below limit. */
+int alloc_claim_below (struct alloc *a, uint64_t n, uint64_t limit, uint64_t *offset);
+/* The table at from (an L2 table or refcount block) copied to to, a
+ * cluster just claimed, which now holds that kind; the caller names it
+ * instead of from.  On failure to is given back and nothing changed.
+ */
+int alloc_adopt_table (struct alloc *a, enum meta_kind kind, uint64_t from, uint64_t to);
+/* Refcount block idx to a lower cluster; the old one is freed later. */
+int alloc_move_block (struct alloc *a, uint64_t idx, bool *moved);
+/* The refcount table to a lower place, switched by the header. */
+int alloc_move_reftable (struct alloc *a, bool *moved);
+
 /* Drops refcount blocks that count nothing (but perhaps themselves) from
  * the refcount table, once the decrements that emptied them are on disk.
  */

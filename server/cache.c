@@ -241,6 +241,24 @@ void cache_put (struct meta_cache *c, struct cache_entry *e)
   e->pins--;
 }
 
+int cache_move (struct meta_cache *c, enum meta_kind kind, uint64_t from, uint64_t to)
+{
+  struct cache_entry *old, *e;
+  int r;
+
+  if ((r = cache_get (c, kind, from, &old)) < 0)
+    return r;
+  if ((r = cache_get_new (c, kind, to, &e)) < 0) {
+    cache_put (c, old);
+    return r;
+  }
+  memcpy (e->buf, old->buf, c->entry_size);
+  cache_mark_clean (c, old);
+  cache_put (c, old);
+  cache_put (c, e);
+  return 0;
+}
+
 void cache_drop (struct meta_cache *c, uint64_t offset)
 {
   struct cache_entry *e = lookup (c, offset);

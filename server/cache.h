@@ -61,6 +61,12 @@ void cache_put (struct meta_cache *c, struct cache_entry *e);
 void cache_mark_dirty (struct meta_cache *c, struct cache_entry *e);
 void cache_mark_clean (struct meta_cache *c, struct cache_entry *e);
 
+/* A table copied to the newly allocated cluster to: the copy is dirty, the
+ * original clean (its place is dead: nothing will write it again), so the
+ * caller can name the copy instead and free the old place later.
+ */
+int cache_move (struct meta_cache *c, enum meta_kind kind, uint64_t from, uint64_t to);
+
 /* Forgets the table of a freed cluster without writing it. */
 void cache_drop (struct meta_cache *c, uint64_t offset);
 

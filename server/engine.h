@@ -22,12 +22,14 @@
 #include "writeback.h"
 
 struct backing;
+struct compact;
 struct copied;
 
 struct q2_image {
   struct meta m;
   struct alloc alloc;
   struct copied *copied;      /* COPIED upkeep (copied.h) */
+  struct compact *compact;    /* compaction (compact.h) */
   struct backing *backing;    /* NULL: unallocated clusters read as zeros */
   struct rangelock guest_lock;
 

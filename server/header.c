@@ -279,6 +279,44 @@ int header_write_reftable (struct hostfile *hf, uint64_t offset, uint32_t cluste
   return host_pwrite (hf, b, sizeof b, HDR_REFTABLE_OFFSET);
 }
 
+int header_write_l1 (struct hostfile *hf, uint64_t offset, uint32_t entries)
+{
+  uint8_t b[12];
+
+  be32_put (b, entries);
+  be64_put (b + 4, offset);
+  return host_pwrite (hf, b, sizeof b, HDR_L1_SIZE);
+}
+
+static int write_table_field (struct hostfile *hf, enum header_table which,
+                              uint64_t offset, uint32_t size)
+{
+  int r = which == HEADER_L1 ? header_write_l1 (hf, offset, size)
+    : header_write_reftable (hf, offset, size);
+
+  return r < 0 ? r : host_sync (hf);
+}
+
+int header_switch_table (struct hostfile *hf, const struct layout *lay,
+                         enum header_table which, uint64_t new_offset,
+                         uint64_t old_offset, uint32_t size, bool *unsure)
+{
+  const char *what = which == HEADER_L1 ? "L1 table" : "refcount table";
+  int r = write_table_field (hf, which, new_offset, size);
+
+  *unsure = false;
+  if (r == 0)
+    return 0;
+  log_error ("%s: cannot switch the header to the %s at 0x%" PRIx64 ": %s",
+             lay->name, what, new_offset, strerror (-r));
+  if (write_table_field (hf, which, old_offset, size) < 0) {
+    log_error ("%s: the header may name either %s; no more metadata changes until "
+               "the image is checked (qemu-img check -r all)", lay->name, what);
+    *unsure = true;
+  }
+  return r;
+}
+
 /* Autoclear features we do not maintain (bitmaps) must be switched off
  * before we change the image, so QEMU will not trust stale bitmaps.
  */

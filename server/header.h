@@ -25,7 +25,21 @@ struct header_extras {
 int header_parse (struct layout *lay, const uint8_t *buf, uint64_t buflen,
                   uint64_t file_size, bool readonly, struct header_extras *ex);
 
+/* Each of these is one write of 12 bytes inside the first sector. */
 int header_write_reftable (struct hostfile *hf, uint64_t offset, uint32_t clusters);
+int header_write_l1 (struct hostfile *hf, uint64_t offset, uint32_t entries);
+
+enum header_table { HEADER_L1, HEADER_REFTABLE };
+
+/* Switches the header from one place of a table to another (size: L1
+ * entries, or refcount table clusters), synced.  The new table must be on
+ * disk.  If the write or its sync fails, the disk may name either table, so
+ * the old values are written back; *unsure says that failed too, and the
+ * caller must stop changing metadata.
+ */
+int header_switch_table (struct hostfile *hf, const struct layout *lay,
+                         enum header_table which, uint64_t new_offset,
+                         uint64_t old_offset, uint32_t size, bool *unsure);
 int header_clear_autoclear (struct hostfile *hf, struct layout *lay);
 
 #endif

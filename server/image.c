@@ -18,6 +18,7 @@
 #include "check.h"
 #include "cleanup.h"
 #include "commit.h"
+#include "compact.h"
 #include "copied.h"
 #include "cow.h"
 #include "discard.h"
@@ -34,6 +35,16 @@
 
 static int image_open (const struct q2_options *o, int depth,
                        const struct backing_chain *above, struct q2_image **imgp);
+
+/* After a header switch that could not be confirmed (meta.failed). */
+static int refuse_changes (struct q2_image *img)
+{
+  if (!__atomic_load_n (&img->m.failed, __ATOMIC_ACQUIRE))
+    return 0;
+  log_error ("%s: refusing to change the image: a header switch could not be "
+             "confirmed; stop the server and check the image", img->m.lay.name);
+  return -EIO;
+}
 
 void q2_set_logger (q2_log_fn fn)
 {
@@ -194,7 +205,8 @@ static int image_open (const struct q2_options *o, int depth,
       (r = table_load (&m->reftable, &m->hf, &m->lay, "refcount table",
                        m->lay.reftable_offset, layout_reftable_entries (&m->lay))) < 0 ||
       (r = build_overlap (img)) < 0 ||
-      (r = copied_new (&img->copied)) < 0)
+      (r = copied_new (&img->copied)) < 0 ||
+      (r = compact_new (&img->compact, o->compact == Q2_COMPACT_AUTO, o->compact_rate)) < 0)
     goto fail;
   r = cache_init (&m->cache, &m->hf, &m->lay, &m->lock,
                   o->cache_size ? o->cache_size : Q2_DEFAULT_CACHE_SIZE,
@@ -225,9 +237,10 @@ int q2_open (const struct q2_options *o, struct q2_image **imgp)
 
 int q2_after_fork (struct q2_image *img)
 {
-  if (!img->readonly)
-    host_start_ring (&img->m.hf);
-  return 0;
+  if (img->readonly)
+    return 0;
+  host_start_ring (&img->m.hf);
+  return compact_start (img);
 }
 
 int q2_close (struct q2_image *img)
@@ -239,7 +252,8 @@ int q2_close (struct q2_image *img)
   if (!img)
     return 0;
   m = &img->m;
-  if (!img->readonly && m->cache.buckets) {
+  compact_stop (img);
+  if (!img->readonly && m->cache.buckets && !m->failed) {
     mutex_lock (&m->lock);
     r = commit_run (img, &synced);
     mutex_unlock (&m->lock);
@@ -251,6 +265,7 @@ int q2_close (struct q2_image *img)
   table_free (&m->reftable);
   alloc_free (&img->alloc);
   copied_free (img->copied);
+  compact_free (img->compact);
   host_close (&m->hf);
   rangelock_destroy (&img->guest_lock);
   mutex_destroy (&m->lock);
@@ -326,7 +341,7 @@ int q2_write (struct q2_image *img, const void *buf, uint64_t count,
 
   if (img->readonly)
     return -EROFS;
-  if ((r = request_check (img, count, offset)) < 0)
+  if ((r = request_check (img, count, offset)) < 0 || (r = refuse_changes (img)) < 0)
     return r;
   if (img->detect_zeroes && is_zero (buf, count)) {
     r = q2_zero (img, count, offset, (flags & Q2_FUA) |
@@ -346,7 +361,11 @@ int q2_write (struct q2_image *img, const void *buf, uint64_t count,
 int q2_zero (struct q2_image *img, uint64_t count, uint64_t offset, unsigned flags)
 {
   bool kept, apply_frees;
-  int r = discard_zero (img, count, offset, flags & ~Q2_FUA, &kept, &apply_frees);
+  int r = img->readonly ? 0 : refuse_changes (img);
+
+  if (r < 0)
+    return r;
+  r = discard_zero (img, count, offset, flags & ~Q2_FUA, &kept, &apply_frees);
 
   if (r == 0 && (flags & Q2_FUA))
     r = q2_flush (img);
@@ -358,7 +377,11 @@ int q2_zero (struct q2_image *img, uint64_t count, uint64_t offset, unsigned fla
 int q2_discard (struct q2_image *img, uint64_t count, uint64_t offset, unsigned flags)
 {
   bool kept;
-  int r = discard_range (img, count, offset, &kept);
+  int r = img->readonly ? 0 : refuse_changes (img);
+
+  if (r < 0)
+    return r;
+  r = discard_range (img, count, offset, &kept);
 
   if (r == 0 && (flags & Q2_FUA))
     r = q2_flush (img);
@@ -372,6 +395,8 @@ int q2_flush (struct q2_image *img)
 
   if (img->readonly)
     return 0;
+  if ((r = refuse_changes (img)) < 0)
+    return r;
   mutex_lock (&img->m.lock);
   r = commit_run (img, &synced);
   mutex_unlock (&img->m.lock);
@@ -398,9 +423,29 @@ int q2_check (struct q2_image *img, struct q2_check *res, q2_progress_fn progres
   return check_image (img, res, progress, opaque);
 }
 
+int q2_compact (struct q2_image *img, bool dry_run, q2_progress_fn progress,
+                void *opaque, struct q2_compact_result *res)
+{
+  int r;
+
+  if (img->readonly && !dry_run)
+    return -EROFS;
+  if (!img->readonly && (r = refuse_changes (img)) < 0)
+    return r;
+  return compact_run (img, dry_run, progress, opaque, res);
+}
+
 void q2_get_stats (struct q2_image *img, struct q2_stats *s)
 {
+  struct stat st;
+
+  memset (s, 0, sizeof *s);
+  if (host_stat (&img->m.hf, &st) == 0) {
+    s->file_length = st.st_size;
+    s->host_allocated = (uint64_t) st.st_blocks * 512;
+  }
   LOCK_FOR_SCOPE (&img->m.lock);
+  compact_stats (img, s);
   s->bytes_punched = host_bytes_released (&img->m.hf);
   s->clusters_freed = img->alloc.clusters_freed;
   s->l2_tables_freed = img->l2_tables_freed;

@@ -9,6 +9,7 @@
 #include "qcow2-format.h"
 #include "corrupt.h"
 #include "engine.h"
+#include "header.h"
 #include "l2.h"
 
 uint64_t l2_entry_get (const struct cache_entry *e, uint64_t index)
@@ -98,4 +99,64 @@ int l2_get_writable (struct q2_image *img, uint64_t guest, struct cache_entry **
   table_set (&m->l1, i, new_off | QCOW_OFLAG_COPIED);
   *ep = e;
   return 0;
+}
+
+int l2_move_table (struct q2_image *img, uint64_t l1i, bool *moved)
+{
+  struct meta *m = &img->m;
+  uint64_t guest = l1i << (m->lay.cluster_bits + m->lay.l2_bits), off, where;
+  int r;
+
+  assert (mutex_held (&m->lock));
+  *moved = false;
+  if ((r = l1_entry_offset (img, guest, &off)) < 0 || !off)
+    return r;
+  /* A table shared with a snapshot is named by the snapshot's L1 too. */
+  if (!(table_get (&m->l1, l1i) & QCOW_OFLAG_COPIED))
+    return 0;
+  if ((r = alloc_claim_below (&img->alloc, 1, off, &where)) < 0 || !where)
+    return r;
+  /* Nothing reaches the old place any more: lookups go through L1.  Its
+   * unwritten changes are in the copy, which write-back puts on disk
+   * before the L1 sector that names it.
+   */
+  if ((r = alloc_adopt_table (&img->alloc, META_L2, off, where)) < 0)
+    return r;
+  table_set (&m->l1, l1i, where | QCOW_OFLAG_COPIED);
+  *moved = true;
+  return alloc_free_later (&img->alloc, off, META_L2, false);
+}
+
+int l2_move_l1 (struct q2_image *img, bool *moved)
+{
+  struct meta *m = &img->m;
+  uint64_t clusters = layout_clusters (&m->lay, m->lay.l1_entries * 8);
+  uint64_t off = m->lay.l1_offset, where;
+  bool synced, unsure = false;
+  int r;
+
+  assert (mutex_held (&m->lock));
+  *moved = false;
+  if (!clusters || m->failed)
+    return m->failed ? -EIO : 0;
+  if ((r = alloc_claim_below (&img->alloc, clusters, off, &where)) < 0 || !where)
+    return r;
+  /* Every table the L1 names is on disk before a copy of it is named by
+   * the header (DESIGN.md, "Invariants").
+   */
+  if ((r = writeback_all (m, false, &synced)) < 0 ||
+      (r = table_write_whole (&m->l1, where, clusters)) < 0 ||
+      (r = host_sync (&m->hf)) < 0 ||
+      (r = header_switch_table (&m->hf, &m->lay, HEADER_L1, where, off,
+                                (uint32_t) m->lay.l1_entries, &unsure)) < 0) {
+    /* Unsure which table the disk names: both stay, and nothing changes. */
+    if (unsure)
+      __atomic_store_n (&m->failed, true, __ATOMIC_RELEASE);
+    else
+      alloc_release_range (&img->alloc, where, clusters);
+    return r;
+  }
+  m->lay.l1_offset = where;
+  *moved = true;
+  return alloc_release_range (&img->alloc, off, clusters);
 }

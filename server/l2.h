@@ -6,6 +6,7 @@
 #ifndef Q2_L2_H
 #define Q2_L2_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
 struct cache_entry;
@@ -18,6 +19,13 @@ int l2_get (struct q2_image *img, uint64_t guest, struct cache_entry **ep);
  */
 int l2_get_writable (struct q2_image *img, uint64_t guest, struct cache_entry **ep);
 void l2_put (struct q2_image *img, struct cache_entry *e);
+
+/* Compaction's moves: the L2 table of L1 entry l1i, and the L1 table
+ * itself, to the lowest free place if it is below the old one (*moved).
+ * The old table is freed once its replacement is named on disk.
+ */
+int l2_move_table (struct q2_image *img, uint64_t l1i, bool *moved);
+int l2_move_l1 (struct q2_image *img, bool *moved);
 
 uint64_t l2_entry_get (const struct cache_entry *e, uint64_t index);
 void l2_entry_set (struct q2_image *img, struct cache_entry *e, uint64_t index, uint64_t v);

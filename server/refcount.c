@@ -246,58 +246,41 @@ static void unfill_area (struct meta *m, const struct area *a)
       refcount_set (m, c, 0);
 }
 
-static int write_area (struct meta *m, const struct area *a, const uint64_t *entries,
-                       uint64_t size, const uint8_t *blocks)
+static int write_area (struct meta *m, const struct area *a, struct mem_table *t,
+                       const uint8_t *blocks)
 {
-  uint64_t cs = m->lay.cluster_size, i, k;
+  uint64_t cs = m->lay.cluster_size, k;
   uint64_t table_off = (a->start + a->nblocks) << m->lay.cluster_bits;
-  CLEANUP_FREE uint64_t *disk = malloc (a->table_clusters * cs);
   int r = 0;
 
-  if (!disk)
-    return -ENOMEM;
-  memset (disk, 0, a->table_clusters * cs);
-  for (i = 0; i < size; i++)
-    be64_put (&disk[i], entries[i]);
   /* A cached table of a cluster freed long ago must not shadow a block. */
   for (k = 0; k < a->nblocks; k++)
     cache_drop (&m->cache, (a->start + k) << m->lay.cluster_bits);
   if (a->nblocks)
     r = host_pwrite (&m->hf, blocks, a->nblocks * cs, a->start << m->lay.cluster_bits);
+  if (r < 0)
+    log_error ("%s: cannot write new refcount blocks at 0x%" PRIx64 ": %s",
+               m->lay.name, a->start << m->lay.cluster_bits, strerror (-r));
   if (r == 0)
     r = writeback_refcounts (m);
   if (r == 0)
-    r = host_pwrite (&m->hf, disk, a->table_clusters * cs, table_off);
+    r = table_write_whole (t, table_off, a->table_clusters);
   if (r == 0)
     r = host_sync (&m->hf);
-  if (r < 0)
-    log_error ("%s: cannot write the new refcount table at 0x%" PRIx64 ": %s",
-               m->lay.name, table_off, strerror (-r));
   return r;
 }
 
-/* The header names the new table.  If the write or its sync fails, the
- * disk may hold either table, so the old one is written back; if even
- * that fails, nothing may change the refcounts any more.
+/* The header names the new table; if that cannot be confirmed either way,
+ * nothing may change the refcounts any more (DESIGN.md, "Invariants").
  */
-static int switch_header (struct meta *m, const struct area *a)
+static int switch_header (struct meta *m, uint64_t offset, uint64_t clusters)
 {
-  uint64_t table_off = (a->start + a->nblocks) << m->lay.cluster_bits;
-  int r = header_write_reftable (&m->hf, table_off, (uint32_t) a->table_clusters);
+  bool unsure;
+  int r = header_switch_table (&m->hf, &m->lay, HEADER_REFTABLE, offset,
+                               m->lay.reftable_offset, (uint32_t) clusters, &unsure);
 
-  if (r == 0)
-    r = host_sync (&m->hf);
-  if (r == 0)
-    return 0;
-  log_error ("%s: cannot switch the header to the new refcount table: %s",
-             m->lay.name, strerror (-r));
-  if (header_write_reftable (&m->hf, m->lay.reftable_offset,
-                             (uint32_t) m->lay.reftable_clusters) < 0 ||
-      host_sync (&m->hf) < 0) {
-    log_error ("%s: the header may name either refcount table; no more metadata "
-               "changes until the image is checked (qemu-img check -r all)", m->lay.name);
-    m->failed = true;
-  }
+  if (unsure)
+    __atomic_store_n (&m->failed, true, __ATOMIC_RELEASE);
   return r;
 }
 
@@ -346,9 +329,17 @@ int refcount_grow_table (struct meta *m, uint64_t idx, uint64_t *old_offset,
   for (k = 0; k < a.nblocks && r == 0; k++)
     r = overlap_add (&lay->meta, a.start + k, META_REFBLOCK);
   if (r == 0)
-    r = write_area (m, &a, grown.entries, size, blocks);
+    r = write_area (m, &a, &grown, blocks);
   if (r == 0)
-    r = switch_header (m, &a);
+    r = switch_header (m, (a.start + a.nblocks) << lay->cluster_bits, a.table_clusters);
+  if (r < 0 && m->failed) {
+    /* Unsure which table the disk names.  As it is, both are consistent
+     * (the area is counted in the blocks they share, and only the new one
+     * names the new blocks), and nothing changes from here on.
+     */
+    table_free (&grown);
+    return r;
+  }
   if (r < 0) {
     for (k = 0; k < a.nblocks; k++)
       overlap_del (&lay->meta, a.start + k);
@@ -377,12 +368,32 @@ undo:
   return r;
 }
 
+int refcount_move_table (struct meta *m, uint64_t where)
+{
+  struct layout *lay = &m->lay;
+  uint64_t old = lay->reftable_offset;
+  int r;
+
+  assert (mutex_held (&m->lock));
+  /* Every block, and the counts of the new place, before the table. */
+  if ((r = writeback_refcounts (m)) < 0 ||
+      (r = table_write_whole (&m->reftable, where, lay->reftable_clusters)) < 0 ||
+      (r = host_sync (&m->hf)) < 0 ||
+      (r = switch_header (m, where, lay->reftable_clusters)) < 0)
+    return r;
+  lay->reftable_offset = where;
+  log_debug ("%s: refcount table moved from 0x%" PRIx64 " to 0x%" PRIx64,
+             lay->name, old, where);
+  return 0;
+}
+
 /* Works on bytes, so that mostly-empty blocks cost a memory scan rather
  * than one lookup per count; only non-zero bytes are decoded.
  */
 int refcount_block_scan (struct meta *m, uint64_t idx, uint64_t self,
-                         uint64_t *last, bool *only_self)
+                         uint64_t *last, uint64_t *used, bool *only_self)
 {
+  uint64_t n = 0, next = 0;
   uint64_t bits = 1u << m->lay.refcount_order, first = idx << m->lay.rb_bits;
   uint64_t off, b, i;
   struct cache_entry *e;
@@ -400,17 +411,24 @@ int refcount_block_scan (struct meta *m, uint64_t idx, uint64_t self,
   for (b = 0; b < m->lay.cluster_size; b++) {
     if (!buf[b])
       continue;
-    /* The counts that share (or span) byte b. */
+    /* The counts that share (or span) byte b, each decoded once: a wide
+     * count spans several bytes.
+     */
     uint64_t lo = b * 8 / bits, hi = ((b + 1) * 8 + bits - 1) / bits;
-    for (i = lo; i < hi; i++) {
+    for (i = lo > next ? lo : next; i < hi; i++) {
       uint64_t v = refcount_block_get (buf, m->lay.refcount_order, i);
       if (!v)
         continue;
+      n++;
       *last = first + i;
       if (first + i != self || v != 1)
         *only_self = false;
     }
+    if (hi > next)
+      next = hi;
   }
   cache_put (&m->cache, e);
+  if (used)
+    *used = n;
   return 0;
 }

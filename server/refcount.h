@@ -39,11 +39,18 @@ int refcount_add_block (struct meta *m, uint64_t idx, uint64_t where);
 int refcount_grow_table (struct meta *m, uint64_t idx, uint64_t *old_offset,
                          uint64_t *old_clusters);
 
+/* Writes the refcount table whole at where (clusters the caller
+ * allocated), then switches the header to it.  The old place is then
+ * referenced by nothing: the caller frees it.
+ */
+int refcount_move_table (struct meta *m, uint64_t where);
+
 /* Scans block idx (present in the table): *last is the highest cluster with
- * a non-zero count (UINT64_MAX if none), and *only_self says whether the
- * block counts nothing but its own cluster, self, once.
+ * a non-zero count (UINT64_MAX if none), *used (may be NULL) how many have
+ * one, and *only_self whether the block counts nothing but its own
+ * cluster, self, once.
  */
 int refcount_block_scan (struct meta *m, uint64_t idx, uint64_t self,
-                         uint64_t *last, bool *only_self);
+                         uint64_t *last, uint64_t *used, bool *only_self);
 
 #endif

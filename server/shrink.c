@@ -25,7 +25,7 @@ static int used_end (struct q2_image *img, uint64_t *end)
       return r;
     if (!off)
       continue;
-    if ((r = refcount_block_scan (m, idx, UINT64_MAX, &last, &only_self)) < 0)
+    if ((r = refcount_block_scan (m, idx, UINT64_MAX, &last, NULL, &only_self)) < 0)
       return r;
     if (last != UINT64_MAX) {
       *end = (last + 1) << m->lay.cluster_bits;

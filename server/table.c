@@ -101,6 +101,28 @@ int table_write_dirty (struct mem_table *t, uint64_t offset)
   return 0;
 }
 
+int table_write_whole (struct mem_table *t, uint64_t offset, uint64_t clusters)
+{
+  uint64_t bytes = clusters << t->lay->cluster_bits, i;
+  uint64_t *disk;
+  int r;
+
+  assert (t->size * 8 <= bytes);
+  if (!(disk = calloc (1, bytes)))
+    return -ENOMEM;
+  for (i = 0; i < t->size; i++)
+    be64_put (&disk[i], t->entries[i]);
+  r = host_pwrite (t->hf, disk, bytes, offset);
+  free (disk);
+  if (r < 0) {
+    log_error ("%s: cannot write the %s at 0x%" PRIx64 ": %s", t->lay->name, t->what,
+               offset, strerror (-r));
+    return r;
+  }
+  memset (t->dirty, 0, nsectors (t->size) + 1);
+  return 0;
+}
+
 int table_init_entries (struct mem_table *t, struct hostfile *hf,
                         const struct layout *lay, const char *what,
                         uint64_t *entries, uint64_t size)

@@ -31,6 +31,10 @@ void table_set (struct mem_table *t, uint64_t index, uint64_t value);
 bool table_any_dirty (const struct mem_table *t);
 /* Writes the dirty sectors to the table at offset. */
 int table_write_dirty (struct mem_table *t, uint64_t offset);
+/* Writes the whole table at offset, padded with zeros to clusters
+ * clusters, and marks it clean: for a table put in a new place.
+ */
+int table_write_whole (struct mem_table *t, uint64_t offset, uint64_t clusters);
 /* A table made of entries (malloc'd, size of them; the table owns them
  * on success), all clean: for a table just written whole at a new place.
  */

@@ -28,8 +28,9 @@ struct meta {
    * built on them (alloc.h): every metadata lookup and change.
    */
   struct mutex lock;
-  /* A metadata write failed in a way that leaves the disk in one of two
-   * states (the header switch of the refcount table): no more changes.
+  /* A header switch could be neither confirmed nor undone, so the disk
+   * names one of two tables: no metadata change may follow (writes, zeroes,
+   * discards and flushes fail with EIO; reads go on).
    */
   bool failed;
   struct meta_cache cache;

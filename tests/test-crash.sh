@@ -37,9 +37,10 @@ started=$(date +%s)
 # eviction write-backs happen between flushes), v2 without zero flags,
 # fills from a backing file, clusters shared with an internal snapshot, and
 # 512-byte clusters, where the file outgrows the refcount table within a
-# few MiB, so the table moves and the header is switched mid-workload.
-SHAPES="v3-64k v3-4k v2 backing snapshot v3-512"
-nshapes=6
+# few MiB, so the table moves and the header is switched mid-workload; and
+# compaction moving clusters while the workload runs.
+SHAPES="v3-64k v3-4k v2 backing snapshot v3-512 compact"
+nshapes=7
 
 # make_image NAME: creates $TMP/NAME.qcow2 with some data already in it
 # (written by qemu-io, so the starting point is not the plugin's work) and
@@ -48,7 +49,7 @@ nshapes=6
 # backing file).
 make_image() {
     local img=$TMP/$1.qcow2
-    CS=65536 PARAMS= TRIMZERO=--trim-zero-clusters WORKLOAD_ARGS=
+    CS=65536 PARAMS= TRIMZERO=--trim-zero-clusters WORKLOAD_ARGS= COMPACT_EAGER=
     case $1 in
     v3-64k)
         qemu-img create -q -f qcow2 -o cluster_size=64k "$img" $SIZE
@@ -90,6 +91,20 @@ make_image() {
         CS=512 PARAMS=cache-size=8k WORKLOAD_ARGS="--mix scan:5"
         qemu-img create -q -f qcow2 -o cluster_size=512 "$img" 32M
         qemu-io -f qcow2 -c 'write -P 0x77 0 7M' "$img" >/dev/null ;;
+    compact)
+        # Written whole, then three quarters discarded in scattered pieces:
+        # the worker (eager, paced to 16 MiB/s) moves clusters down from the
+        # first moment, and again after each of the workload's trims, so
+        # copies, switched entries, moved tables, their commits and the
+        # truncations are all crash points.
+        PARAMS=compact-rate=16M COMPACT_EAGER=1
+        qemu-img create -q -f qcow2 -o cluster_size=64k "$img" $SIZE
+        local trims=() c
+        for c in $(seq 0 $(( (48 << 4) - 1 ))); do
+            [ $((c * 2654435761 % 4)) -eq 0 ] || trims+=(-c "discard $((c << 16)) 64k")
+        done
+        qemu-io -f qcow2 -c "write -P 0x88 0 $SIZE" "$img" >/dev/null
+        qemu-io -f qcow2 "${trims[@]}" "$img" >/dev/null ;;
     esac
 }
 
@@ -109,8 +124,8 @@ for shape in $SHAPES; do
     cp --sparse=always "$img" "$TMP/$shape.init.qcow2"
     iolog=$TMP/$shape.iolog
     journal=$TMP/$shape.journal
-    QCOW2RECLAIM_IOLOG=$iolog start_server "$TMP/$shape.sock" "$TMP/$shape.log" \
-        file="$img" $PARAMS
+    QCOW2RECLAIM_COMPACT_EAGER=$COMPACT_EAGER QCOW2RECLAIM_IOLOG=$iolog \
+        start_server "$TMP/$shape.sock" "$TMP/$shape.log" file="$img" $PARAMS
     server=$LAST_SERVER_PID
     rc=0
     "$PYTHON" "$helper" workload --uri "nbd+unix:///?socket=$TMP/$shape.sock" \
@@ -121,6 +136,11 @@ for shape in $SHAPES; do
     [ $rc -eq 0 ] || fail "$shape: the workload failed (seed $seed, exit $rc)"
     check_clean "$img"
     [ -s "$iolog" ] || fail "$shape: the I/O log $iolog is empty (test hooks off?)"
+    if [ -n "$COMPACT_EAGER" ]; then
+        moved=$(grep -o 'clusters_moved=[0-9]*' "$TMP/$shape.log" | tail -n 1)
+        [ "${moved#*=}" -gt 0 ] || fail "$shape: compaction moved nothing during the workload"
+        echo "$shape: compaction during the workload: $moved"
+    fi
 
     rc=0
     "$PYTHON" "$helper" replay --initial "$TMP/$shape.init.qcow2" --iolog "$iolog" \

@@ -11,11 +11,12 @@
 # many requests in flight, and it checks that a leaky image is served
 # and written to correctly afterwards.
 #
-# KILLS (default 200, 20 under valgrind) rounds in total, shared by two
-# images: 64 KiB clusters, and 4 KiB clusters with a metadata cache too
-# small for the image, so that evictions write L2 tables and refcount
-# blocks back in the middle of the load.  KILL_SEED varies the load and the kill times; KILL_KEEP=DIR keeps
-# the image and journals of a failing round.
+# KILLS (default 200, 20 under valgrind) rounds in total, shared by three
+# images: 64 KiB clusters; 4 KiB clusters with a metadata cache too small
+# for the image, so that evictions write L2 tables and refcount blocks back
+# in the middle of the load; and one that compaction keeps moving, so that
+# kills land in the middle of moves.  KILL_SEED varies the load and the
+# kill times; KILL_KEEP=DIR keeps the image and journals of a failing round.
 set -eu
 srcdir=${srcdir:-$(cd "$(dirname "$0")" && pwd)}
 . "$srcdir/functions.sh"
@@ -41,11 +42,15 @@ SIZE=32M
 helper="$srcdir/crash_replay.py"
 started=$(date +%s)
 
-# Two images; the second is where evictions happen during the load.
-NAMES="c64k c4k"
-declare -A CS PARAMS
-CS[c64k]=65536 PARAMS[c64k]=
-CS[c4k]=4096 PARAMS[c4k]=cache-size=32k
+# Three images: the second is where evictions happen during the load; on
+# the third, compaction moves clusters all the time (the eager test hook:
+# it looks every 50 ms and compacts past any free cluster), so kills land
+# in the middle of moves.
+NAMES="c64k c4k compact"
+declare -A CS PARAMS EAGER
+CS[c64k]=65536 PARAMS[c64k]= EAGER[c64k]=
+CS[c4k]=4096 PARAMS[c4k]=cache-size=32k EAGER[c4k]=
+CS[compact]=65536 PARAMS[compact]=compact-rate=16M EAGER[compact]=1
 for name in $NAMES; do
     img=$TMP/$name.qcow2
     qemu-img create -q -f qcow2 -o cluster_size=${CS[$name]} "$img" $SIZE
@@ -55,10 +60,15 @@ for name in $NAMES; do
         -c 'write -P 0x33 17M 2M' -c 'write -c -P 0x44 25M 1M' "$img" >/dev/null
     mkdir -p "$TMP/$name.state"
 done
+# The compacting image starts long: written whole, most of it discarded.
+trims=()
+for c in $(seq 0 3 511); do trims+=(-c "discard $((c << 16)) 128k"); done
+qemu-io -f qcow2 -c 'write -P 0x55 0 32M' "${trims[@]}" "$TMP/compact.qcow2" >/dev/null
 
 # serve NAME: start the server on NAME's image; sets SERVER.
 serve() {
-    start_server "$TMP/$1.sock" "$TMP/$1.log" file="$TMP/$1.qcow2" ${PARAMS[$1]}
+    QCOW2RECLAIM_COMPACT_EAGER=${EAGER[$1]} \
+        start_server "$TMP/$1.sock" "$TMP/$1.log" file="$TMP/$1.qcow2" ${PARAMS[$1]}
     SERVER=$LAST_SERVER_PID
 }
 
@@ -70,10 +80,10 @@ keep_round() {
     cp "$TMP/$1.log" "$KEEP/$1-round$2.server.log" 2>/dev/null || true
 }
 
-failures=0 leaky=0 leaked=0 rounds=0
+failures=0 leaky=0 leaked=0 rounds=0 moving=0
 for round in $(seq 1 "$KILLS"); do
-    # Alternate the images; each keeps its own state between its rounds.
-    if [ $((round % 2)) -eq 1 ]; then name=c64k; else name=c4k; fi
+    # Take the images in turn; each keeps its own state between its rounds.
+    case $((round % 3)) in 1) name=c64k ;; 2) name=c4k ;; *) name=compact ;; esac
     img=$TMP/$name.qcow2
     serve $name
     rc=0
@@ -94,6 +104,7 @@ for round in $(seq 1 "$KILLS"); do
     # Gone: cleanup must not signal the number (it may be reused).
     forget_server "$SERVER"
     rounds=$((rounds + 1))
+    grep -q 'compaction moved' "$TMP/$name.log" && moving=$((moving + 1))
     if [ $rc -ne 0 ]; then
         failures=$((failures + 1))
         tail -n 3 "$TMP/rounds.log" >&2
@@ -140,5 +151,7 @@ if [ $failures -eq 0 ]; then
 fi
 
 sent=$(awk '/^kill-round [0-9]*: previous round/ { s += $6; a += $8; d += $10; f += $12 } END { printf "%d requests sent, %d acknowledged, %d durable, %d flushes", s, a, d, f }' "$TMP/rounds.log")
-echo "test-kill: $rounds kills, $failures failed, $leaky left leaks ($leaked clusters, repaired); $sent; seed $SEED, $(( $(date +%s) - started ))s"
+echo "test-kill: $rounds kills ($moving while compaction was moving clusters), $failures failed, $leaky left leaks ($leaked clusters, repaired); $sent; seed $SEED, $(( $(date +%s) - started ))s"
+[ $failures -ne 0 ] || [ "$rounds" -lt 3 ] || [ "$moving" -gt 0 ] ||
+    fail "no round saw compaction move anything: the compacting image does not test moves"
 [ $failures -eq 0 ] || fail "durable data lost or a request failed after a kill (details above)"

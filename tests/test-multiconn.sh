@@ -33,14 +33,17 @@ SIZE=$((256 * 1024 * 1024))
 helper="$srcdir/multiconn_writers.py"
 started=$(date +%s)
 
-# serve SOCK LOG IMAGE: a read-write export of IMAGE on a Unix socket.
+# serve SOCK LOG IMAGE: a read-write export of IMAGE on a Unix socket,
+# with the plugin parameters in SERVER_ARGS.
+SERVER_ARGS=
 serve() {
     if [ "$SERVER" = qemu-nbd ]; then
         # -e: more than one client, which is also what makes qemu-nbd
         # advertise multi-conn.
         start_qemu_nbd "$1" "$2" "$3" -e 16 --discard=unmap
     else
-        start_server "$1" "$2" file="$3"
+        # shellcheck disable=SC2086 # parameters, one word each
+        start_server "$1" "$2" file="$3" $SERVER_ARGS
     fi
 }
 
@@ -128,5 +131,32 @@ multiconn_case 4 shared "$TMP/shared.qcow2" $((20 * 1024)) 65536 "$TMP/overlay-b
 # The backing file is read-only to the server, whatever happened above it.
 [ "$(md5sum <"$TMP/backing.qcow2")" = "$backing_sum" ] || fail "the backing file was modified"
 check_clean "$TMP/backing.qcow2"
+
+# 5. Compaction moving clusters under the writers (DESIGN.md, "Compaction").
+#    The image is written whole, then most of it discarded in scattered
+#    pieces, so the file is four times as long as its data; the worker
+#    starts moving at once (compact-rate=1G), and the writers' own trims
+#    and sweeps keep freeing more.  Every read is checked.
+if [ "$SERVER" = nbdkit ]; then
+    qemu-img create -q -f qcow2 -o cluster_size=64k "$TMP/frag.qcow2" $SIZE
+    qemu-io -f qcow2 -c "write -P 0x5a 0 $SIZE" "$TMP/frag.qcow2" >/dev/null
+    "$PYTHON" - "$TMP/frag.qcow2" <<'EOF'
+import random, subprocess, sys
+r = random.Random(11)
+cmds = []
+for c in range(256 * 16):
+    if r.random() < 0.75:
+        cmds += ["-c", "discard %d 65536" % (c * 65536)]
+subprocess.run(["qemu-io", "-f", "qcow2"] + cmds + [sys.argv[1]], check=True,
+               stdout=subprocess.DEVNULL)
+EOF
+    qemu-img convert -O raw "$TMP/frag.qcow2" "$TMP/frag-base.raw"
+    SERVER_ARGS="compact=auto compact-rate=1G"
+    multiconn_case 5 compacting "$TMP/frag.qcow2" $((192 * 1024)) 65536 "$TMP/frag-base.raw"
+    SERVER_ARGS=
+    moved=$(grep -o 'clusters_moved=[0-9]*' "$TMP/compacting.log" | tail -n 1)
+    [ "${moved#*=}" -gt 0 ] || fail "compacting: compaction moved nothing while the writers ran"
+    echo "ok: compacting: $moved under the writers; the image ends at $(( $(stat -c %s "$TMP/frag.qcow2") >> 20 )) MiB"
+fi
 
 echo "test-multiconn: all cases passed in $(( $(date +%s) - started ))s"

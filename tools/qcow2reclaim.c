@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: BSD-3-Clause */
-/* qcow2reclaim: info, map and check on the engine the nbdkit plugin uses.
- * The image is opened read-only, with the shared locks qemu-img takes.
+/* qcow2reclaim: info, map, check and compact on the engine the nbdkit
+ * plugin uses.  The image is opened read-only, with the shared locks
+ * qemu-img takes, except by compact, which takes the writer's locks.
  */
 #include <config.h>
 
@@ -20,14 +21,20 @@ static const char usage[] =
   "usage: qcow2reclaim info [--json] IMAGE\n"
   "       qcow2reclaim map [--output=human|json] IMAGE\n"
   "       qcow2reclaim check [--json] IMAGE\n"
+  "       qcow2reclaim compact [--dry-run] [--json] IMAGE\n"
   "       qcow2reclaim --help | --version\n"
   "\n"
-  "info   sizes, allocation, space held by snapshots, space reclaimable, fragmentation\n"
-  "map    where each guest range lives (as qemu-img map)\n"
-  "check  rebuild refcounts from every table and compare; exit 0 clean,\n"
-  "       1 check failed, 2 corruptions, 3 leaks only (as qemu-img check)\n";
+  "info     sizes, allocation, space held by snapshots, space reclaimable, fragmentation\n"
+  "map      where each guest range lives (as qemu-img map)\n"
+  "check    rebuild refcounts from every table and compare; exit 0 clean,\n"
+  "         1 check failed, 2 corruptions, 3 leaks only (as qemu-img check)\n"
+  "compact  move the clusters at the end of the file into free ones below and cut\n"
+  "         the file, in place (the image must not be in use); --dry-run says the\n"
+  "         length it would reach and what keeps it longer; exit 0 done, 1 failed,\n"
+  "         2 done but clusters that cannot move keep it past the bound\n";
 
 static bool json;
+static bool dry_run;
 
 /* Progress on a terminal only, so scripts and logs stay clean. */
 static void progress (void *opaque, uint64_t done, uint64_t total)
@@ -41,11 +48,79 @@ static void progress (void *opaque, uint64_t done, uint64_t total)
   }
 }
 
-static int open_image (const char *file, struct q2_image **img)
+static int open_image (const char *file, bool writable, struct q2_image **img)
 {
-  struct q2_options o = { .file = file, .readonly = true };
+  struct q2_options o = { .file = file, .readonly = !writable, .compact = Q2_COMPACT_OFF };
 
   return q2_open (&o, img);
+}
+
+static double mib (uint64_t bytes)
+{
+  return bytes / 1048576.0;
+}
+
+/* "moved 12.0 of 80.0 MiB (15%)" on a terminal, rewritten in place. */
+static void compact_progress (void *opaque, uint64_t done, uint64_t total)
+{
+  static int last = -1;
+  int pct = total ? (int) (done * 100 / total) : 100;
+
+  if (pct != last) {
+    fprintf (stderr, "\r    moved %.1f of %.1f MiB (%d%%)", mib (done), mib (total), pct);
+    last = pct;
+  }
+}
+
+static int cmd_compact (struct q2_image *img)
+{
+  struct q2_compact_result c;
+  bool tty = isatty (2) && !dry_run;
+  uint64_t pinned;
+  int r = q2_compact (img, dry_run, tty ? compact_progress : NULL, NULL, &c);
+
+  if (tty)
+    fprintf (stderr, "\r%50s\r", "");
+  if (r < 0) {
+    fprintf (stderr, "qcow2reclaim: %s: compaction failed: %s\n", q2_file_name (img),
+             strerror (-r));
+    return 1;
+  }
+  pinned = c.pinned_compressed + c.pinned_shared + c.pinned_snapshot + c.pinned_unreferenced;
+  if (json) {
+    printf ("{\n  \"filename\": \"%s\",\n  \"dry-run\": %s,\n"
+            "  \"length-before\": %" PRIu64 ",\n  \"length-after\": %" PRIu64 ",\n"
+            "  \"reachable-length\": %" PRIu64 ",\n  \"used\": %" PRIu64 ",\n"
+            "  \"bound\": %" PRIu64 ",\n  \"target\": %" PRIu64 ",\n"
+            "  \"clusters-moved\": %" PRIu64 ",\n  \"bytes-moved\": %" PRIu64 ",\n"
+            "  \"free-bytes-punched\": %" PRIu64 ",\n"
+            "  \"pinned\": { \"compressed\": %" PRIu64 ", \"shared\": %" PRIu64
+            ", \"snapshot\": %" PRIu64 ", \"unreferenced\": %" PRIu64 " }\n}\n",
+            q2_file_name (img), dry_run ? "true" : "false", c.length_before,
+            c.length_after, c.reachable, c.used, c.bound, c.target, c.clusters_moved,
+            c.bytes_moved, c.free_bytes_punched, c.pinned_compressed, c.pinned_shared,
+            c.pinned_snapshot, c.pinned_unreferenced);
+  }
+  else {
+    printf ("image: %s\n", q2_file_name (img));
+    if (dry_run)
+      printf ("length: %.1f MiB now, %.1f MiB reachable (data %.1f MiB, target %.1f MiB)\n"
+              "free space the host still holds: %.1f MiB\n",
+              mib (c.length_before), mib (c.reachable), mib (c.used), mib (c.target),
+              mib (c.free_bytes_punched));
+    else
+      printf ("length: %.1f MiB -> %.1f MiB (data %.1f MiB, target %.1f MiB)\n"
+              "moved: %" PRIu64 " clusters, %.1f MiB\n"
+              "free space given back to the host: %.1f MiB\n",
+              mib (c.length_before), mib (c.length_after), mib (c.used), mib (c.target),
+              c.clusters_moved, mib (c.bytes_moved), mib (c.free_bytes_punched));
+    if (pinned)
+      printf ("cannot move, past the target: %.1f MiB (compressed %.1f, shared with "
+              "snapshots %.1f, snapshots' own %.1f, referenced by nothing %.1f)\n",
+              mib (pinned), mib (c.pinned_compressed), mib (c.pinned_shared),
+              mib (c.pinned_snapshot), mib (c.pinned_unreferenced));
+  }
+  return (dry_run ? c.reachable : c.length_after) > c.bound ? 2 : 0;
 }
 
 static int run_check (struct q2_image *img, struct q2_check *res)
@@ -182,6 +257,7 @@ int main (int argc, char **argv)
 {
   static const struct option opts[] = {
     { "json", no_argument, NULL, 'j' },
+    { "dry-run", no_argument, NULL, 'n' },
     { "output", required_argument, NULL, 'o' },
     { "help", no_argument, NULL, 'h' },
     { "version", no_argument, NULL, 'V' },
@@ -194,6 +270,7 @@ int main (int argc, char **argv)
   while ((c = getopt_long (argc, argv, "ho:", opts, NULL)) != -1) {
     switch (c) {
     case 'j': json = true; break;
+    case 'n': dry_run = true; break;
     case 'o':
       if (strcmp (optarg, "json") == 0)
         json = true;
@@ -212,14 +289,20 @@ int main (int argc, char **argv)
     return 1;
   }
   cmd = argv[optind];
-  if (strcmp (cmd, "info") && strcmp (cmd, "map") && strcmp (cmd, "check")) {
+  if (strcmp (cmd, "info") && strcmp (cmd, "map") && strcmp (cmd, "check") &&
+      strcmp (cmd, "compact")) {
     fprintf (stderr, "qcow2reclaim: unknown command '%s'\n%s", cmd, usage);
     return 1;
   }
-  if (open_image (argv[optind + 1], &img) < 0)
+  if (dry_run && strcmp (cmd, "compact")) {
+    fprintf (stderr, "qcow2reclaim: --dry-run goes with compact only\n");
+    return 1;
+  }
+  if (open_image (argv[optind + 1], strcmp (cmd, "compact") == 0 && !dry_run, &img) < 0)
     return 1;
   r = strcmp (cmd, "info") == 0 ? cmd_info (img)
-    : strcmp (cmd, "map") == 0 ? cmd_map (img) : cmd_check (img);
+    : strcmp (cmd, "map") == 0 ? cmd_map (img)
+    : strcmp (cmd, "compact") == 0 ? cmd_compact (img) : cmd_check (img);
   q2_close (img);
   return r;
 }
