@@ -1407,9 +1407,14 @@ def kill_expected(ref, state, nclients, cs):
     return exp, unchecked, pending, durable_ops, info
 
 
-def kill_loader(a, i, model, lo, hi, kill_at):
+def kill_loader(a, i, model, lo, hi, ready, go):
     """One client process: requests on its own region until the server is
-    gone; every request is journaled when sent and when acknowledged."""
+    gone; every request is journaled when sent and when acknowledged.
+
+    It connects first and says so on ready; the parent answers on go with
+    the moment of the kill, once every client is connected: a client slow
+    to connect on a loaded machine must not meet the kill in its handshake
+    and look like a server failure."""
     fd = os.open(journal_path(a.state, i),
                  os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
 
@@ -1430,9 +1435,15 @@ def kill_loader(a, i, model, lo, hi, kill_at):
         h = nbd.NBD()
         h.connect_unix(a.sock)
     except nbd.Error as e:
+        os.write(ready, b"f")
         print("kill-round %d client %d: cannot connect: %s" % (a.round, i, e),
               file=sys.stderr)
         return 2
+    os.write(ready, b"c")
+    got = os.read(go, 8)
+    if len(got) != 8:
+        return 2
+    kill_at = struct.unpack("d", got)[0]
     c = Client(h, rng, model, lo, hi, a.cluster_size, KILL_MIX, 0.15,
                256 * KiB, 1 * MiB, True, "r%dc%d" % (a.round, i), note)
     deadline = time.monotonic() + a.max_time + 10
@@ -1533,20 +1544,41 @@ def cmd_kill_round(a):
 
     rng = random.Random("kill:%d" % a.seed)
     delay = rng.uniform(a.min_time, a.max_time)
-    kill_at = time.monotonic() + delay
     region = size // a.clients // a.cluster_size * a.cluster_size
-    pids = []
+    pids, gos = [], []
+    ready_r, ready_w = os.pipe()
     for i in range(a.clients):
         lo = i * region
         hi = size if i == a.clients - 1 else lo + region
+        go_r, go_w = os.pipe()
         pid = os.fork()
         if pid == 0:
             code = 2
             try:
-                code = kill_loader(a, i, bytearray(got[lo:hi]), lo, hi, kill_at)
+                os.close(ready_r)
+                os.close(go_w)
+                code = kill_loader(a, i, bytearray(got[lo:hi]), lo, hi, ready_w, go_r)
             finally:
                 os._exit(code)
+        os.close(go_r)
         pids.append(pid)
+        gos.append(go_w)
+    os.close(ready_w)
+    # The kill is timed from when every client is connected.
+    answers = b""
+    while len(answers) < a.clients:
+        more = os.read(ready_r, a.clients - len(answers))
+        if not more:
+            break
+        answers += more
+    os.close(ready_r)
+    kill_at = time.monotonic() + delay
+    for g in gos:
+        try:
+            os.write(g, struct.pack("d", kill_at))
+        except OSError:
+            pass
+        os.close(g)
     time.sleep(max(0, kill_at - time.monotonic()))
     os.kill(a.pid, signal.SIGKILL)
     t1 = time.monotonic()
