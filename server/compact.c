@@ -47,6 +47,7 @@
 #include "move.h"
 #include "refcount.h"
 #include "shrink.h"
+#include "snapshot.h"
 #include "vector.h"
 
 #define CHUNK_CLUSTERS (1u << 16)   /* tail clusters planned at once */
@@ -55,7 +56,7 @@
 #define EAGER_WAKE_MS 50
 #define ERROR_BACKOFF_SECONDS 30
 
-enum item_kind { ITEM_DATA, ITEM_L2, ITEM_BLOCK, ITEM_L1, ITEM_REFTABLE };
+enum item_kind { ITEM_DATA, ITEM_L2, ITEM_BLOCK, ITEM_L1, ITEM_REFTABLE, ITEM_SNAPTABLE };
 
 struct item {
   uint64_t cluster;           /* the highest host cluster it occupies */
@@ -307,8 +308,12 @@ static int plan_window (struct plan *p, uint64_t pinned[4])
                          ITEM_L1)) < 0 ||
         (r = plan_table (p, lay->reftable_offset, lay->reftable_clusters, ITEM_REFTABLE)) < 0)
       return r;
-    if (lay->nb_snapshots)
-      mark (p, lay->snapshots_offset >> lay->cluster_bits, MARK_SNAPSHOT);
+    uint64_t snap_bytes;
+    if (lay->nb_snapshots && snapshot_table_bytes (img, &snap_bytes) == 0 && snap_bytes &&
+        (r = plan_table (p, lay->snapshots_offset & ~(lay->cluster_size - 1),
+                         layout_clusters (lay, snap_bytes + layout_in_cluster (lay, lay->snapshots_offset)),
+                         ITEM_SNAPTABLE)) < 0)
+      return r;
     for (i = 0; i < m->reftable.size; i++) {
       if (refcount_block_offset (m, i, &off) < 0 || !off || !mark_slot (p, off >> lay->cluster_bits))
         continue;
@@ -422,6 +427,8 @@ static int move_item (struct q2_image *img, const struct item *it, bool *moved,
     *bytes = lay->reftable_clusters << lay->cluster_bits;
     r = alloc_move_reftable (&img->alloc, moved);
     return r;
+  case ITEM_SNAPTABLE:
+    return snapshot_move_table (img, moved);
   default:
     return -EINVAL;
   }

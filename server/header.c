@@ -288,11 +288,21 @@ int header_write_l1 (struct hostfile *hf, uint64_t offset, uint32_t entries)
   return host_pwrite (hf, b, sizeof b, HDR_L1_SIZE);
 }
 
+int header_write_snapshots (struct hostfile *hf, uint64_t offset, uint32_t count)
+{
+  uint8_t b[12];
+
+  be32_put (b, count);
+  be64_put (b + 4, offset);
+  return host_pwrite (hf, b, sizeof b, HDR_NB_SNAPSHOTS);
+}
+
 static int write_table_field (struct hostfile *hf, enum header_table which,
                               uint64_t offset, uint32_t size)
 {
   int r = which == HEADER_L1 ? header_write_l1 (hf, offset, size)
-    : header_write_reftable (hf, offset, size);
+    : which == HEADER_REFTABLE ? header_write_reftable (hf, offset, size)
+    : header_write_snapshots (hf, offset, size);
 
   return r < 0 ? r : host_sync (hf);
 }
@@ -301,7 +311,8 @@ int header_switch_table (struct hostfile *hf, const struct layout *lay,
                          enum header_table which, uint64_t new_offset,
                          uint64_t old_offset, uint32_t size, bool *unsure)
 {
-  const char *what = which == HEADER_L1 ? "L1 table" : "refcount table";
+  const char *what = which == HEADER_L1 ? "L1 table"
+    : which == HEADER_REFTABLE ? "refcount table" : "snapshot table";
   int r = write_table_field (hf, which, new_offset, size);
 
   *unsure = false;

@@ -28,11 +28,12 @@ int header_parse (struct layout *lay, const uint8_t *buf, uint64_t buflen,
 /* Each of these is one write of 12 bytes inside the first sector. */
 int header_write_reftable (struct hostfile *hf, uint64_t offset, uint32_t clusters);
 int header_write_l1 (struct hostfile *hf, uint64_t offset, uint32_t entries);
+int header_write_snapshots (struct hostfile *hf, uint64_t offset, uint32_t count);
 
-enum header_table { HEADER_L1, HEADER_REFTABLE };
+enum header_table { HEADER_L1, HEADER_REFTABLE, HEADER_SNAPSHOTS };
 
 /* Switches the header from one place of a table to another (size: L1
- * entries, or refcount table clusters), synced.  The new table must be on
+ * entries, refcount table clusters, or snapshots), synced.  The new table must be on
  * disk.  If the write or its sync fails, the disk may name either table, so
  * the old values are written back; *unsure says that failed too, and the
  * caller must stop changing metadata.

@@ -24,7 +24,8 @@ static const char usage[] =
   "       qcow2reclaim compact [--dry-run] [--json] IMAGE\n"
   "       qcow2reclaim --help | --version\n"
   "\n"
-  "info     sizes, allocation, space held by snapshots, space reclaimable, fragmentation\n"
+  "info     sizes, allocation, space held by snapshots, space reclaimable,\n"
+  "         fragmentation, the length compaction could reach and what keeps it longer\n"
   "map      where each guest range lives (as qemu-img map)\n"
   "check    rebuild refcounts from every table and compare; exit 0 clean,\n"
   "         1 check failed, 2 corruptions, 3 leaks only (as qemu-img check)\n"
@@ -143,13 +144,22 @@ static double pct (uint64_t a, uint64_t b)
 
 static int cmd_info (struct q2_image *img)
 {
+  struct q2_compact_result k;
   struct q2_check c;
   struct stat st;
-  uint64_t cs = q2_cluster_size (img), fsize;
+  uint64_t cs = q2_cluster_size (img), fsize, pinned;
+  int r;
 
   if (run_check (img, &c) < 0 || q2_file_size (img, &fsize) < 0 ||
       stat (q2_file_name (img), &st) < 0)
     return 1;
+  /* What compaction could reach, and what stays: a plan, nothing moved. */
+  if ((r = q2_compact (img, true, NULL, NULL, &k)) < 0) {
+    fprintf (stderr, "qcow2reclaim: %s: cannot plan compaction: %s\n", q2_file_name (img),
+             strerror (-r));
+    return 1;
+  }
+  pinned = k.pinned_compressed + k.pinned_shared + k.pinned_snapshot + k.pinned_unreferenced;
   uint64_t host = (uint64_t) st.st_blocks * 512, snap = c.snapshot_only_clusters * cs;
   if (json) {
     printf ("{\n  \"filename\": \"%s\",\n  \"format-version\": %u,\n"
@@ -159,11 +169,16 @@ static int cmd_info (struct q2_image *img)
             "  \"compressed-clusters\": %" PRIu64 ",\n  \"fragmented-clusters\": %" PRIu64 ",\n"
             "  \"image-end-offset\": %" PRIu64 ",\n  \"snapshots\": %u,\n"
             "  \"snapshot-held\": %" PRIu64 ",\n  \"reclaimable\": %" PRIu64 ",\n"
+            "  \"compactable-length\": %" PRIu64 ",\n"
+            "  \"pinned\": { \"compressed\": %" PRIu64 ", \"shared\": %" PRIu64
+            ", \"snapshot\": %" PRIu64 ", \"unreferenced\": %" PRIu64 " },\n"
             "  \"corruptions\": %" PRIu64 ",\n  \"leaks\": %" PRIu64 "\n}\n",
             q2_file_name (img), q2_format_version (img), cs, q2_virtual_size (img),
             fsize, host, c.allocated_clusters, c.total_clusters, c.compressed_clusters,
             c.fragmented_clusters, c.image_end_offset, q2_snapshot_count (img), snap,
-            c.reclaimable_bytes, c.corruptions, c.leaks);
+            c.reclaimable_bytes, k.reachable < fsize ? k.reachable : fsize,
+            k.pinned_compressed, k.pinned_shared, k.pinned_snapshot, k.pinned_unreferenced,
+            c.corruptions, c.leaks);
     return 0;
   }
   printf ("image: %s\n", q2_file_name (img));
@@ -181,6 +196,13 @@ static int cmd_info (struct q2_image *img)
           q2_snapshot_count (img), snap);
   printf ("reclaimable: %" PRIu64 " bytes (host space in unused clusters and past the end)\n",
           c.reclaimable_bytes);
+  printf ("compaction: the file could be %" PRIu64 " bytes long (now %" PRIu64 ")\n",
+          k.reachable < fsize ? k.reachable : fsize, fsize);
+  if (pinned)
+    printf ("  cannot move, past the target: %" PRIu64 " bytes (compressed %" PRIu64
+            ", shared with snapshots %" PRIu64 ", snapshots' own %" PRIu64
+            ", referenced by nothing %" PRIu64 ")\n", pinned, k.pinned_compressed,
+            k.pinned_shared, k.pinned_snapshot, k.pinned_unreferenced);
   if (c.corruptions || c.leaks)
     printf ("consistency: %" PRIu64 " corruptions, %" PRIu64 " leaked clusters "
             "(see qcow2reclaim check)\n", c.corruptions, c.leaks);
