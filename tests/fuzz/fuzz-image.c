@@ -7,7 +7,10 @@
  * padding, so the mutator can steer requests without breaking the header.
  * Those bytes are XORed with a fixed key, so that the all-zero tail of a
  * qemu-img made seed already yields a mix of writes, reads, zeroes,
- * discards and flushes rather than sixteen identical reads.
+ * discards and flushes rather than sixteen identical reads.  A quarter of
+ * the flushes are compactions instead (q2_compact, some of them dry runs):
+ * synchronous, so an input replays the same; the background worker is
+ * off, as its timing would not.
  *
  * Oracle beyond "no crash": when the engine's own check finds the image
  * consistent before the requests, it must still find no corruption after
@@ -177,6 +180,14 @@ static void run_requests (struct q2_image *img, const uint8_t *ops, size_t nops)
     unsigned f = 0;
     int extents = 0, r = 0;
 
+    if (kind == 5 && (flags & 3) == 3) {
+      struct q2_compact_result res;
+      r = q2_compact (img, flags & 4, NULL, NULL, &res);
+      if (verbose)
+        fprintf (stderr, "fuzz-image: compact%s: %d (moved %" PRIu64 ")\n",
+                 flags & 4 ? " --dry-run" : "", r, r == 0 ? res.bytes_moved : 0);
+      continue;
+    }
     if (kind == 5) {
       r = q2_flush (img);
       if (verbose)
@@ -250,7 +261,7 @@ int LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
    * spread over a few L2 tables already evict and write back.
    */
   struct q2_options o = { .file = image_path, .readonly = false,
-                          .cache_size = 1 };
+                          .cache_size = 1, .compact = Q2_COMPACT_OFF };
   struct q2_image *img;
   size_t nops, opbytes;
   uint8_t cfg;
