@@ -55,6 +55,7 @@
 #define WAKE_MS 1000                /* how often the worker looks */
 #define EAGER_WAKE_MS 50
 #define ERROR_BACKOFF_SECONDS 30
+#define MAX_MISSES 64               /* items in a row that did not move */
 
 enum item_kind { ITEM_DATA, ITEM_L2, ITEM_BLOCK, ITEM_L1, ITEM_REFTABLE, ITEM_SNAPTABLE };
 
@@ -473,7 +474,7 @@ static int compact_window (struct run *run, uint64_t lo, uint64_t hi, uint64_t *
   struct q2_image *img = run->img;
   struct compact *c = img->compact;
   struct plan p = { .img = img, .lo = lo, .hi = hi };
-  uint64_t pinned[4] = { 0 }, since_commit = 0, total = 0, bytes, i;
+  uint64_t pinned[4] = { 0 }, since_commit = 0, total = 0, bytes, i, misses;
   struct q2_compact_result *res = run->res;
   bool moved;
   int r;
@@ -494,11 +495,20 @@ static int compact_window (struct run *run, uint64_t lo, uint64_t hi, uint64_t *
     }
     total = p.items.len * img->m.lay.cluster_size;
   }
-  for (i = 0; r == 0 && !run->dry_run && i < p.items.len; i++) {
+  for (i = 0, misses = 0; r == 0 && !run->dry_run && i < p.items.len; i++) {
     if (run->paced && !pace (c, &run->start, *moved_bytes))
       break;
-    if ((r = move_item (img, &p.items.ptr[i], &moved, &bytes)) < 0 || !moved)
+    if ((r = move_item (img, &p.items.ptr[i], &moved, &bytes)) < 0)
       continue;
+    /* An item that did not move went stale, or found no room below (guest
+     * writes took it meanwhile): after a run of those, the plan is over.
+     */
+    if (!moved) {
+      if (++misses == MAX_MISSES)
+        break;
+      continue;
+    }
+    misses = 0;
     *moved_bytes += bytes;
     since_commit += bytes;
     res->clusters_moved += bytes >> img->m.lay.cluster_bits;
