@@ -103,7 +103,15 @@ int compact_new (struct compact **cp, bool automatic, uint64_t rate)
   const char *e = getenv ("QCOW2RECLAIM_COMPACT_EAGER");
   c->eager = e && *e == '1';
   pthread_mutex_init (&c->lock, NULL);
-  pthread_cond_init (&c->cond, NULL);
+  /* The waits are timed on the monotonic clock, which the condition must
+   * use too: on the default (realtime) clock, a monotonic deadline is long
+   * past, every wait returns at once, and the worker spins.
+   */
+  pthread_condattr_t attr;
+  pthread_condattr_init (&attr);
+  pthread_condattr_setclock (&attr, CLOCK_MONOTONIC);
+  pthread_cond_init (&c->cond, &attr);
+  pthread_condattr_destroy (&attr);
   *cp = c;
   return 0;
 }

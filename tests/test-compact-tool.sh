@@ -198,3 +198,15 @@ echo "ok: a non-sparse copy served: allocation fell to $after bytes within $((i 
 qemu-img create -q -f qcow2 -o cluster_size=2M,refcount_bits=64 c2m.qcow2 1G
 scatter c2m.qcow2 1024 $((4 << 20))
 compacts "2 MiB clusters, 64-bit refcounts" c2m.qcow2
+
+# An idle worker sleeps: a served image with nothing to compact costs next
+# to no CPU (a worker whose timed waits returned at once spun a core).
+if [ "$SLOW" -eq 1 ]; then
+    qemu-img create -q -f qcow2 idle.qcow2 64M
+    start_server "$TMP/idle.sock" "$TMP/idle.log" file="$TMP/idle.qcow2"
+    sleep 2
+    ticks=$(awk '{ print $14 + $15 }' "/proc/$LAST_SERVER_PID/stat")
+    stop_server "$LAST_SERVER_PID"
+    [ "$ticks" -lt 50 ] || fail "an idle server used $ticks clock ticks of CPU in 2 s"
+    echo "ok: an idle server used $ticks clock ticks of CPU in 2 s"
+fi
