@@ -66,8 +66,12 @@ struct item {
 };
 DEFINE_VECTOR_TYPE (item_vector, struct item);
 
-enum mark { MARK_NONE, MARK_MOVABLE, MARK_COMPRESSED, MARK_SHARED, MARK_SNAPSHOT,
-            MARK_UNREFERENCED };
+/* Ranked: a cluster gets the highest mark anything gives it.  Freeing: a
+ * deferred free waits for it (a trim during the pass), so it is neither
+ * moved nor pinned.
+ */
+enum mark { MARK_NONE, MARK_MOVABLE, MARK_FREEING, MARK_COMPRESSED, MARK_SHARED,
+            MARK_SNAPSHOT, MARK_UNREFERENCED };
 
 struct compact {
   bool automatic;
@@ -357,6 +361,11 @@ static int plan_window (struct plan *p, uint64_t pinned[4])
     if (r == 0)
       r = plan_l2_entries (p, i, t);
     l2_put (img, t);
+  }
+  {
+    LOCK_FOR_SCOPE (&m->lock);
+    for (i = 0; i < img->alloc.pending.len; i++)
+      mark (p, img->alloc.pending.ptr[i] >> lay->cluster_bits, MARK_FREEING);
   }
   /* Counted clusters nothing active names: the snapshots', or leaks. */
   for (c = p->lo; r == 0 && c < p->hi; c++) {
