@@ -28,9 +28,15 @@ static int copy_cluster (struct q2_image *img, uint64_t from, uint64_t to, uint6
 {
   struct hostfile *hf = &img->m.hf;
   uint64_t cs = img->m.lay.cluster_size, pos = from, d, h;
-  bool sparse = host_can_punch (hf) && host_punch (hf, to, cs) == 0;
   CLEANUP_FREE char *buf = NULL;
+  bool sparse;
   int r;
+
+  /* A free cluster is usually a hole already (freeing punched it): then
+   * no punch, which costs the filesystem far more than the check.
+   */
+  if (host_is_hole (hf, to, cs, &sparse) < 0 || !sparse)
+    sparse = host_can_punch (hf) && host_punch (hf, to, cs) == 0;
 
   if (!data && sparse)
     return 0;
