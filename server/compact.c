@@ -572,6 +572,11 @@ static int compact_pass (struct q2_image *img, bool dry_run, bool paced,
       (r = measure (img, &used, &last)) < 0 ||
       (r = host_size (&img->m.hf, &size)) < 0)
     return r;
+  /* Counts past the end of the file name nothing that could move (a
+   * damaged or hand-made refcount block): the plan ends at the file's end.
+   */
+  if (last >= layout_clusters (lay, size))
+    last = size ? layout_clusters (lay, size) - 1 : 0;
   target = target_clusters (c, used);
   res->length_before = res->length_after = size;
   res->used = used << lay->cluster_bits;
