@@ -2,7 +2,8 @@
 /* A hash of entries by host offset and one LRU list.  Eviction takes the
  * least recently used unpinned entry, writing it back first through the
  * write-back function when dirty; when everything is pinned the cache
- * grows past its budget for a moment rather than fail a request.
+ * grows past its budget for a moment rather than fail a request (an
+ * overflow entry, freed again when it is evicted).
  */
 #include <config.h>
 
@@ -38,8 +39,20 @@ int cache_init (struct meta_cache *c, struct hostfile *hf, const struct layout *
   while (c->nbuckets < c->max_entries * 2)
     c->nbuckets *= 2;
   c->buckets = calloc (c->nbuckets, sizeof *c->buckets);
-  if (!c->buckets)
+  c->entries = calloc (c->max_entries, sizeof *c->entries);
+  if (!c->buckets || !c->entries ||
+      posix_memalign (&c->slab, 4096, c->max_entries * entry_size) != 0) {
+    free (c->buckets);
+    free (c->entries);
+    c->buckets = NULL;
+    c->entries = NULL;
     return -ENOMEM;
+  }
+  for (size_t i = 0; i < c->max_entries; i++) {
+    c->entries[i].buf = (char *) c->slab + i * entry_size;
+    c->entries[i].hnext = c->free;
+    c->free = &c->entries[i];
+  }
   c->lru.lru_next = c->lru.lru_prev = &c->lru;
   return 0;
 }
@@ -100,9 +113,14 @@ static void entry_free (struct meta_cache *c, struct cache_entry *e)
   cache_mark_clean (c, e);
   hash_remove (c, e);
   lru_unlink (e);
-  free (e->buf);
-  free (e);
   c->nentries--;
+  if (e->overflow) {
+    free (e->buf);
+    free (e);
+    return;
+  }
+  e->hnext = c->free;
+  c->free = e;
 }
 
 void cache_free (struct meta_cache *c)
@@ -112,7 +130,11 @@ void cache_free (struct meta_cache *c)
   while (c->lru.lru_next != &c->lru)
     entry_free (c, c->lru.lru_next);
   free (c->buckets);
+  free (c->entries);
+  free (c->slab);
   c->buckets = NULL;
+  c->entries = NULL;
+  c->slab = NULL;
 }
 
 static struct cache_entry *lookup (struct meta_cache *c, uint64_t offset)
@@ -160,12 +182,19 @@ static int insert (struct meta_cache *c, enum meta_kind kind, uint64_t offset,
 
   if ((r = make_room (c)) < 0)
     return r;
-  e = calloc (1, sizeof *e);
-  if (!e)
-    return -ENOMEM;
-  if (posix_memalign (&e->buf, 4096, c->entry_size) != 0) {
-    free (e);
-    return -ENOMEM;
+  if ((e = c->free) != NULL) {
+    c->free = e->hnext;
+    e->dirty = false;
+  }
+  else {
+    /* Everything is pinned: past the budget, for as long as that lasts. */
+    if (!(e = calloc (1, sizeof *e)))
+      return -ENOMEM;
+    if (posix_memalign (&e->buf, 4096, c->entry_size) != 0) {
+      free (e);
+      return -ENOMEM;
+    }
+    e->overflow = true;
   }
   e->offset = offset;
   e->kind = kind;

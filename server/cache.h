@@ -23,6 +23,7 @@ struct cache_entry {
   enum meta_kind kind;        /* META_L2 or META_REFBLOCK */
   bool dirty;
   unsigned pins;              /* users between get and put: never evicted */
+  bool overflow;              /* allocated past the budget, freed on eviction */
   void *buf;
   struct cache_entry *hnext;              /* hash chain */
   struct cache_entry *lru_prev, *lru_next;
@@ -39,6 +40,14 @@ struct meta_cache {
   void *writeback_opaque;
   bool evicting;              /* inside writeback: must not re-enter */
   size_t max_entries, nentries;
+  /* The budget is allocated once, at init: max_entries buffers in one
+   * slab and their entries, reused as tables come and go, so that the
+   * memory the cache holds never outgrows cache-size whatever the
+   * allocator does with freed blocks.  Unused entries are on free.
+   */
+  void *slab;
+  struct cache_entry *entries;
+  struct cache_entry *free;   /* chained through hnext */
   size_t nbuckets;
   struct cache_entry **buckets;
   struct cache_entry lru;     /* sentinel: lru.lru_next is the newest */
