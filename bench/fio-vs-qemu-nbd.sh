@@ -22,7 +22,8 @@ Usage: $0 [-d DIR] [-t SECONDS] [-r SECONDS] [-R ROUNDS] [-s SIZE] [-o FILE] [-B
               earlier commit), as a column of its own with the ratio of
               this build to it: before and after in one run
   -T TESTS    only these tests, comma-separated (randread-4k, randwrite-4k,
-              seqread-1m, seqwrite-1m), to look closer at one row
+              seqread-1m, seqwrite-1m, randrw-64k, randread-4k-x4), to
+              look closer at one row
   -n          no nbdkit file plugin reference column
   -k          keep the work directory (fio JSON, server logs)
 
@@ -75,21 +76,24 @@ fi
 
 bench_require_tools fio qemu-nbd qemu-img nbdkit "$PYTHON"
 
-# The tests: name, fio rw, block size, queue depth, figure reported.  The
+# The tests: name, fio rw, block size, queue depth per connection,
+# connections (fio jobs, one NBD connection each), figure reported.  The
 # 1 MiB tests use depth 4: with 2 cores deeper queues only add latency, and
 # the depth is the same for every server.
 TESTS=(
-    "randread-4k   randread  4k 16 iops"
-    "randwrite-4k  randwrite 4k 16 iops"
-    "seqread-1m    read      1m 4  mibs"
-    "seqwrite-1m   write     1m 4  mibs"
+    "randread-4k    randread  4k  16 1 iops"
+    "randwrite-4k   randwrite 4k  16 1 iops"
+    "seqread-1m     read      1m  4  1 mibs"
+    "seqwrite-1m    write     1m  4  1 mibs"
+    "randrw-64k     randrw    64k 8  1 iops"
+    "randread-4k-x4 randread  4k  8  4 iops"
 )
 if [ -n "$only" ]; then
     chosen=()
     for t in "${TESTS[@]}"; do
         case ",$only," in *",${t%% *},"*) chosen+=("$t") ;; esac
     done
-    [ ${#chosen[@]} -gt 0 ] || bench_die "-T $only: no such test (randread-4k, randwrite-4k, seqread-1m, seqwrite-1m)"
+    [ ${#chosen[@]} -gt 0 ] || bench_die "-T $only: no such test (randread-4k, randwrite-4k, seqread-1m, seqwrite-1m, randrw-64k, randread-4k-x4)"
     TESTS=("${chosen[@]}")
 fi
 
@@ -162,12 +166,12 @@ done
 
 # Run j (test i, round r) starts with server j (mod n), so no server always
 # runs first or right after another server's writes.
-declare -A RESULT FIGURES
+declare -A RESULT FIGURES P99 P99S
 n=${#RUN[@]}
 done_runs=0
 busy_runs=0
 for ((i = 0; i < ${#TESTS[@]}; i++)); do
-    read -r name rw bs depth metric <<<"${TESTS[$i]}"
+    read -r name rw bs depth jobs metric <<<"${TESTS[$i]}"
     unit=$([ "$metric" = iops ] && echo IOPS || echo MiB/s)
     for ((r = 0; r < rounds; r++)); do
         for ((k = 0; k < n; k++)); do
@@ -176,22 +180,27 @@ for ((i = 0; i < ${#TESTS[@]}; i++)); do
             sync    # earlier writes reach the disk before, not during, this run
             json=$W/$name.$s.$r.json
             bench_cpu_mark "${PID[$s]}"
-            run_fio "$(nbd_uri "${SOCK[$s]}")" "$rw" "$bs" "$depth" "$runtime" "$ramp" "$json"
-            other=$(bench_cpu_other "${PID[$s]}")
+            run_fio "$(nbd_uri "${SOCK[$s]}")" "$rw" "$bs" "$depth" "$runtime" "$ramp" "$json" \
+                --numjobs="$jobs" --group_reporting=1
+            busy=$(bench_cpu_other "${PID[$s]}")
             fig=$(fio_figure "$json" "$metric") || bench_die "cannot read the fio report $json"
             FIGURES[$name.$s]="${FIGURES[$name.$s]:-} $fig"
+            p99=$(fio_figure "$json" p99) || bench_die "cannot read the fio report $json"
+            P99S[$name.$s]="${P99S[$name.$s]:-} $p99"
             done_runs=$((done_runs + 1))
             note=
-            if awk -v o="$other" 'BEGIN { exit !(o >= 0.2) }'; then
-                note=" (other processes used $other CPUs meanwhile)"
+            if awk -v o="$busy" 'BEGIN { exit !(o >= 0.2) }'; then
+                note=" (other processes used $busy CPUs meanwhile)"
                 busy_runs=$((busy_runs + 1))
             fi
-            bench_msg "[$done_runs/$runs] $name on ${LABEL[$s]}: $fig $unit$note"
+            bench_msg "[$done_runs/$runs] $name on ${LABEL[$s]}: $fig $unit, p99 $p99 us$note"
         done
     done
     for s in "${RUN[@]}"; do
         # shellcheck disable=SC2086 # the figures are separate words
         RESULT[$name.$s]=$(bench_median ${FIGURES[$name.$s]})
+        # shellcheck disable=SC2086
+        P99[$name.$s]=$(bench_median ${P99S[$name.$s]})
     done
 done
 [ "$busy_runs" = 0 ] ||
@@ -212,43 +221,47 @@ for s in "${RUN[@]}"; do
     fi
 done
 
-# The table, and the same rows as CSV.
-# With -B: the other build and this build's ratio to it, before the file column.
-row() {
-    if [ -n "$other" ]; then
-        printf '%-13s %-6s %12s %13s %7s %12s %9s %12s\n' "$@"
-    else
-        printf '%-13s %-6s %12s %13s %7s %12s\n' "$1" "$2" "$3" "$4" "$5" "$8"
-    fi
-}
-row test metric qemu-nbd qcow2reclaim ratio other-build vs-other nbdkit-file
-if [ -n "$csv" ]; then
-    if [ -n "$other" ]; then
-        echo "test,metric,qemu_nbd,qcow2reclaim,ratio,other_build,vs_other,nbdkit_file" >"$csv"
-    else
-        echo "test,metric,qemu_nbd,qcow2reclaim,ratio,nbdkit_file" >"$csv"
-    fi
-fi
+# The table, and the same rows as CSV: each server's figure and p99
+# completion latency (us, the larger of read and write), and the plugin's
+# ratios to qemu-nbd, to the other build (-B) and to nbdkit-file.
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a != "" && b > 0) printf "%.2f", a / b; else printf "-" }'; }
+cols=(qemu plugin)
+[ -n "$other" ] && cols+=(other)
+[ "$with_file" = 1 ] && cols+=(file)
+declare -A SHORT=([qemu]=qemu-nbd [plugin]=qcow2reclaim [other]=other [file]=nbdkit-file)
+header="test           metric"
+csvh="test,metric"
+for s in "${cols[@]}"; do
+    header=$(printf '%s %13s %8s' "$header" "${SHORT[$s]}" "p99-us")
+    csvh="$csvh,${SHORT[$s]//-/_},${SHORT[$s]//-/_}_p99_us"
+done
+header=$(printf '%s %8s' "$header" vs-qemu)
+csvh="$csvh,vs_qemu"
+[ -n "$other" ] && { header=$(printf '%s %8s' "$header" vs-other); csvh="$csvh,vs_other"; }
+[ "$with_file" = 1 ] && { header=$(printf '%s %8s' "$header" vs-file); csvh="$csvh,vs_file"; }
+echo "$header"
+[ -z "$csv" ] || echo "$csvh" >"$csv"
 for t in "${TESTS[@]}"; do
-    read -r name rw bs depth metric <<<"$t"
+    read -r name rw bs depth jobs metric <<<"$t"
     unit=$([ "$metric" = iops ] && echo IOPS || echo MiB/s)
-    q=${RESULT[$name.qemu]:-}
+    line=$(printf '%-14s %-6s' "$name" "$unit")
+    csvl="$name,$unit"
+    for s in "${cols[@]}"; do
+        line=$(printf '%s %13s %8s' "$line" "${RESULT[$name.$s]:--}" "${P99[$name.$s]:--}")
+        csvl="$csvl,${RESULT[$name.$s]:-},${P99[$name.$s]:-}"
+    done
     p=${RESULT[$name.plugin]:-}
-    f=${RESULT[$name.file]:-}
-    o=${RESULT[$name.other]:-}
-    ratio= vs=
-    if [ -n "$q" ] && [ -n "$p" ]; then
-        ratio=$(awk -v p="$p" -v q="$q" 'BEGIN { if (q > 0) printf "%.2f", p / q }')
-    fi
-    if [ -n "$o" ] && [ -n "$p" ]; then
-        vs=$(awk -v p="$p" -v o="$o" 'BEGIN { if (o > 0) printf "%.2f", p / o }')
-    fi
-    row "$name" "$unit" "${q:--}" "${p:--}" "${ratio:--}" "${o:--}" "${vs:--}" "${f:--}"
-    if [ -n "$csv" ] && [ -n "$other" ]; then
-        echo "$name,$unit,$q,$p,$ratio,$o,$vs,$f" >>"$csv"
-    elif [ -n "$csv" ]; then
-        echo "$name,$unit,$q,$p,$ratio,$f" >>"$csv"
-    fi
+    for s in qemu other file; do
+        case $s in
+            other) [ -n "$other" ] || continue ;;
+            file) [ "$with_file" = 1 ] || continue ;;
+        esac
+        r=$(ratio "$p" "${RESULT[$name.$s]:-}")
+        line=$(printf '%s %8s' "$line" "$r")
+        csvl="$csvl,${r#-}"
+    done
+    echo "$line"
+    [ -z "$csv" ] || echo "$csvl" >>"$csv"
 done
 [ -z "$csv" ] || bench_msg "results written to $csv"
 # A server that damages its image has no meaningful figures.

@@ -241,8 +241,10 @@ run_fio() {
     fi
 }
 
-# fio_figure JSON iops|mibs: total IOPS, or MiB/s (2^20 bytes per second),
-# over the jobs and directions of one fio JSON report.
+# fio_figure JSON iops|mibs|p99: total IOPS, or MiB/s (2^20 bytes per
+# second), over the jobs and directions of one fio JSON report; or the 99th
+# percentile of completion latency in microseconds, the larger of the
+# directions that ran.
 fio_figure() {
     "$PYTHON" - "$1" "$2" <<'EOF'
 import json, sys
@@ -254,13 +256,19 @@ if start < 0:
     sys.exit('no JSON in %s' % path)
 report = json.loads(text[start:])
 iops = bw = 0.0
+p99 = 0
 for job in report['jobs']:
     if job.get('error'):
         sys.exit('fio job %s failed with error %d' % (job['jobname'], job['error']))
     for direction in ('read', 'write', 'trim'):
         iops += job[direction]['iops']
         bw += job[direction]['bw_bytes']
-if metric == 'iops':
+        pct = job[direction].get('clat_ns', {}).get('percentile', {})
+        if job[direction]['total_ios'] and '99.000000' in pct:
+            p99 = max(p99, pct['99.000000'])
+if metric == 'p99':
+    print('%.0f' % (p99 / 1000))
+elif metric == 'iops':
     print('%.0f' % iops)
 elif metric == 'mibs':
     print('%.1f' % (bw / 1048576))
