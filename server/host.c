@@ -88,6 +88,21 @@ void host_start_ring (struct hostfile *hf)
 #endif
 }
 
+/* A change has completed: only a sync that starts from now on covers it,
+ * so it needs the next sync number.  Called after the change, never
+ * before: a sync numbered earlier may already have begun.
+ */
+static void host_changed (struct hostfile *hf)
+{
+  uint64_t want = __atomic_load_n (&hf->sync_started, __ATOMIC_SEQ_CST) + 1;
+  uint64_t need = __atomic_load_n (&hf->sync_needed, __ATOMIC_SEQ_CST);
+
+  while (need < want &&
+         !__atomic_compare_exchange_n (&hf->sync_needed, &need, want, false,
+                                       __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+    ;
+}
+
 /* Test hooks: an injected fault, then the operation, then its record. */
 #define FAULT(hf, op) do {                                      \
     int fault_ = (hf)->test ? hosttest_fault ((hf)->test, op) : 0; \
@@ -95,7 +110,7 @@ void host_start_ring (struct hostfile *hf)
       return fault_;                                            \
   } while (0)
 #define RECORD(hf, op, data, off, len) do {                     \
-    __atomic_store_n (&(hf)->unsynced, true, __ATOMIC_RELEASE);   \
+    host_changed (hf);                                          \
     if ((hf)->test)                                             \
       hosttest_record ((hf)->test, op, data, off, len);         \
   } while (0)
@@ -149,6 +164,8 @@ int host_pwrite (struct hostfile *hf, const void *buf, size_t len, uint64_t offs
   r = pwrite_all (hf, buf, len, offset);
   if (r == 0)
     RECORD (hf, HOP_WRITE, buf, offset, len);
+  else
+    host_changed (hf);          /* part of it may be written */
   return r;
 }
 
@@ -287,12 +304,13 @@ int host_pwrite_batch (struct hostfile *hf, const struct host_write *w, size_t n
 
 #ifdef HAVE_LIBURING
   if (__atomic_load_n (&hf->ring_ok, __ATOMIC_ACQUIRE) && n > 1 && !hf->test) {
-    __atomic_store_n (&hf->unsynced, true, __ATOMIC_RELEASE);
     pthread_mutex_lock (&hf->ring_lock);
     r = hf->ring_ok ? 0 : -EAGAIN;
     for (i = 0; i < n && r == 0; i += RING_DEPTH - 1)
       r = ring_write_some (hf, &w[i], n - i < RING_DEPTH - 1 ? n - i : RING_DEPTH - 1);
     pthread_mutex_unlock (&hf->ring_lock);
+    /* Even a failed batch may have written some: a sync must cover it. */
+    host_changed (hf);
     if (r != -EAGAIN)
       return r;
   }
@@ -351,7 +369,6 @@ int host_zero (struct hostfile *hf, uint64_t offset, uint64_t len)
   static const char zeros[65536];
 
   FAULT (hf, HOP_ZERO);
-  __atomic_store_n (&hf->unsynced, true, __ATOMIC_RELEASE);
   if (fallocate (hf->fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
                  offset, len) == 0) {
     RECORD (hf, HOP_ZERO, NULL, offset, len);
@@ -377,18 +394,25 @@ int host_truncate (struct hostfile *hf, uint64_t size)
   return 0;
 }
 
-/* The flag is cleared before fdatasync starts: a change completing during
- * the sync sets it again, so the next caller syncs once more.
+/* Syncs are numbered as they start; a change needs a sync numbered after
+ * it completed (host_changed), and sync_done is the highest number that
+ * finished.  Numbers, where a flag cleared at the start of a sync would
+ * tell a caller its writes were covered while that sync still ran, so
+ * that a table written next could reach the disk first.
  */
 int host_sync (struct hostfile *hf)
 {
+  uint64_t mine, done;
+
   FAULT (hf, HOP_SYNC);
-  __atomic_store_n (&hf->unsynced, false, __ATOMIC_RELEASE);
-  if (fdatasync (hf->fd) == -1) {
-    int err = errno;
-    __atomic_store_n (&hf->unsynced, true, __ATOMIC_RELEASE);
-    return -err;
-  }
+  mine = __atomic_add_fetch (&hf->sync_started, 1, __ATOMIC_SEQ_CST);
+  if (fdatasync (hf->fd) == -1)
+    return -errno;
+  done = __atomic_load_n (&hf->sync_done, __ATOMIC_SEQ_CST);
+  while (done < mine &&
+         !__atomic_compare_exchange_n (&hf->sync_done, &done, mine, false,
+                                       __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+    ;
   if (hf->test)
     hosttest_record (hf->test, HOP_SYNC, NULL, 0, 0);
   return 0;
@@ -396,7 +420,9 @@ int host_sync (struct hostfile *hf)
 
 int host_sync_if_needed (struct hostfile *hf)
 {
-  return __atomic_load_n (&hf->unsynced, __ATOMIC_ACQUIRE) ? host_sync (hf) : 0;
+  uint64_t need = __atomic_load_n (&hf->sync_needed, __ATOMIC_SEQ_CST);
+
+  return __atomic_load_n (&hf->sync_done, __ATOMIC_SEQ_CST) >= need ? 0 : host_sync (hf);
 }
 
 int host_size (struct hostfile *hf, uint64_t *size)

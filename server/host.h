@@ -42,7 +42,9 @@ struct hostfile {
   int stall_pipe[2];
   struct hosttest *test;      /* fault injection and I/O log, normally NULL */
   /* Atomics: written by any request thread, with or without other locks. */
-  bool unsynced;              /* changed since the last sync began */
+  uint64_t sync_started;      /* syncs begun, numbered from 1 */
+  uint64_t sync_done;         /* the highest number of a sync that finished */
+  uint64_t sync_needed;       /* the number that covers every completed change */
   bool punch_unsupported;     /* the filesystem said EOPNOTSUPP to a punch */
   uint64_t bytes_released;    /* bytes host_release turned into holes */
 };
@@ -71,7 +73,7 @@ uint64_t host_bytes_released (const struct hostfile *hf);
 int host_zero (struct hostfile *hf, uint64_t offset, uint64_t len);
 int host_truncate (struct hostfile *hf, uint64_t size);
 int host_sync (struct hostfile *hf);
-/* Syncs only if anything changed since the last sync began. */
+/* Syncs unless a finished sync covers every change completed so far. */
 int host_sync_if_needed (struct hostfile *hf);
 int host_size (struct hostfile *hf, uint64_t *size);
 int host_stat (struct hostfile *hf, struct stat *st);
