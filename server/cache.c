@@ -97,6 +97,7 @@ void cache_mark_dirty (struct meta_cache *c, struct cache_entry *e)
   if (!e->dirty)
     c->ndirty[e->kind]++;
   e->dirty = true;
+  c->dirty_gen++;
 }
 
 void cache_mark_clean (struct meta_cache *c, struct cache_entry *e)

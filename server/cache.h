@@ -53,6 +53,7 @@ struct meta_cache {
   struct cache_entry lru;     /* sentinel: lru.lru_next is the newest */
   size_t entry_size;
   size_t ndirty[META_KINDS];
+  uint64_t dirty_gen;         /* counts every cache_mark_dirty: changes since */
 };
 
 int cache_init (struct meta_cache *c, struct hostfile *hf, const struct layout *lay,

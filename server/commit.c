@@ -67,6 +67,31 @@ int commit_run (struct q2_image *img, bool *synced)
   return step_shrink (img);
 }
 
+/* Nothing for the steps after the write-back: only then may its sync drop
+ * the lock, for the steps rely on the sync covering what they free.
+ */
+static bool only_writeback (struct q2_image *img)
+{
+  return !alloc_pending (&img->alloc) && !img->alloc.fell_to_one.len &&
+    !img->alloc.shrink_wanted;
+}
+
+int commit_flush (struct q2_image *img, bool *synced)
+{
+  bool done;
+  int r;
+
+  assert (mutex_held (&img->m.lock));
+  *synced = false;
+  if (only_writeback (img)) {
+    if ((r = writeback_all_sync_unlocked (&img->m, &done)) < 0)
+      return r;
+    if (done && only_writeback (img))
+      return 0;
+  }
+  return commit_run (img, synced);
+}
+
 int commit_frees (struct q2_image *img)
 {
   bool synced;

@@ -21,6 +21,11 @@ struct q2_image;
 
 /* All five steps; *synced says a sync ran (data is then on disk too). */
 int commit_run (struct q2_image *img, bool *synced);
+/* What a flush runs: when only step 1 has work, its sync drops the lock
+ * (writeback_all_sync_unlocked) and *synced is false, so the caller syncs
+ * what it wrote; otherwise commit_run.
+ */
+int commit_flush (struct q2_image *img, bool *synced);
 /* Steps 1 and 2 only: what a guest write may ask for when deferred frees
  * pile up.  Never changes the file's length.
  */

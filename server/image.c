@@ -398,9 +398,11 @@ int q2_flush (struct q2_image *img)
   if ((r = refuse_changes (img)) < 0)
     return r;
   mutex_lock (&img->m.lock);
-  r = commit_run (img, &synced);
+  r = commit_flush (img, &synced);
   mutex_unlock (&img->m.lock);
-  /* Data alone needs no lock: sync outside it so lookups go on. */
+  /* What is left (data, and L2 tables whose counts and data are already
+   * on disk) needs no ordering: sync outside the lock so lookups go on.
+   */
   if (r == 0 && !synced && (r = host_sync_if_needed (&img->m.hf)) < 0)
     log_error ("%s: cannot sync the image file: %s", img->m.lay.name, strerror (-r));
   return r;

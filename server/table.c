@@ -65,6 +65,7 @@ void table_set (struct mem_table *t, uint64_t index, uint64_t value)
   assert (index < t->size);
   t->entries[index] = value;
   t->dirty[index / TABLE_SECTOR_ENTRIES] = 1;
+  t->dirty_gen++;
 }
 
 bool table_any_dirty (const struct mem_table *t)

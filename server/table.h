@@ -18,6 +18,7 @@ struct mem_table {
   uint64_t *entries;          /* in host byte order */
   uint64_t size;              /* entries */
   uint8_t *dirty;             /* one flag per sector of entries */
+  uint64_t dirty_gen;         /* counts every table_set: changes since */
   struct hostfile *hf;
   const struct layout *lay;
   const char *what;           /* "L1 table", for messages */

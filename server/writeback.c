@@ -119,6 +119,54 @@ bool writeback_needed (const struct meta *m)
     table_any_dirty (&m->reftable) || table_any_dirty (&m->l1);
 }
 
+/* Sums of counters that only grow: equal means nothing was marked dirty. */
+static uint64_t dirty_gen (const struct meta *m)
+{
+  return m->cache.dirty_gen + m->l1.dirty_gen + m->reftable.dirty_gen;
+}
+
+/* The flush's common case, with its sync outside the lock so that lookups
+ * and in-place writes go on meanwhile: refcount blocks are written under
+ * the lock, synced without it, and the L2 tables are written once the lock
+ * is back if nothing was marked dirty in between.  Then every L2 entry
+ * dirty now was dirty before that sync began, and so were the counts it
+ * relies on, and its data was written before it was linked: the sync
+ * covered them all.  Something marked dirty meanwhile (a new link, whose
+ * data the sync may have missed) means another round; a dirty L1 or
+ * refcount table (a new table, with syncs of its own between) means the
+ * caller does it all under the lock.  The caller syncs the L2 tables.
+ */
+int writeback_all_sync_unlocked (struct meta *m, bool *done)
+{
+  uint64_t gen;
+  int round, r;
+
+  assert (mutex_held (&m->lock));
+  *done = false;
+  for (round = 0; round < 3; round++) {
+    if (table_any_dirty (&m->l1) || table_any_dirty (&m->reftable))
+      return 0;
+    gen = dirty_gen (m);
+    if ((r = write_kind (m, META_REFBLOCK)) < 0)
+      return r;
+    mutex_unlock (&m->lock);
+    r = sync_or_say (m);
+    mutex_lock (&m->lock);
+    if (r < 0)
+      return r;
+    if (m->failed)              /* a header switch failed meanwhile */
+      return -EIO;
+    if (dirty_gen (m) != gen)
+      continue;
+    assert (!cache_any_dirty (&m->cache, META_REFBLOCK));
+    if ((r = write_kind (m, META_L2)) < 0)
+      return r;
+    *done = true;
+    return 0;
+  }
+  return 0;
+}
+
 int writeback_all (struct meta *m, bool sync_anyway, bool *synced)
 {
   bool l2 = cache_any_dirty (&m->cache, META_L2);

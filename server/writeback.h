@@ -47,6 +47,12 @@ int writeback_refcounts (struct meta *m);
  * before references they dropped are given up); *synced says a sync ran.
  */
 int writeback_all (struct meta *m, bool sync_anyway, bool *synced);
+/* The same for a flush, syncing with the lock dropped (taken again before
+ * it returns): *done says the L2 tables are written, to be synced by the
+ * caller; otherwise nothing is left half done, and the caller goes on with
+ * writeback_all under the lock.
+ */
+int writeback_all_sync_unlocked (struct meta *m, bool *done);
 bool writeback_needed (const struct meta *m);
 
 #endif

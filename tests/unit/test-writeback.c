@@ -146,6 +146,38 @@ int main (void)
   /* sync_anyway with everything on disk and synced: nothing to do. */
   CHECK (writeback_all (&m, true, &synced) == 0 && synced);
   EXPECT ("");
+
+  /* A flush's write-back with the sync outside the lock: the refcount
+   * block, its sync, the L2 table; the caller syncs the table.
+   */
+  bool done;
+  new_table (&m, META_REFBLOCK, 3);
+  new_table (&m, META_L2, 4);
+  CHECK (writeback_all_sync_unlocked (&m, &done) == 0 && done);
+  CHECK (mutex_held (&m.lock));
+  EXPECT ("W3 S W4");
+  CHECK (!writeback_needed (&m));
+  CHECK (host_sync_if_needed (&m.hf) == 0);
+  EXPECT ("S");
+  CHECK (host_sync_if_needed (&m.hf) == 0);
+  EXPECT ("");
+  /* Only an L2 table: the sync still comes first, for the data it links. */
+  new_table (&m, META_L2, 4);
+  CHECK (host_pwrite (&m.hf, "data", 4, 40 * CS) == 0);
+  CHECK (writeback_all_sync_unlocked (&m, &done) == 0 && done);
+  EXPECT ("W40 S W4");
+  CHECK (host_sync_if_needed (&m.hf) == 0);
+  EXPECT ("S");
+  /* A new L2 table named in L1 needs its own syncs: left to writeback_all,
+   * with nothing written.
+   */
+  new_table (&m, META_REFBLOCK, 3);
+  new_table (&m, META_L2, 7);
+  table_set (&m.l1, 1, 7 * CS | QCOW_OFLAG_COPIED);
+  CHECK (writeback_all_sync_unlocked (&m, &done) == 0 && !done);
+  EXPECT ("");
+  CHECK (writeback_all (&m, false, &synced) == 0 && synced);
+  EXPECT ("W3 S W7 S W2 S");
   mutex_unlock (&m.lock);
 
   cache_free (&m.cache);
