@@ -259,7 +259,17 @@ static int q2r_config_complete (void)
   "                      more than 10% + 1 MiB longer than its data (default auto).\n" \
   "compact-rate=<SIZE>   Bytes a second compaction may move (default 64M).\n" \
   "statsfile=<FILE>      Keep reclaim counters in FILE (rewritten after each\n" \
-  "                      flush, trim and zero; also logged when nbdkit exits)."
+  "                      flush, trim, zero and compaction pass; also logged\n" \
+  "                      when nbdkit exits)."
+
+/* Compaction moves and cuts with no request to write the stats file:
+ * the worker says so, a window at a time (rate-limited like trims) and
+ * when a pass is over (always).
+ */
+static void compacted (void *opaque, bool pass_end)
+{
+  write_statsfile (pass_end);
+}
 
 /* The image is opened before nbdkit forks so that a refusal stops nbdkit
  * with a message before it serves anything.
@@ -270,6 +280,7 @@ static int q2r_get_ready (void)
     .file = file, .readonly = readonly, .backing = backing,
     .cache_size = cache_size, .discard = discard, .detect_zeroes = detect_zeroes,
     .compact = compact, .compact_rate = compact_rate,
+    .compact_notify = compacted,
   };
 
   return q2_open (&o, &image) < 0 ? -1 : 0;

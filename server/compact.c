@@ -87,6 +87,8 @@ struct compact {
   uint64_t clusters_moved, bytes_moved, free_bytes_punched, pinned_bytes, target;
   uint64_t freed_seen;
   bool measured;
+  void (*notify) (void *opaque, bool pass_end);   /* the worker's, may be NULL */
+  void *notify_opaque;
 };
 
 struct plan {
@@ -96,7 +98,8 @@ struct plan {
   struct item_vector items;
 };
 
-int compact_new (struct compact **cp, bool automatic, uint64_t rate)
+int compact_new (struct compact **cp, bool automatic, uint64_t rate,
+                 void (*notify) (void *opaque, bool pass_end), void *opaque)
 {
   struct compact *c = calloc (1, sizeof *c);
 
@@ -104,6 +107,8 @@ int compact_new (struct compact **cp, bool automatic, uint64_t rate)
     return -ENOMEM;
   c->automatic = automatic;
   c->rate = rate ? rate : Q2_DEFAULT_COMPACT_RATE;
+  c->notify = notify;
+  c->notify_opaque = opaque;
   const char *e = getenv ("QCOW2RECLAIM_COMPACT_EAGER");
   c->eager = e && *e == '1';
   pthread_mutex_init (&c->lock, NULL);
@@ -542,8 +547,9 @@ static int compact_window (struct run *run, uint64_t lo, uint64_t hi, uint64_t *
    * writes feel (randwrite IOPS halved with a commit every 16 MiB moved),
    * so no more often than this.
    */
-  if (r == 0 && *moved_bytes > before)
-    r = commit (img);
+  if (r == 0 && *moved_bytes > before && (r = commit (img)) == 0 && run->paced &&
+      c->notify)
+    c->notify (c->notify_opaque, false);
   free (p.marks);
   item_vector_reset (&p.items);
   return r;
@@ -675,6 +681,9 @@ static void *worker (void *opaque)
     first = false;
     c->freed_seen = freed;
     r = compact_pass (img, false, true, NULL, NULL, &res);
+    if (r == 0 && c->notify && (res.bytes_moved || res.free_bytes_punched ||
+                                res.length_after != res.length_before))
+      c->notify (c->notify_opaque, true);
     if (r == 0 && res.bytes_moved)
       log_debug ("%s: compaction moved %" PRIu64 " bytes; length %" PRIu64 " -> %"
                  PRIu64 " (target %" PRIu64 ")", img->m.lay.name, res.bytes_moved,

@@ -17,7 +17,8 @@ struct compact;
 struct q2_image;
 
 /* rate: bytes a second the worker may move (0: the default). */
-int compact_new (struct compact **cp, bool automatic, uint64_t rate);
+int compact_new (struct compact **cp, bool automatic, uint64_t rate,
+                 void (*notify) (void *opaque, bool pass_end), void *opaque);
 void compact_free (struct compact *c);
 
 /* The worker, when the image is writable and compaction automatic.  Stop

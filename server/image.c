@@ -206,7 +206,8 @@ static int image_open (const struct q2_options *o, int depth,
                        m->lay.reftable_offset, layout_reftable_entries (&m->lay))) < 0 ||
       (r = build_overlap (img)) < 0 ||
       (r = copied_new (&img->copied)) < 0 ||
-      (r = compact_new (&img->compact, o->compact == Q2_COMPACT_AUTO, o->compact_rate)) < 0)
+      (r = compact_new (&img->compact, o->compact == Q2_COMPACT_AUTO, o->compact_rate,
+                        o->compact_notify, o->compact_opaque)) < 0)
     goto fail;
   r = cache_init (&m->cache, &m->hf, &m->lay, &m->lock,
                   o->cache_size ? o->cache_size : Q2_DEFAULT_CACHE_SIZE,

@@ -182,12 +182,23 @@ rec2=$("$TOOL" info --json dense.qcow2 | sed -n 's/.*"reclaimable": \([0-9]*\).*
 check_clean dense.qcow2
 echo "ok: a non-sparse copy: info called $rec bytes reclaimable, compact punched $punched, $rec2 left"
 
-start_server "$TMP/served.sock" "$TMP/served.log" file="$TMP/served.qcow2"
+start_server "$TMP/served.sock" "$TMP/served.log" file="$TMP/served.qcow2" \
+    statsfile="$TMP/served.stats"
 for i in $(seq 1 50); do
     [ "$(( $(stat -c %b served.qcow2) * 512 ))" -lt $((24 << 20)) ] && break
     sleep 0.1
 done
 after=$(( $(stat -c %b served.qcow2) * 512 ))
+# No client ever connected: only the worker can have written the stats
+# file, and it must show what the worker did and the length it left.
+for j in $(seq 1 50); do
+    grep -qx "file_length=$(length served.qcow2)" served.stats 2>/dev/null &&
+        grep -q '^free_bytes_punched=[1-9]' served.stats && break
+    sleep 0.1
+done
+grep -qx "file_length=$(length served.qcow2)" served.stats 2>/dev/null &&
+    grep -q '^free_bytes_punched=[1-9]' served.stats ||
+    { cat served.stats >&2 2>/dev/null || true; fail "a non-sparse copy served: the stats file does not show the worker's work (length $(length served.qcow2))"; }
 stop_server "$LAST_SERVER_PID"
 [ "$after" -lt $((24 << 20)) ] ||
     fail "a non-sparse copy served: still $after bytes allocated after 5 s"
