@@ -46,8 +46,8 @@ while getopts d:t:R:s:c:o:kh opt; do
 done
 shift $((OPTIND - 1))
 [ $# -eq 0 ] || { usage >&2; exit 2; }
-case $runtime in ''|*[!0-9]*|0) bench_die "-t wants a whole number of seconds > 0" ;; esac
-case $rounds in ''|*[!0-9]*|0) bench_die "-R wants a whole number > 0" ;; esac
+bench_count -t "$runtime" seconds
+bench_count -R "$rounds"
 hot=$(bench_size_bytes "$size")
 [ $((hot % (64 << 20))) -eq 0 ] || bench_die "-s wants a multiple of 64M"
 bench_require_tools fio qemu-img qemu-io nbdkit "$PYTHON"

@@ -63,9 +63,9 @@ while getopts d:t:r:R:s:o:B:T:nkh opt; do
 done
 shift $((OPTIND - 1))
 [ $# -eq 0 ] || { usage >&2; exit 2; }
-case $runtime in ''|*[!0-9]*|0) bench_die "-t wants a whole number of seconds > 0, not '$runtime'" ;; esac
-case $ramp in ''|*[!0-9]*) bench_die "-r wants a whole number of seconds, not '$ramp'" ;; esac
-case $rounds in ''|*[!0-9]*|0) bench_die "-R wants a whole number > 0, not '$rounds'" ;; esac
+bench_count -t "$runtime" seconds
+bench_count0 -r "$ramp" seconds
+bench_count -R "$rounds"
 size_bytes=$(bench_size_bytes "$size")
 if [ $((size_bytes % 1048576)) -ne 0 ] || [ "$size_bytes" -lt $((64 << 20)) ]; then
     bench_die "-s wants a whole number of MiB, at least 64M"

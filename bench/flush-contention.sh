@@ -52,9 +52,9 @@ while getopts d:t:R:s:i:B:nkh opt; do
 done
 shift $((OPTIND - 1))
 [ $# -eq 0 ] || { usage >&2; exit 2; }
-case $runtime in ''|*[!0-9]*|0) bench_die "-t wants a whole number of seconds > 0, not '$runtime'" ;; esac
-case $rounds in ''|*[!0-9]*|0) bench_die "-R wants a whole number > 0, not '$rounds'" ;; esac
-case $interval in ''|*[!0-9]*|0) bench_die "-i wants a whole number of milliseconds > 0, not '$interval'" ;; esac
+bench_count -t "$runtime" seconds
+bench_count -R "$rounds"
+bench_count -i "$interval" milliseconds
 size_bytes=$(bench_size_bytes "$size")
 [ $((size_bytes % 1048576)) -eq 0 ] && [ "$size_bytes" -ge $((64 << 20)) ] ||
     bench_die "-s wants a whole number of MiB, at least 64M"

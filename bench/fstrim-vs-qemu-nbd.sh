@@ -57,7 +57,7 @@ done
 shift $((OPTIND - 1))
 [ $# -eq 0 ] || { usage >&2; exit 2; }
 case $scenarios in ''|*[!abc]*) bench_die "-s wants letters among a, b, c, not '$scenarios'" ;; esac
-case $nfiles in ''|*[!0-9]*|0) bench_die "-n wants a whole number > 0, not '$nfiles'" ;; esac
+bench_count -n "$nfiles"
 [ "$nfiles" -le 200000 ] || bench_die "-n: at most 200000 files fit the 4 GiB filesystem"
 if [ -n "$csv" ]; then
     { : >"$csv"; } 2>/dev/null || bench_die "cannot write the CSV file $csv"

@@ -86,8 +86,8 @@ data_mib=$(to_mib_whole "$data_size" -s)
 kept_mib=$(to_mib_whole "$kept_size" -K)
 [ "$kept_mib" -ge 1 ] || bench_die "-K must be at least 1M"
 [ $((data_mib + kept_mib)) -le 3584 ] || bench_die "-s and -K together must fit the 4 GiB disk (at most 3584M)"
-case $wait_s in ''|*[!0-9]*) bench_die "-w wants whole seconds, not '$wait_s'" ;; esac
-case $guest_limit in ''|*[!0-9]*|0) bench_die "-T wants whole seconds > 0, not '$guest_limit'" ;; esac
+bench_count0 -w "$wait_s" seconds
+bench_count -T "$guest_limit" seconds
 IFS=, read -r -a SERVERS <<<"$servers"
 [ ${#SERVERS[@]} -gt 0 ] || bench_die "-S names no server"
 for s in "${SERVERS[@]}"; do

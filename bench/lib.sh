@@ -63,6 +63,15 @@ bench_require_tools() {
     done
 }
 
+# bench_count OPTION VALUE [UNIT]: VALUE must be a whole number above 0
+# (of UNIT, for the message); bench_count0 allows 0.
+bench_count() {
+    case $2 in ''|*[!0-9]*|0) bench_die "$1 wants a whole number${3:+ of $3} > 0, not '$2'" ;; esac
+}
+bench_count0() {
+    case $2 in ''|*[!0-9]*) bench_die "$1 wants a whole number${3:+ of $3}, not '$2'" ;; esac
+}
+
 # bench_size_bytes SIZE: 2G, 512M, 1073741824 -> bytes (powers of 1024).
 bench_size_bytes() {
     local s=$1

@@ -55,7 +55,7 @@ while getopts d:t:s:c:o:B:nkh opt; do
 done
 shift $((OPTIND - 1))
 [ $# -eq 0 ] || { usage >&2; exit 2; }
-case $phase_secs in ''|*[!0-9]*|0) bench_die "-t wants a whole number of seconds > 0, not '$phase_secs'" ;; esac
+bench_count -t "$phase_secs" seconds
 size_bytes=$(bench_size_bytes "$size")
 [ "$size_bytes" -ge $((1 << 30)) ] || bench_die "-s wants at least 1G"
 IFS=, read -r -a CACHES <<<"$caches"

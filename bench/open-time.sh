@@ -45,7 +45,7 @@ while getopts d:R:s:a:kh opt; do
 done
 shift $((OPTIND - 1))
 [ $# -eq 0 ] || { usage >&2; exit 2; }
-case $rounds in ''|*[!0-9]*|0) bench_die "-R wants a whole number > 0, not '$rounds'" ;; esac
+bench_count -R "$rounds"
 size_bytes=$(bench_size_bytes "$size")
 alloc_bytes=$(bench_size_bytes "$allocated")
 [ "$alloc_bytes" -le "$size_bytes" ] || bench_die "-a $allocated is more than -s $size"
