@@ -6,7 +6,6 @@
 
 #include <errno.h>
 #include <inttypes.h>
-#include <malloc.h>
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -57,17 +56,6 @@ static void logger (int level, const char *msg)
 static void q2r_load (void)
 {
   q2_set_logger (logger);
-  /* nbdkit gives each worker thread a request buffer, grown to the
-   * largest request and freed when the connection closes.  glibc maps
-   * large blocks, but after the first such free it raises its mapping
-   * threshold to that size, and later large blocks come from per-thread
-   * arenas, which keep freed memory: after four connections of 1 MiB
-   * requests had closed, 56 MiB stayed resident at cache-size=8M.  A
-   * fixed threshold keeps large blocks mapped, so they go back to the
-   * system when freed (15 MiB in the same run).  Blocks below it are the
-   * engine's small ones; the cache allocates its memory once.
-   */
-  mallopt (M_MMAP_THRESHOLD, 128 * 1024);
 }
 
 static void format_stats (char *buf, size_t len)
