@@ -54,6 +54,12 @@
 #define CHUNK_CLUSTERS (1u << 16)   /* tail clusters planned at once */
 #define WAKE_MS 1000                /* how often the worker looks */
 #define EAGER_WAKE_MS 50
+/* The first pass reads every refcount block, taking the metadata lock for
+ * each, and the lock is not fair: started at once, it kept a new
+ * server's first read waiting behind it (41 ms to the first answer on a
+ * 1 TiB image with 100 GiB allocated, 9 ms without the worker).
+ */
+#define FIRST_PASS_MS 250
 #define ERROR_BACKOFF_SECONDS 30
 #define MAX_MISSES 64               /* items in a row that did not move */
 
@@ -666,7 +672,8 @@ static void *worker (void *opaque)
   uint64_t freed;
   int r;
 
-  while (wait_or_stop (c, first ? 0 : c->eager ? EAGER_WAKE_MS : WAKE_MS)) {
+  while (wait_or_stop (c, first ? (c->eager ? 0 : FIRST_PASS_MS) :
+                      c->eager ? EAGER_WAKE_MS : WAKE_MS)) {
     bool pending;
     {
       LOCK_FOR_SCOPE (&img->m.lock);
