@@ -39,11 +39,7 @@ static int image_open (const struct q2_options *o, int depth,
 /* After a header switch that could not be confirmed (meta.failed). */
 static int refuse_changes (struct q2_image *img)
 {
-  if (!__atomic_load_n (&img->m.failed, __ATOMIC_ACQUIRE))
-    return 0;
-  log_error ("%s: refusing to change the image: a header switch could not be "
-             "confirmed; stop the server and check the image", img->m.lay.name);
-  return -EIO;
+  return writeback_refused (&img->m);
 }
 
 void q2_set_logger (q2_log_fn fn)

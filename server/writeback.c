@@ -119,6 +119,15 @@ bool writeback_needed (const struct meta *m)
     table_any_dirty (&m->reftable) || table_any_dirty (&m->l1);
 }
 
+int writeback_refused (const struct meta *m)
+{
+  if (!__atomic_load_n (&m->failed, __ATOMIC_ACQUIRE))
+    return 0;
+  log_error ("%s: refusing to change the image: a header switch could not be "
+             "confirmed; stop the server and check the image", m->lay.name);
+  return -EIO;
+}
+
 /* Sums of counters that only grow: equal means nothing was marked dirty. */
 static uint64_t dirty_gen (const struct meta *m)
 {
@@ -154,8 +163,8 @@ int writeback_all_sync_unlocked (struct meta *m, bool *done)
     mutex_lock (&m->lock);
     if (r < 0)
       return r;
-    if (m->failed)              /* a header switch failed meanwhile */
-      return -EIO;
+    if ((r = writeback_refused (m)) < 0)  /* a header switch failed meanwhile */
+      return r;
     if (dirty_gen (m) != gen)
       continue;
     assert (!cache_any_dirty (&m->cache, META_REFBLOCK));

@@ -38,6 +38,8 @@ struct meta {
   struct mem_table reftable;
 };
 
+/* -EIO, said in the log, once failed is set: no metadata change may follow. */
+int writeback_refused (const struct meta *m);
 /* Gives the cache its write-back, in the order above. */
 void writeback_init (struct meta *m);
 /* Refcount blocks, then the refcount table, each synced. */
