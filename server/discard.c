@@ -5,10 +5,13 @@
  * file would show through); clusters only we reference are punched at once,
  * their refcount drops once the L2 change is on disk.  Parts of clusters are
  * punched on host block boundaries, and a cluster that has become all hole
- * is freed like a whole one.
+ * is freed like a whole one.  For a TRIM that punch is deferred while a
+ * worker takes it (host_release_later; punch.c): the request is answered
+ * at once, and discard_if_hole frees the cluster once the worker punched.
  */
 #include <config.h>
 
+#include <assert.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <stdlib.h>
@@ -196,6 +199,13 @@ static int partial_owned (struct reclaim *rc, uint64_t guest, uint64_t len,
   if (!rc->release)
     r = host_zero (&img->m.hf, h, len);
   else {
+    /* A TRIM needs no zeros now: the punch can wait for the worker, which
+     * also looks at the cluster afterwards (discard_if_hole).  Each read
+     * or write of the range runs it first.
+     */
+    if (rc->op == OP_DISCARD && start < end && !rc->keep &&
+        host_release_later (&img->m.hf, start, end - start, guest - layout_in_cluster (lay, guest)))
+      return 0;
     if (start < end)
       host_release (&img->m.hf, start, end - start);
     /* The edges must read as zeros after write-zeroes. */
@@ -294,6 +304,23 @@ static bool nothing_to_do (const struct reclaim *rc, const struct mapping *m)
      (!rc->img->backing || (rc->op == OP_DISCARD && rc->img->m.lay.version < 3)));
 }
 
+/* What a request leaves to its end: the last punch, the clusters it
+ * unreferenced, the last L2 table it emptied.
+ */
+static int reclaim_end (struct reclaim *rc, int r)
+{
+  struct q2_image *img = rc->img;
+  int rr;
+
+  host_release (&img->m.hf, rc->punch_start, rc->punch_len);
+  rr = release_unrefs (rc);
+  if (r == 0)
+    r = rr;
+  if (r == 0)
+    r = check_l2 (rc, UINT64_MAX);
+  return r;
+}
+
 static int reclaim_range (struct q2_image *img, uint64_t count, uint64_t offset,
                           struct reclaim *rc)
 {
@@ -301,7 +328,7 @@ static int reclaim_range (struct q2_image *img, uint64_t count, uint64_t offset,
   uint64_t l1_shift = lay->cluster_bits + lay->l2_bits;
   struct rangelock_held h;
   struct mapping m;
-  int r, rr;
+  int r;
 
   if (img->readonly)
     return -EROFS;
@@ -335,12 +362,34 @@ static int reclaim_range (struct q2_image *img, uint64_t count, uint64_t offset,
     offset += len;
     count -= len;
   }
-  host_release (&img->m.hf, rc->punch_start, rc->punch_len);
-  rr = release_unrefs (rc);
-  if (r == 0)
-    r = rr;
-  if (r == 0)
-    r = check_l2 (rc, UINT64_MAX);
+  r = reclaim_end (rc, r);
+  request_unlock (img, &h);
+  return r;
+}
+
+int discard_if_hole (struct q2_image *img, uint64_t guest, uint64_t host)
+{
+  const struct layout *lay = &img->m.lay;
+  struct reclaim rc = {
+    .img = img, .op = OP_DISCARD, .release = true, .l1_pending = UINT64_MAX,
+  };
+  struct rangelock_held h;
+  struct mapping m;
+  bool hole;
+  int r;
+
+  assert (layout_in_cluster (lay, guest) == 0 && (host & (lay->cluster_size - 1)) == 0);
+  request_lock (img, &h, lay->cluster_size, guest, true);
+  /* The cluster may have been rewritten, freed or moved since the TRIM
+   * was answered: only the same cluster, still ours alone, is looked at.
+   */
+  r = cluster_map_locked (img, guest, lay->cluster_size, &m);
+  if (r == 0 && m.kind == MAP_NORMAL && m.copied &&
+      (m.entry & L2E_OFFSET_MASK) == host &&
+      host_is_hole (&img->m.hf, host, lay->cluster_size, &hole) == 0 && hole &&
+      (r = check_l2 (&rc, guest >> (lay->cluster_bits + lay->l2_bits))) == 0)
+    r = whole_cluster (&rc, guest, &m);
+  r = reclaim_end (&rc, r);
   request_unlock (img, &h);
   return r;
 }

@@ -17,5 +17,9 @@ int discard_range (struct q2_image *img, uint64_t count, uint64_t offset, bool *
  */
 int discard_zero (struct q2_image *img, uint64_t count, uint64_t offset, unsigned flags,
                   bool *kept, bool *apply_frees);
+/* The worker's look at a cluster after a deferred punch (punch.c): frees
+ * it when it still maps guest to host, is ours alone, and is all hole.
+ */
+int discard_if_hole (struct q2_image *img, uint64_t guest, uint64_t host);
 
 #endif

@@ -30,6 +30,7 @@ struct q2_image {
   struct alloc alloc;
   struct copied *copied;      /* COPIED upkeep (copied.h) */
   struct compact *compact;    /* compaction (compact.h) */
+  struct punch *punch;        /* the deferred punches' worker (punch.h) */
   struct backing *backing;    /* NULL: unallocated clusters read as zeros */
   struct rangelock guest_lock;
 

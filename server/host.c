@@ -17,15 +17,21 @@
 #include "host.h"
 #include "hosttest.h"
 #include "log.h"
+#include "punchq.h"
 
 #define RING_DEPTH 64
 #define RING_CANCEL_SECONDS 2
 #define RING_SLOW_SECONDS 10
+/* 16,384 deferred punches: 512 KiB at most, and minutes of a guest's
+ * fstrim before a TRIM has to punch at once.
+ */
+#define PUNCH_QUEUE_MAX 16384
 
 int host_open (struct hostfile *hf, const char *name, bool readonly)
 {
   memset (hf, 0, sizeof *hf);
   pthread_mutex_init (&hf->ring_lock, NULL);
+  punchq_init (&hf->pq, PUNCH_QUEUE_MAX);
   hf->live = true;
   hf->fd = -1;
   if (!(hf->name = strdup (name)))
@@ -58,6 +64,7 @@ void host_close (struct hostfile *hf)
   hosttest_free (hf->test);
   hf->test = NULL;
   pthread_mutex_destroy (&hf->ring_lock);
+  punchq_destroy (&hf->pq);
   free (hf->name);
   hf->name = NULL;
 }
@@ -115,10 +122,18 @@ static void host_changed (struct hostfile *hf)
       hosttest_record ((hf)->test, op, data, off, len);         \
   } while (0)
 
+static int settle (struct hostfile *hf, uint64_t offset, uint64_t len);
+#define SETTLE(hf, offset, len) do {            \
+    int settle_ = settle (hf, offset, len);     \
+    if (settle_ < 0)                            \
+      return settle_;                           \
+  } while (0)
+
 int host_pread (struct hostfile *hf, void *buf, size_t len, uint64_t offset)
 {
   char *p = buf;
 
+  SETTLE (hf, offset, len);
   FAULT (hf, HOP_READ);
   while (len > 0) {
     ssize_t r = pread (hf->fd, p, len, offset);
@@ -160,6 +175,7 @@ int host_pwrite (struct hostfile *hf, const void *buf, size_t len, uint64_t offs
 {
   int r;
 
+  SETTLE (hf, offset, len);
   FAULT (hf, HOP_WRITE);
   r = pwrite_all (hf, buf, len, offset);
   if (r == 0)
@@ -302,6 +318,8 @@ int host_pwrite_batch (struct hostfile *hf, const struct host_write *w, size_t n
   size_t i;
   int r;
 
+  for (i = 0; i < n; i++)
+    SETTLE (hf, w[i].offset, w[i].len);
 #ifdef HAVE_LIBURING
   if (__atomic_load_n (&hf->ring_ok, __ATOMIC_ACQUIRE) && n > 1 && !hf->test) {
     pthread_mutex_lock (&hf->ring_lock);
@@ -323,7 +341,7 @@ int host_pwrite_batch (struct hostfile *hf, const struct host_write *w, size_t n
   return 0;
 }
 
-int host_punch (struct hostfile *hf, uint64_t offset, uint64_t len)
+static int punch_raw (struct hostfile *hf, uint64_t offset, uint64_t len)
 {
   FAULT (hf, HOP_PUNCH);
   if (fallocate (hf->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
@@ -333,13 +351,13 @@ int host_punch (struct hostfile *hf, uint64_t offset, uint64_t len)
   return 0;
 }
 
-void host_release (struct hostfile *hf, uint64_t offset, uint64_t len)
+static void release_raw (struct hostfile *hf, uint64_t offset, uint64_t len)
 {
   int r;
 
   if (len == 0 || !host_can_punch (hf))
     return;
-  r = host_punch (hf, offset, len);
+  r = punch_raw (hf, offset, len);
   if (r == -EOPNOTSUPP) {
     /* Said by the first thread to find out, once. */
     if (!__atomic_exchange_n (&hf->punch_unsupported, true, __ATOMIC_ACQ_REL))
@@ -351,6 +369,83 @@ void host_release (struct hostfile *hf, uint64_t offset, uint64_t len)
                hf->name, offset, len, strerror (-r));
   else
     __atomic_add_fetch (&hf->bytes_released, len, __ATOMIC_RELAXED);
+}
+
+/* Runs the deferred punches over a range before anything else touches
+ * it (punchq.h): one atomic load when none is queued.
+ */
+static int settle (struct hostfile *hf, uint64_t offset, uint64_t len)
+{
+  struct punchq_items mine = { 0 };
+  size_t i;
+  int r;
+
+  if (!punchq_live (&hf->pq))
+    return 0;
+  if ((r = punchq_claim_range (&hf->pq, offset, len, &mine)) < 0)
+    return r;
+  for (i = 0; i < mine.len; i++)
+    release_raw (hf, mine.ptr[i].offset, mine.ptr[i].len);
+  punchq_punched (&hf->pq, &mine);
+  punchq_items_reset (&mine);
+  return 0;
+}
+
+int host_punch (struct hostfile *hf, uint64_t offset, uint64_t len)
+{
+  SETTLE (hf, offset, len);
+  return punch_raw (hf, offset, len);
+}
+
+void host_release (struct hostfile *hf, uint64_t offset, uint64_t len)
+{
+  if (len == 0)
+    return;
+  if (settle (hf, offset, len) < 0) {
+    log_error ("%s: out of memory before punching host range 0x%" PRIx64 "+%" PRIu64,
+               hf->name, offset, len);
+    return;
+  }
+  release_raw (hf, offset, len);
+}
+
+void host_release_accept (struct hostfile *hf, bool on)
+{
+  punchq_accept (&hf->pq, on);
+}
+
+bool host_release_later (struct hostfile *hf, uint64_t offset, uint64_t len, uint64_t tag)
+{
+  return len > 0 && host_can_punch (hf) && punchq_add (&hf->pq, offset, len, tag);
+}
+
+bool host_release_next (struct hostfile *hf, bool wait, uint64_t *tag, uint64_t *offset)
+{
+  struct punchq_items punch = { 0 };
+  size_t i;
+
+  if (!punchq_claim_next (&hf->pq, wait, tag, &punch, offset))
+    return false;
+  for (i = 0; i < punch.len; i++)
+    release_raw (hf, punch.ptr[i].offset, punch.ptr[i].len);
+  punchq_punched (&hf->pq, &punch);
+  punchq_items_reset (&punch);
+  return true;
+}
+
+void host_release_finish (struct hostfile *hf, uint64_t tag, uint64_t offset)
+{
+  punchq_finish (&hf->pq, tag, offset);
+}
+
+size_t host_release_queued (struct hostfile *hf)
+{
+  return punchq_live (&hf->pq);
+}
+
+void host_release_wait (struct hostfile *hf)
+{
+  punchq_wait_empty (&hf->pq);
 }
 
 bool host_can_punch (const struct hostfile *hf)
@@ -368,6 +463,7 @@ int host_zero (struct hostfile *hf, uint64_t offset, uint64_t len)
 {
   static const char zeros[65536];
 
+  SETTLE (hf, offset, len);
   FAULT (hf, HOP_ZERO);
   if (fallocate (hf->fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
                  offset, len) == 0) {
@@ -387,6 +483,7 @@ int host_zero (struct hostfile *hf, uint64_t offset, uint64_t len)
 
 int host_truncate (struct hostfile *hf, uint64_t size)
 {
+  SETTLE (hf, size, UINT64_MAX);
   FAULT (hf, HOP_TRUNCATE);
   if (ftruncate (hf->fd, size) == -1)
     return -errno;
@@ -455,9 +552,13 @@ static int seek (struct hostfile *hf, uint64_t offset, int whence, uint64_t *pos
   return 0;
 }
 
+/* What lies beyond offset is asked: every punch queued there first. */
 int host_seek_data (struct hostfile *hf, uint64_t offset, uint64_t *data)
 {
-  int r = seek (hf, offset, SEEK_DATA, data);
+  int r = settle (hf, offset, UINT64_MAX);
+
+  if (r == 0)
+    r = seek (hf, offset, SEEK_DATA, data);
 
   if (r == -ENXIO) {
     *data = UINT64_MAX;
@@ -468,7 +569,10 @@ int host_seek_data (struct hostfile *hf, uint64_t offset, uint64_t *data)
 
 int host_seek_hole (struct hostfile *hf, uint64_t offset, uint64_t *hole)
 {
-  int r = seek (hf, offset, SEEK_HOLE, hole);
+  int r = settle (hf, offset, UINT64_MAX);
+
+  if (r == 0)
+    r = seek (hf, offset, SEEK_HOLE, hole);
 
   if (r == -ENXIO) {
     *hole = offset;
@@ -480,8 +584,15 @@ int host_seek_hole (struct hostfile *hf, uint64_t offset, uint64_t *hole)
 int host_is_hole (struct hostfile *hf, uint64_t offset, uint64_t len, bool *hole)
 {
   uint64_t d;
-  int r = host_seek_data (hf, offset, &d);
+  int r = settle (hf, offset, len);
 
+  /* Only the range matters: data found past it is not waited for. */
+  if (r == 0)
+    r = seek (hf, offset, SEEK_DATA, &d);
+  if (r == -ENXIO) {
+    d = UINT64_MAX;
+    r = 0;
+  }
   *hole = r == 0 && d >= offset + len;
   return r;
 }

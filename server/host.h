@@ -17,6 +17,8 @@
 #include <stdint.h>
 #include <sys/stat.h>
 
+#include "punchq.h"
+
 struct hosttest;
 
 struct host_write {
@@ -47,6 +49,7 @@ struct hostfile {
   uint64_t sync_needed;       /* the number that covers every completed change */
   bool punch_unsupported;     /* the filesystem said EOPNOTSUPP to a punch */
   uint64_t bytes_released;    /* bytes host_release turned into holes */
+  struct punchq pq;           /* deferred punches (punchq.h) */
 };
 
 /* Says nothing on failure (the caller knows what the file is for); hf is
@@ -68,6 +71,23 @@ int host_punch (struct hostfile *hf, uint64_t offset, uint64_t len);
  */
 void host_release (struct hostfile *hf, uint64_t offset, uint64_t len);
 bool host_can_punch (const struct hostfile *hf);
+
+/* Deferred punches (punchq.h).  Every operation here runs those queued
+ * over its range first, so a caller never sees a punch land late.
+ * host_release_later queues one while a worker takes them
+ * (host_release_accept); false: release the range now instead.
+ */
+void host_release_accept (struct hostfile *hf, bool on);
+bool host_release_later (struct hostfile *hf, uint64_t offset, uint64_t len, uint64_t tag);
+/* The worker's loop: punches the next job's ranges and gives its tag and
+ * first offset; the caller looks at them and calls host_release_finish.
+ * false: nothing queued (and, with 'wait', the queue is off).
+ */
+bool host_release_next (struct hostfile *hf, bool wait, uint64_t *tag, uint64_t *offset);
+void host_release_finish (struct hostfile *hf, uint64_t tag, uint64_t offset);
+size_t host_release_queued (struct hostfile *hf);
+/* Until every queued punch has been taken and finished. */
+void host_release_wait (struct hostfile *hf);
 uint64_t host_bytes_released (const struct hostfile *hf);
 /* Zeroes a range, keeping it allocated where the filesystem can. */
 int host_zero (struct hostfile *hf, uint64_t offset, uint64_t len);

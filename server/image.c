@@ -19,6 +19,7 @@
 #include "cleanup.h"
 #include "commit.h"
 #include "compact.h"
+#include "punch.h"
 #include "copied.h"
 #include "cow.h"
 #include "discard.h"
@@ -234,9 +235,13 @@ int q2_open (const struct q2_options *o, struct q2_image **imgp)
 
 int q2_after_fork (struct q2_image *img)
 {
+  int r;
+
   if (img->readonly)
     return 0;
   host_start_ring (&img->m.hf);
+  if ((r = punch_start (img)) < 0)
+    return r;
   return compact_start (img);
 }
 
@@ -250,6 +255,8 @@ int q2_close (struct q2_image *img)
     return 0;
   m = &img->m;
   compact_stop (img);
+  punch_stop (img);
+  punch_drain (img);
   if (!img->readonly && m->cache.buckets && !m->failed) {
     mutex_lock (&m->lock);
     r = commit_run (img, &synced);
@@ -394,6 +401,8 @@ int q2_flush (struct q2_image *img)
     return 0;
   if ((r = refuse_changes (img)) < 0)
     return r;
+  /* What the guest trimmed before the flush is gone after it. */
+  punch_drain (img);
   mutex_lock (&img->m.lock);
   r = commit_flush (img, &synced);
   mutex_unlock (&img->m.lock);

@@ -1,0 +1,96 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
+#include <config.h>
+
+#include <errno.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "discard.h"
+#include "engine.h"
+#include "log.h"
+#include "punch.h"
+#include "writeback.h"
+
+/* Test hook: QCOW2RECLAIM_PUNCH_HOLD=1 queues punches but starts no
+ * worker, so that they wait for whatever touches their range, a flush or
+ * the close: the tests see each of those run them first.
+ */
+struct punch {
+  bool worker;
+  pthread_t thread;
+};
+
+/* The job's ranges are punched: look at their cluster, then let them go.
+ * An error only costs the chance to free the cluster; the TRIM that
+ * queued it was answered long ago.
+ */
+static void job_done (struct q2_image *img, uint64_t tag, uint64_t offset)
+{
+  uint64_t cluster = offset & ~((uint64_t) img->m.lay.cluster_size - 1);
+  int r;
+
+  if (writeback_refused (&img->m) == 0 &&
+      (r = discard_if_hole (img, tag, cluster)) < 0)
+    log_debug ("%s: the cluster at host offset 0x%" PRIx64 " was punched but could "
+               "not be freed: %s", img->m.lay.name, cluster, strerror (-r));
+  host_release_finish (&img->m.hf, tag, offset);
+}
+
+static void *worker (void *arg)
+{
+  struct q2_image *img = arg;
+  uint64_t tag, offset;
+
+  while (host_release_next (&img->m.hf, true, &tag, &offset))
+    job_done (img, tag, offset);
+  return NULL;
+}
+
+int punch_start (struct q2_image *img)
+{
+  const char *e;
+  int r;
+
+  if (img->readonly || img->discard != Q2_DISCARD_PUNCH || img->punch)
+    return 0;
+  if (!(img->punch = calloc (1, sizeof *img->punch)))
+    return -ENOMEM;
+  host_release_accept (&img->m.hf, true);
+  e = getenv ("QCOW2RECLAIM_PUNCH_HOLD");
+  if (e && *e == '1') {
+    log_debug ("%s: test hook: deferred punches wait for a flush", img->m.lay.name);
+    return 0;
+  }
+  if ((r = pthread_create (&img->punch->thread, NULL, worker, img)) != 0) {
+    host_release_accept (&img->m.hf, false);
+    free (img->punch);
+    img->punch = NULL;
+    log_error ("%s: cannot start the worker of deferred punches: %s", img->m.lay.name,
+               strerror (r));
+    return -r;
+  }
+  img->punch->worker = true;
+  return 0;
+}
+
+void punch_stop (struct q2_image *img)
+{
+  if (!img->punch)
+    return;
+  host_release_accept (&img->m.hf, false);
+  if (img->punch->worker)
+    pthread_join (img->punch->thread, NULL);
+  free (img->punch);
+  img->punch = NULL;
+}
+
+void punch_drain (struct q2_image *img)
+{
+  uint64_t tag, offset;
+
+  while (host_release_next (&img->m.hf, false, &tag, &offset))
+    job_done (img, tag, offset);
+  host_release_wait (&img->m.hf);
+}

@@ -1,0 +1,130 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
+/* The queue of deferred punches against a model of 4 KiB blocks: random
+ * additions inside 64 "clusters" of 16 blocks (the tag), claims of random
+ * ranges (as host I/O makes them) and worker jobs.  Every block added is
+ * handed out to punch exactly once before it leaves; a claimed range has
+ * nothing left queued over it; the items stay sorted, disjoint and within
+ * the limit; an image closed with punches queued is caught by an assert.
+ */
+#include <config.h>
+
+#include <string.h>
+
+#include "punchq.h"
+#include "unit.h"
+
+#define BLK 4096u
+#define PER 16u                 /* blocks per cluster */
+#define CLUSTERS 64u
+#define BLOCKS (PER * CLUSTERS)
+#define LIMIT 40
+
+static bool owed[BLOCKS];       /* added, not yet handed out to punch */
+
+static void structure (struct punchq *q)
+{
+  size_t i;
+
+  CHECK (q->items.len - q->head <= LIMIT);
+  CHECK (punchq_live (q) == q->items.len - q->head);
+  for (i = q->head; i < q->items.len; i++) {
+    const struct punchq_item *it = &q->items.ptr[i];
+    CHECK (it->len > 0 && it->state != PUNCHQ_PUNCHING);
+    CHECK (it->offset / (PER * BLK) == it->tag &&
+           (it->offset + it->len - 1) / (PER * BLK) == it->tag);
+    if (i > q->head)
+      CHECK (q->items.ptr[i - 1].offset + q->items.ptr[i - 1].len <= it->offset);
+    /* A queued item is all owed; a punched one owes nothing. */
+    for (uint64_t b = it->offset / BLK; b < (it->offset + it->len) / BLK; b++)
+      CHECK (owed[b] == (it->state == PUNCHQ_QUEUED));
+  }
+}
+
+static void hand_out (const struct punchq_items *punch)
+{
+  size_t i;
+
+  for (i = 0; i < punch->len; i++)
+    for (uint64_t b = punch->ptr[i].offset / BLK;
+         b < (punch->ptr[i].offset + punch->ptr[i].len) / BLK; b++) {
+      CHECK (owed[b]);
+      owed[b] = false;
+    }
+}
+
+static void one_job (struct punchq *q)
+{
+  struct punchq_items punch = { 0 };
+  uint64_t tag, off;
+
+  if (!punchq_claim_next (q, false, &tag, &punch, &off))
+    return;
+  hand_out (&punch);
+  punchq_punched (q, &punch);
+  punchq_finish (q, tag, off);
+  punchq_items_reset (&punch);
+}
+
+static void closed_with_punches (void *opaque)
+{
+  struct punchq q;
+
+  (void) opaque;
+  punchq_init (&q, 4);
+  punchq_accept (&q, true);
+  punchq_add (&q, 0, BLK, 0);
+  punchq_destroy (&q);
+}
+
+int main (void)
+{
+  struct punchq q;
+  unsigned i;
+
+  punchq_init (&q, LIMIT);
+  CHECK (!punchq_add (&q, 0, BLK, 0));          /* no worker yet */
+  punchq_accept (&q, true);
+  for (i = 0; i < 200000; i++) {
+    unsigned op = unit_random () % 10;
+    if (op < 6) {
+      uint64_t c = unit_random () % CLUSTERS, b = unit_random () % PER;
+      uint64_t n = 1 + unit_random () % (PER - b);
+      if (punchq_add (&q, (c * PER + b) * BLK, n * BLK, c))
+        for (uint64_t k = 0; k < n; k++)
+          owed[c * PER + b + k] = true;
+    }
+    else if (op < 8) {
+      struct punchq_items mine = { 0 };
+      uint64_t lo = unit_random () % BLOCKS, n = 1 + unit_random () % 40;
+      CHECK (punchq_claim_range (&q, lo * BLK, n * BLK, &mine) == 0);
+      hand_out (&mine);
+      punchq_punched (&q, &mine);
+      punchq_items_reset (&mine);
+      for (uint64_t b = lo; b < lo + n && b < BLOCKS; b++)
+        CHECK (!owed[b]);
+    }
+    else
+      one_job (&q);
+    structure (&q);
+  }
+  /* Seeks claim to the end of the file. */
+  if (punchq_add (&q, (CLUSTERS - 1) * PER * BLK, BLK, CLUSTERS - 1))
+    owed[(CLUSTERS - 1) * PER] = true;
+  {
+    struct punchq_items mine = { 0 };
+    CHECK (punchq_claim_range (&q, 0, UINT64_MAX, &mine) == 0);
+    hand_out (&mine);
+    punchq_punched (&q, &mine);
+    punchq_items_reset (&mine);
+  }
+  for (i = 0; i < BLOCKS; i++)
+    CHECK (!owed[i]);
+  while (punchq_live (&q))
+    one_job (&q);
+  punchq_wait_empty (&q);
+  punchq_accept (&q, false);
+  CHECK (!punchq_add (&q, 0, BLK, 0));
+  punchq_destroy (&q);
+  CHECK (unit_aborts (closed_with_punches, NULL));
+  return 0;
+}
