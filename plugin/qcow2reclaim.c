@@ -17,8 +17,10 @@
 #include <nbdkit-plugin.h>
 
 #include "qcow2reclaim.h"
+#include "exports.h"
 
 static char *file;
+static char *dir;
 static bool readonly;
 static char *backing;
 static size_t cache_size;
@@ -28,15 +30,21 @@ static enum q2_detect_zeroes detect_zeroes = Q2_DETECT_ZEROES_OFF;
 static enum q2_compact_mode compact = Q2_COMPACT_AUTO;
 static uint64_t compact_rate;
 
-/* One image for all connections: one metadata cache, so multi-conn is safe. */
+/* file=: one image for all connections: one metadata cache, so
+ * multi-conn is safe.  dir= opens one per image (exports.h).
+ */
 static struct q2_image *image;
+static struct timespec stats_last;
 
-/* Per connection: whether it was told that snapshots keep discarded space.
+/* Per connection: its image, and whether it was told that snapshots keep
+ * discarded space.
  * Open handles are listed because nbdkit skips .close for connections still
  * open when it is told to quit, and leaves them to .unload.
  */
 struct handle {
   struct handle *prev, *next;
+  struct q2_image *img;
+  struct export *ex;          /* dir=: the image's export; NULL with file= */
   bool snapshot_notice_given;
 };
 static pthread_mutex_t handles_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -58,11 +66,11 @@ static void q2r_load (void)
   q2_set_logger (logger);
 }
 
-static void format_stats (char *buf, size_t len)
+static void format_stats (struct q2_image *img, char *buf, size_t len)
 {
   struct q2_stats s;
 
-  q2_get_stats (image, &s);
+  q2_get_stats (img, &s);
   snprintf (buf, len,
             "bytes_punched=%" PRIu64 "\nclusters_freed=%" PRIu64
             "\nl2_tables_freed=%" PRIu64 "\nrefcount_blocks_freed=%" PRIu64
@@ -80,27 +88,27 @@ static void format_stats (char *buf, size_t len)
 /* The counters go to statsfile=FILE, replaced whole (write, then rename),
  * so readers never see half.  Flush and exit always write it; a stream of
  * small TRIMs (fstrim sends thousands) rewrites it at most ten times a
- * second.
+ * second.  With dir=, each image has its own file and its own *last.
  */
-static void write_statsfile (bool always)
+static void write_statsfile (struct q2_image *img, const char *statsfile,
+                             struct timespec *last, bool always)
 {
   static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
-  static struct timespec last;
   struct timespec now;
   char buf[1024], tmp[4096];
   FILE *f;
 
-  if (!statsfile || !image)
+  if (!statsfile || !img)
     return;
   clock_gettime (CLOCK_MONOTONIC, &now);
   pthread_mutex_lock (&lock);
-  if (!always && (now.tv_sec - last.tv_sec) * 1000000000L + now.tv_nsec - last.tv_nsec
+  if (!always && (now.tv_sec - last->tv_sec) * 1000000000L + now.tv_nsec - last->tv_nsec
       < 100000000L) {
     pthread_mutex_unlock (&lock);
     return;
   }
-  last = now;
-  format_stats (buf, sizeof buf);
+  *last = now;
+  format_stats (img, buf, sizeof buf);
   snprintf (tmp, sizeof tmp, "%s.tmp", statsfile);
   if ((f = fopen (tmp, "we")) != NULL) {
     fputs (buf, f);
@@ -110,26 +118,43 @@ static void write_statsfile (bool always)
   pthread_mutex_unlock (&lock);
 }
 
-/* The final write-back may free more, so the totals are taken after it. */
-static void q2r_unload (void)
+static void log_totals (struct q2_image *img, const char *statsfile,
+                        struct timespec *last)
 {
   char buf[1024], *p;
 
+  write_statsfile (img, statsfile, last, true);
+  format_stats (img, buf, sizeof buf);
+  for (p = buf; (p = strchr (p, '\n')) != NULL; )
+    *p = p[1] ? ' ' : '\0';
+  fprintf (stderr, "nbdkit: qcow2reclaim: %s: reclaim totals: %s\n",
+           q2_file_name (img), buf);
+}
+
+/* dir=: an image's last connection ended. */
+static void retire_export (struct export *e)
+{
+  log_totals (e->img, e->statsfile, &e->stats_last);
+}
+
+/* The final write-back may free more, so the totals are taken after it.
+ * With dir=, closing the handles left closes their images.
+ */
+static void q2r_unload (void)
+{
   if (image) {
     if (!q2_readonly (image))
       q2_flush (image);
-    write_statsfile (true);
-    format_stats (buf, sizeof buf);
-    for (p = buf; (p = strchr (p, '\n')) != NULL; )
-      *p = p[1] ? ' ' : '\0';
-    fprintf (stderr, "nbdkit: qcow2reclaim: %s: reclaim totals: %s\n", file, buf);
+    log_totals (image, statsfile, &stats_last);
     if (q2_close (image) < 0)
       nbdkit_error ("%s: metadata could not be written back on exit", file);
     image = NULL;
   }
   while (handles)
     q2r_close (handles);
+  exports_free ();
   free (file);
+  free (dir);
   free (backing);
   free (statsfile);
 }
@@ -141,6 +166,11 @@ static int q2r_config (const char *key, const char *value)
   if (strcmp (key, "file") == 0) {
     free (file);
     if (!(file = nbdkit_realpath (value)))
+      return -1;
+  }
+  else if (strcmp (key, "dir") == 0) {
+    free (dir);
+    if (!(dir = nbdkit_realpath (value)))
       return -1;
   }
   else if (strcmp (key, "readonly") == 0) {
@@ -219,15 +249,30 @@ static int q2r_config (const char *key, const char *value)
 
 static int q2r_config_complete (void)
 {
-  if (!file) {
-    nbdkit_error ("you must give the image with file=IMAGE.qcow2");
+  if (file && dir) {
+    nbdkit_error ("file= and dir= cannot be given together: file= serves one "
+                  "image, dir= every image in a folder");
+    return -1;
+  }
+  if (!file && !dir) {
+    nbdkit_error ("you must give the image with file=IMAGE.qcow2, or a folder of "
+                  "images with dir=DIR");
+    return -1;
+  }
+  if (dir && backing && strcmp (backing, "none") != 0) {
+    nbdkit_error ("backing=%s cannot be used with dir=: it would be the backing "
+                  "file of every image in the folder (only backing=none is "
+                  "allowed there)", backing);
     return -1;
   }
   return 0;
 }
 
 #define q2r_config_help \
-  "file=<IMAGE>          (required) The qcow2 image to serve.\n" \
+  "file=<IMAGE>          The qcow2 image to serve (this or dir= is required).\n" \
+  "dir=<DIR>             Serve the images in DIR, chosen by export name:\n" \
+  "                      each is opened on its first connection and closed\n" \
+  "                      when its last one ends.\n" \
   "readonly=true|false   Serve read-only (default false); also allows images\n" \
   "                      marked corrupt or dirty to be read.\n" \
   "backing=<FILE>|none   Use FILE as the backing file instead of the one the\n" \
@@ -248,7 +293,8 @@ static int q2r_config_complete (void)
   "compact-rate=<SIZE>   Bytes a second compaction may move (default 64M).\n" \
   "statsfile=<FILE>      Keep reclaim counters in FILE (rewritten after each\n" \
   "                      flush, trim, zero and compaction pass; also logged\n" \
-  "                      when nbdkit exits)."
+  "                      when nbdkit exits).  With dir=, FILE is a folder\n" \
+  "                      holding NAME.stats for each image."
 
 /* Compaction moves and cuts with no request to write the stats file:
  * the worker says so, a window at a time (rate-limited like trims) and
@@ -256,11 +302,17 @@ static int q2r_config_complete (void)
  */
 static void compacted (void *opaque, bool pass_end)
 {
-  write_statsfile (pass_end);
+  struct export *e = opaque;
+
+  if (e)
+    write_statsfile (e->img, e->statsfile, &e->stats_last, pass_end);
+  else
+    write_statsfile (image, statsfile, &stats_last, pass_end);
 }
 
 /* The image is opened before nbdkit forks so that a refusal stops nbdkit
- * with a message before it serves anything.
+ * with a message before it serves anything.  dir= opens its images as
+ * their connections come.
  */
 static int q2r_get_ready (void)
 {
@@ -271,12 +323,19 @@ static int q2r_get_ready (void)
     .compact_notify = compacted,
   };
 
+  if (dir)
+    return exports_init (dir, statsfile, &o, retire_export);
   return q2_open (&o, &image) < 0 ? -1 : 0;
 }
 
 static int q2r_after_fork (void)
 {
-  return q2_after_fork (image) < 0 ? -1 : 0;
+  return image && q2_after_fork (image) < 0 ? -1 : 0;
+}
+
+static int q2r_list_exports (int readonly, int is_tls, struct nbdkit_exports *list)
+{
+  return dir ? exports_list (list) : nbdkit_use_default_export (list);
 }
 
 static void *q2r_open (int ro)
@@ -286,6 +345,15 @@ static void *q2r_open (int ro)
   if (!h) {
     nbdkit_error ("calloc: %m");
     return NULL;
+  }
+  h->img = image;
+  if (dir) {
+    if (!(h->ex = exports_get (nbdkit_export_name ()))) {
+      nbdkit_set_error (errno);
+      free (h);
+      return NULL;
+    }
+    h->img = h->ex->img;
   }
   pthread_mutex_lock (&handles_lock);
   h->next = handles;
@@ -308,18 +376,25 @@ static void q2r_close (void *hv)
   if (h->next)
     h->next->prev = h->prev;
   pthread_mutex_unlock (&handles_lock);
+  if (h->ex)
+    exports_put (h->ex);
   free (h);
+}
+
+static struct q2_image *img_of (void *h)
+{
+  return ((struct handle *) h)->img;
 }
 
 static int64_t q2r_get_size (void *h)
 {
-  return q2_virtual_size (image);
+  return q2_virtual_size (img_of (h));
 }
 
 static int q2r_block_size (void *h, uint32_t *minimum, uint32_t *preferred,
                            uint32_t *maximum)
 {
-  uint32_t cs = q2_cluster_size (image);
+  uint32_t cs = q2_cluster_size (img_of (h));
 
   *minimum = 1;
   *preferred = cs < 4096 ? 4096 : cs;
@@ -329,7 +404,7 @@ static int q2r_block_size (void *h, uint32_t *minimum, uint32_t *preferred,
 
 static int q2r_can_write (void *h)
 {
-  return !q2_readonly (image);
+  return !q2_readonly (img_of (h));
 }
 
 static int q2r_can_flush (void *h) { return 1; }
@@ -359,20 +434,28 @@ static unsigned flags_of (uint32_t f)
 static int q2r_pread (void *h, void *buf, uint32_t count, uint64_t offset,
                       uint32_t flags)
 {
-  return ret (q2_read (image, buf, count, offset));
+  return ret (q2_read (img_of (h), buf, count, offset));
 }
 
 static int q2r_pwrite (void *h, const void *buf, uint32_t count, uint64_t offset,
                        uint32_t flags)
 {
-  return ret (q2_write (image, buf, count, offset, flags_of (flags)));
+  return ret (q2_write (img_of (h), buf, count, offset, flags_of (flags)));
+}
+
+static void handle_stats (struct handle *h, bool always)
+{
+  if (h->ex)
+    write_statsfile (h->img, h->ex->statsfile, &h->ex->stats_last, always);
+  else
+    write_statsfile (h->img, statsfile, &stats_last, always);
 }
 
 static int q2r_flush (void *h, uint32_t flags)
 {
-  int r = q2_flush (image);
+  int r = q2_flush (img_of (h));
 
-  write_statsfile (true);
+  handle_stats (h, true);
   return ret (r);
 }
 
@@ -383,20 +466,20 @@ static int reclaimed (struct handle *h, int r)
     h->snapshot_notice_given = true;
     fprintf (stderr, "nbdkit: qcow2reclaim: %s: internal snapshots share some of "
              "the discarded clusters; their space stays allocated until the "
-             "snapshots are deleted\n", file);
+             "snapshots are deleted\n", q2_file_name (h->img));
   }
-  write_statsfile (false);
+  handle_stats (h, false);
   return ret (r);
 }
 
 static int q2r_zero (void *h, uint32_t count, uint64_t offset, uint32_t flags)
 {
-  return reclaimed (h, q2_zero (image, count, offset, flags_of (flags)));
+  return reclaimed (h, q2_zero (img_of (h), count, offset, flags_of (flags)));
 }
 
 static int q2r_trim (void *h, uint32_t count, uint64_t offset, uint32_t flags)
 {
-  return reclaimed (h, q2_discard (image, count, offset, flags_of (flags)));
+  return reclaimed (h, q2_discard (img_of (h), count, offset, flags_of (flags)));
 }
 
 static int add_extent (void *opaque, uint64_t offset, uint64_t length, uint32_t type)
@@ -409,7 +492,7 @@ static int add_extent (void *opaque, uint64_t offset, uint64_t length, uint32_t 
 static int q2r_extents (void *h, uint32_t count, uint64_t offset, uint32_t flags,
                         struct nbdkit_extents *extents)
 {
-  int r = q2_extents (image, count, offset, flags & NBDKIT_FLAG_REQ_ONE,
+  int r = q2_extents (img_of (h), count, offset, flags & NBDKIT_FLAG_REQ_ONE,
                       add_extent, extents);
   return r > 0 ? -1 : ret (r);
 }
@@ -439,6 +522,7 @@ static struct nbdkit_plugin plugin = {
   .magic_config_key  = "file",
   .get_ready         = q2r_get_ready,
   .after_fork        = q2r_after_fork,
+  .list_exports      = q2r_list_exports,
   .open              = q2r_open,
   .close             = q2r_close,
   .get_size          = q2r_get_size,

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: BSD-3-Clause
 # What `make install` puts in place must be what users run: the plugin in
-# nbdkit's plugin directory, the man pages, and the qcow2reclaim tool (once
-# it is built).  The installed plugin must serve an image by its full path,
+# nbdkit's plugin directory, the man pages, the systemd templates, and the
+# qcow2reclaim tool (once it is built).  The installed plugin must serve an image by its full path,
 # and, when this runs as root and nbdkit's own plugin directory is free, by
 # the short name `nbdkit qcow2reclaim`.  `make uninstall` must then remove
 # every file the install created.
@@ -66,8 +66,10 @@ prefix=$(expand "$(makevar prefix)")
 bindir=$(expand "$(makevar bindir)")
 mandir=$(expand "$(makevar mandir)")
 plugindir=$(expand "$(makevar plugindir)")
-[ -n "$prefix" ] && [ -n "$mandir" ] && [ -n "$bindir" ] && [ -n "$plugindir" ] ||
-    fail "cannot read prefix, bindir, mandir and plugindir from $top_builddir/Makefile"
+unitdir=$(expand "$(makevar systemdsystemunitdir)")
+[ -n "$prefix" ] && [ -n "$mandir" ] && [ -n "$bindir" ] && [ -n "$plugindir" ] &&
+    [ -n "$unitdir" ] ||
+    fail "cannot read prefix, bindir, mandir, plugindir and systemdsystemunitdir from $top_builddir/Makefile"
 pc_plugindir=$(pkg-config --variable=plugindir nbdkit 2>/dev/null || true)
 if [ -n "$pc_plugindir" ] && [ "$pc_plugindir" != "$plugindir" ]; then
     echo "note: configured plugindir $plugindir differs from nbdkit's $pc_plugindir"
@@ -124,6 +126,14 @@ for page in nbdkit-qcow2reclaim-plugin.1 qcow2reclaim.1; do
         fail "the installed $page does not render"
 done
 echo "ok: man pages installed in $mandir/man1"
+
+# The templates for one image and for a folder of images.
+for unit in qcow2reclaim@.socket qcow2reclaim@.service \
+            qcow2reclaim-dir@.socket qcow2reclaim-dir@.service; do
+    cmp -s "$DEST$unitdir/$unit" "$top_srcdir/systemd/$unit" ||
+        fail "the systemd unit $unit is not installed in $unitdir as it is in systemd/"
+done
+echo "ok: systemd units installed in $unitdir"
 
 if [ -e "$top_builddir/tools/qcow2reclaim" ]; then
     tool=$DEST$bindir/qcow2reclaim

@@ -11,8 +11,14 @@
 # file's allocation must drop; the statsfile must show it; SIGTERM must
 # write back and exit cleanly; qemu-img check must be clean.
 #
-# When systemd-analyze is installed, the unit files in systemd/ are also
-# checked with `systemd-analyze verify` on an instantiated copy.
+# Then the folder template's own command (qcow2reclaim-dir@.service's
+# ExecStart, on qcow2reclaim-dir@.socket's path, /run moved under $TMP)
+# must list and serve two images and write each one's counters where the
+# unit's comments say.
+#
+# When systemd-analyze is installed, the unit files in systemd/ (both
+# templates) are also checked with `systemd-analyze verify` on an
+# instantiated copy.
 set -eu
 srcdir=$(cd "${srcdir:-$(dirname "$0")}" && pwd)
 . "$srcdir/functions.sh"
@@ -33,16 +39,20 @@ elif [ ! -f "$units/qcow2reclaim@.service" ]; then
 else
     # verify wants a concrete instance: the template names it as the real
     # commands do, from an escaped path with a '-' (\x2d) in it.
-    inst=$(systemd-escape --path /var/lib/images/vm-1.qcow2)
     mkdir "$TMP/units"
-    cp "$units/qcow2reclaim@.socket" "$TMP/units/qcow2reclaim@$inst.socket"
-    cp "$units/qcow2reclaim@.service" "$TMP/units/qcow2reclaim@$inst.service"
-    # Warnings (unknown keys, bad specifiers, missing binaries) make it fail.
-    out=$(cd "$TMP/units" && systemd-analyze verify --man=no \
-              "./qcow2reclaim@$inst.socket" "./qcow2reclaim@$inst.service" 2>&1) ||
-        { echo "$out" >&2; fail "systemd-analyze verify rejects the unit files"; }
-    [ -z "$out" ] || { echo "$out" >&2; fail "systemd-analyze verify warns about the unit files"; }
-    echo "ok: systemd-analyze verify: qcow2reclaim@$inst.socket and .service, no warnings"
+    for t in qcow2reclaim@:/var/lib/images/vm-1.qcow2 qcow2reclaim-dir@:/var/lib/vm-images; do
+        unit=${t%%:*}
+        inst=$(systemd-escape --path "${t#*:}")
+        [ -f "$units/$unit.service" ] || fail "$units/$unit.service is missing"
+        cp "$units/$unit.socket" "$TMP/units/$unit$inst.socket"
+        cp "$units/$unit.service" "$TMP/units/$unit$inst.service"
+        # Warnings (unknown keys, bad specifiers, missing binaries) make it fail.
+        out=$(cd "$TMP/units" && systemd-analyze verify --man=no \
+                  "./$unit$inst.socket" "./$unit$inst.service" 2>&1) ||
+            { echo "$out" >&2; fail "systemd-analyze verify rejects the unit files $unit"; }
+        [ -z "$out" ] || { echo "$out" >&2; fail "systemd-analyze verify warns about the unit files $unit"; }
+        echo "ok: systemd-analyze verify: $unit$inst.socket and .service, no warnings"
+    done
 fi
 
 # ---- the launcher --------------------------------------------------------------
@@ -151,3 +161,65 @@ echo "ok: SIGTERM: exit 0 after $ms ms, logged '$totals'"
 
 check_clean "$img"
 echo "ok: qemu-img check clean; host file $(stat -c %s "$img") bytes, $(mib "$(alloc_of "$img")") allocated"
+
+# ---- the folder template's own command ---------------------------------------
+# qcow2reclaim-dir@.service's ExecStart and qcow2reclaim-dir@.socket's
+# ListenStream for the folder $TMP/vm, with /run/qcow2reclaim moved to
+# $TMP/run: the parameters the template passes must serve the folder and
+# put each image's counters where the comments say.
+dir_unit=$units/qcow2reclaim-dir@.service
+[ -f "$dir_unit" ] || fail "$dir_unit is missing"
+folder=$TMP/vm
+run=$TMP/run
+mkdir "$folder"
+qemu-img create -q -f qcow2 "$folder/a.qcow2" 64M
+qemu-img create -q -f qcow2 "$folder/b.qcow2" 64M
+spec() { local v=${1//%f/$folder}; printf '%s\n' "${v//\/run\/qcow2reclaim/$run}"; }
+dsock=$(spec "$(sed -n 's/^ListenStream=//p' "$units/qcow2reclaim-dir@.socket")")
+read -r -a words <<<"$(spec "$(sed -n 's/^ExecStart=//p' "$dir_unit")")"
+[ "${words[0]}" = nbdkit ] || fail "$dir_unit: ExecStart does not start nbdkit"
+argv=()
+for w in "${words[@]}"; do
+    case $w in
+        '$'*) ;;                        # $NBDKIT_ARGS, $QCOW2RECLAIM_ARGS: empty
+        qcow2reclaim) argv+=("$PLUGIN") ;;
+        *) argv+=("$w") ;;
+    esac
+done
+# systemd creates the socket's folder; the plugin, the stats folder in it.
+mkdir -p "$(dirname "$dsock")"
+dlog=$TMP/nbdkit-dir.log
+"$PYTHON" "$TMP/activate.py" "$dsock" "${argv[@]}" >"$dlog" 2>&1 &
+dpid=$!
+track_pid "$dpid"
+for _ in $(seq 1 200); do [ -S "$dsock" ] && break; sleep 0.05; done
+[ -S "$dsock" ] || { cat "$dlog" >&2; fail "the launcher did not create $dsock"; }
+"$PYTHON" - "$dsock" <<'PY' || { cat "$dlog" >&2; fail "a client of the folder's socket failed"; }
+import sys, nbd
+names = []
+h = nbd.NBD()
+h.set_opt_mode(True)
+h.connect_unix(sys.argv[1])
+h.opt_list(lambda n, d: names.append(n))
+h.opt_abort()
+assert names == ["a.qcow2", "b.qcow2"], names
+for name in names:
+    h = nbd.NBD()
+    h.set_export_name(name)
+    h.connect_unix(sys.argv[1])
+    h.pwrite(b"\x5a" * (8 << 20), 0)
+    h.flush()
+    h.trim(8 << 20, 0)
+    h.flush()
+    h.shutdown()
+PY
+for n in a.qcow2 b.qcow2; do
+    st=$(spec "/run/qcow2reclaim%f")/$n.stats
+    for _ in $(seq 1 200); do ! qemu-img info "$folder/$n" >/dev/null 2>&1 || break; sleep 0.05; done
+    p=$(sed -n 's/^bytes_punched=//p' "$st" 2>/dev/null)
+    [ "${p:-0}" -ge $((8 << 20)) ] || { cat "$dlog" >&2; fail "$st says bytes_punched=${p:-none}"; }
+    check_clean "$folder/$n"
+done
+stop_server "$dpid"
+[ "$SERVER_STATUS" = 0 ] || { cat "$dlog" >&2; fail "nbdkit dir= exited with status $SERVER_STATUS on SIGTERM"; }
+echo "ok: qcow2reclaim-dir@.service's command, socket-activated on ${dsock#"$run"}: both images listed and served, counters in ${st#"$run"}, clean after their clients left"
