@@ -101,6 +101,8 @@ lvr=$(stat_value "$stats" lvreduce_size)
 [ "$lvr" = $(( (end + 4 * MiB - 1) / (4 * MiB) * 4 * MiB )) ] ||
     { cat "$stats" >&2; fail "lvreduce_size is '$lvr', not the end $end rounded up to 4 MiB"; }
 
+echo "ok: sparse file $a bytes, image end $end, device $dsize, lvreduce size $lvr"
+
 stop_server "$pid"
 [ "$SERVER_STATUS" = 0 ] || { cat "$log" >&2; fail "the server exited with status $SERVER_STATUS"; }
 
