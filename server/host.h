@@ -71,7 +71,10 @@ void host_close (struct hostfile *hf);
 /* The ring is set up after nbdkit forks; failure falls back to syscalls. */
 void host_start_ring (struct hostfile *hf);
 
-/* Bytes past the end of the file read as zeros, as in QEMU. */
+/* Bytes past the end of the file read as zeros, as in QEMU; past a
+ * device's image end they read what the device holds (the engine never
+ * relies on zeros there: a fresh cluster is punched or written whole).
+ */
 int host_pread (struct hostfile *hf, void *buf, size_t len, uint64_t offset);
 int host_pwrite (struct hostfile *hf, const void *buf, size_t len, uint64_t offset);
 int host_pwrite_batch (struct hostfile *hf, const struct host_write *w, size_t n);
