@@ -110,6 +110,13 @@ struct q2_stats {
   uint64_t file_length;
   uint64_t host_allocated;      /* bytes the host file takes on disk */
   uint64_t target_length;       /* what compaction aims at; 0 before it measured */
+  uint64_t image_end_offset;    /* end of the last cluster with a refcount */
+  /* On a block device (0 on a file): its size, and the smallest size that
+   * holds the image (its end, rounded up to 4 MiB, LVM's default extent):
+   * what lvreduce may take the volume down to once the image is closed.
+   */
+  uint64_t device_size;
+  uint64_t lvreduce_size;
 };
 void q2_get_stats (struct q2_image *img, struct q2_stats *stats);
 

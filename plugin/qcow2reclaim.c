@@ -66,6 +66,20 @@ static void q2r_load (void)
   q2_set_logger (logger);
 }
 
+/* An image on a block device (issue #13): where it ends, and the size
+ * lvreduce may take the volume down to once the server has stopped.
+ */
+static void format_device_stats (const struct q2_stats *s, char *buf, size_t len)
+{
+  size_t n = strlen (buf);
+
+  snprintf (buf + n, len - n, "image_end_offset=%" PRIu64 "\n", s->image_end_offset);
+  n = strlen (buf);
+  if (s->device_size)
+    snprintf (buf + n, len - n, "device_size=%" PRIu64 "\nlvreduce_size=%" PRIu64 "\n",
+              s->device_size, s->lvreduce_size);
+}
+
 static void format_stats (struct q2_image *img, char *buf, size_t len)
 {
   struct q2_stats s;
@@ -83,6 +97,7 @@ static void format_stats (struct q2_image *img, char *buf, size_t len)
             s.refblocks_freed, s.truncations, s.bytes_truncated,
             s.clusters_moved, s.bytes_moved, s.free_bytes_punched, s.pinned_bytes,
             s.file_length, s.host_allocated, s.target_length);
+  format_device_stats (&s, buf, len);
 }
 
 /* The counters go to statsfile=FILE, replaced whole (write, then rename),

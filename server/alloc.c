@@ -102,6 +102,23 @@ int alloc_release_range (struct alloc *a, uint64_t offset, uint64_t n)
   return 0;
 }
 
+/* An image on a device cannot grow past the device: said with what would
+ * have been needed, so the user knows to extend the volume.
+ */
+static int room (struct alloc *a, uint64_t start, uint64_t n)
+{
+  const struct meta *m = a->m;
+  uint64_t limit = host_limit (&m->hf) >> m->lay.cluster_bits;
+
+  if (start + n <= limit)
+    return 0;
+  log_error ("%s: the device is full: %" PRIu64 " new clusters at host offset 0x%"
+             PRIx64 " would end past its %" PRIu64 " bytes; extend the volume "
+             "(lvextend) or trim in the guest", m->lay.name, n,
+             start << m->lay.cluster_bits, host_device_size (&m->hf));
+  return -ENOSPC;
+}
+
 /* Makes sure cluster c's count has a block.  -EAGAIN: something was
  * allocated for that, so what the caller found free may no longer be.
  * A new block takes the lowest free cluster; when that cluster's own count
@@ -127,6 +144,8 @@ static int ensure_block (struct alloc *a, uint64_t c)
   if ((r = find_run (a, 1, &w, &len)) < 0)
     return r;
   if ((w >> m->lay.rb_bits) != idx && (r = ensure_block (a, w)) < 0)
+    return r;
+  if ((r = room (a, w, 1)) < 0)
     return r;
   if ((r = refcount_add_block (m, idx, w << m->lay.cluster_bits)) < 0 ||
       (r = claim (a, w, 1)) < 0)
@@ -172,6 +191,12 @@ static int alloc_run (struct alloc *a, uint64_t want, bool exact,
           break;
       }
     }
+    /* A run that need not be whole stops at the device's end. */
+    c = host_limit (&a->m->hf) >> a->m->lay.cluster_bits;
+    if (r == 0 && !exact && start < c && len > c - start)
+      len = c - start;
+    if (r == 0)
+      r = room (a, start, len);
     if (r == 0)
       r = ensure_blocks (a, start, len);
   } while (r == -EAGAIN);

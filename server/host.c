@@ -6,9 +6,11 @@
 #include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <linux/falloc.h>
+#include <linux/fs.h>
 
 #ifdef HAVE_LIBURING
 #include <liburing.h>
@@ -27,6 +29,21 @@
  */
 #define PUNCH_QUEUE_MAX 16384
 
+static int device_open (struct hostfile *hf)
+{
+  struct stat st;
+
+  if (fstat (hf->fd, &st) == -1)
+    return -errno;
+  if (!S_ISBLK (st.st_mode))
+    return 0;
+  if (ioctl (hf->fd, BLKGETSIZE64, &hf->device_size) == -1)
+    return -errno;
+  hf->device = true;
+  hf->end = hf->device_size;
+  return 0;
+}
+
 int host_open (struct hostfile *hf, const char *name, bool readonly)
 {
   memset (hf, 0, sizeof *hf);
@@ -40,7 +57,7 @@ int host_open (struct hostfile *hf, const char *name, bool readonly)
   if (hf->fd == -1)
     return -errno;
   hf->test = hosttest_new (name, !readonly);
-  return 0;
+  return device_open (hf);
 }
 
 void host_close (struct hostfile *hf)
@@ -106,6 +123,22 @@ static void host_changed (struct hostfile *hf)
 
   while (need < want &&
          !__atomic_compare_exchange_n (&hf->sync_needed, &need, want, false,
+                                       __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+    ;
+}
+
+/* A write past a device's image end moves the end, as it would lengthen
+ * a file.
+ */
+static void raise_end (struct hostfile *hf, uint64_t end)
+{
+  uint64_t cur;
+
+  if (!hf->device)
+    return;
+  cur = __atomic_load_n (&hf->end, __ATOMIC_SEQ_CST);
+  while (cur < end &&
+         !__atomic_compare_exchange_n (&hf->end, &cur, end, false,
                                        __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
     ;
 }
@@ -178,6 +211,7 @@ int host_pwrite (struct hostfile *hf, const void *buf, size_t len, uint64_t offs
   SETTLE (hf, offset, len);
   FAULT (hf, HOP_WRITE);
   r = pwrite_all (hf, buf, len, offset);
+  raise_end (hf, offset + len);
   if (r == 0)
     RECORD (hf, HOP_WRITE, buf, offset, len);
   else
@@ -328,6 +362,8 @@ int host_pwrite_batch (struct hostfile *hf, const struct host_write *w, size_t n
       r = ring_write_some (hf, &w[i], n - i < RING_DEPTH - 1 ? n - i : RING_DEPTH - 1);
     pthread_mutex_unlock (&hf->ring_lock);
     /* Even a failed batch may have written some: a sync must cover it. */
+    for (i = 0; i < n; i++)
+      raise_end (hf, w[i].offset + w[i].len);
     host_changed (hf);
     if (r != -EAGAIN)
       return r;
@@ -361,8 +397,11 @@ static void release_raw (struct hostfile *hf, uint64_t offset, uint64_t len)
   if (r == -EOPNOTSUPP) {
     /* Said by the first thread to find out, once. */
     if (!__atomic_exchange_n (&hf->punch_unsupported, true, __ATOMIC_ACQ_REL))
-      log_notice ("%s: the host filesystem cannot punch holes; freed clusters are "
-                  "reused, but their space does not go back to the host", hf->name);
+      log_notice ("%s: %s; freed clusters are reused, but their space does not go "
+                  "back to the host", hf->name,
+                  hf->device ? "the device cannot discard a range so that it reads "
+                  "as zeros (fallocate PUNCH_HOLE)" : "the host filesystem cannot "
+                  "punch holes");
   }
   else if (r < 0)
     log_error ("%s: cannot punch host range 0x%" PRIx64 "+%" PRIu64 ": %s",
@@ -481,11 +520,31 @@ int host_zero (struct hostfile *hf, uint64_t offset, uint64_t len)
   return 0;
 }
 
+/* The tail's contents no longer matter, but a thin volume or a loop
+ * device over a sparse file gets its space back only if it is told.
+ */
+static int device_cut (struct hostfile *hf, uint64_t size)
+{
+  uint64_t old = __atomic_load_n (&hf->end, __ATOMIC_SEQ_CST);
+
+  if (size > hf->device_size)
+    return -ENOSPC;
+  if (size < old)
+    release_raw (hf, size, old - size);
+  __atomic_store_n (&hf->end, size, __ATOMIC_SEQ_CST);
+  return 0;
+}
+
 int host_truncate (struct hostfile *hf, uint64_t size)
 {
   SETTLE (hf, size, UINT64_MAX);
   FAULT (hf, HOP_TRUNCATE);
-  if (ftruncate (hf->fd, size) == -1)
+  if (hf->device) {
+    int r = device_cut (hf, size);
+    if (r < 0)
+      return r;
+  }
+  else if (ftruncate (hf->fd, size) == -1)
     return -errno;
   RECORD (hf, HOP_TRUNCATE, NULL, size, 0);
   return 0;
@@ -526,6 +585,10 @@ int host_size (struct hostfile *hf, uint64_t *size)
 {
   struct stat st;
 
+  if (hf->device) {
+    *size = __atomic_load_n (&hf->end, __ATOMIC_SEQ_CST);
+    return 0;
+  }
   if (fstat (hf->fd, &st) == -1)
     return -errno;
   *size = st.st_size;
@@ -537,7 +600,29 @@ int host_stat (struct hostfile *hf, struct stat *st)
   return fstat (hf->fd, st) == -1 ? -errno : 0;
 }
 
-/* ENXIO is lseek's "nothing of that kind from here on", not a failure. */
+bool host_is_device (const struct hostfile *hf)
+{
+  return hf->device;
+}
+
+uint64_t host_device_size (const struct hostfile *hf)
+{
+  return hf->device ? hf->device_size : 0;
+}
+
+uint64_t host_limit (const struct hostfile *hf)
+{
+  return hf->device ? hf->device_size : UINT64_MAX;
+}
+
+void host_set_end (struct hostfile *hf, uint64_t end)
+{
+  __atomic_store_n (&hf->end, end, __ATOMIC_SEQ_CST);
+}
+
+/* ENXIO is lseek's "nothing of that kind from here on", not a failure.
+ * A device's lseek knows only its size, so its image end is applied here.
+ */
 static int seek (struct hostfile *hf, uint64_t offset, int whence, uint64_t *pos)
 {
   off_t r;
@@ -545,6 +630,13 @@ static int seek (struct hostfile *hf, uint64_t offset, int whence, uint64_t *pos
   FAULT (hf, HOP_SEEK);
   if (offset > INT64_MAX)
     return -EINVAL;
+  if (hf->device) {
+    uint64_t end = __atomic_load_n (&hf->end, __ATOMIC_SEQ_CST);
+    if (offset >= end)
+      return -ENXIO;
+    *pos = whence == SEEK_DATA ? offset : end;
+    return 0;
+  }
   r = lseek (hf->fd, (off_t) offset, whence);
   if (r == (off_t) -1)
     return errno == ENXIO ? -ENXIO : -errno;

@@ -50,6 +50,17 @@ struct hostfile {
   bool punch_unsupported;     /* the filesystem said EOPNOTSUPP to a punch */
   uint64_t bytes_released;    /* bytes host_release turned into holes */
   struct punchq pq;           /* deferred punches (punchq.h) */
+  /* A block device (an LVM volume, an iSCSI LUN, a loop device) has no
+   * length of its own, and the layers above reason about one (where new
+   * clusters go, what compaction aims at, what a truncation cuts): 'end'
+   * (atomic) stands for it, the end of the image as the image layer set
+   * it at open (host_set_end), raised by writes and lowered by truncation,
+   * which discards the tail.  Until it is set it is the device's size, so
+   * a raw backing file on a device reads whole.
+   */
+  bool device;
+  uint64_t device_size;
+  uint64_t end;
 };
 
 /* Says nothing on failure (the caller knows what the file is for); hf is
@@ -60,7 +71,10 @@ void host_close (struct hostfile *hf);
 /* The ring is set up after nbdkit forks; failure falls back to syscalls. */
 void host_start_ring (struct hostfile *hf);
 
-/* Bytes past the end of the file read as zeros, as in QEMU. */
+/* Bytes past the end of the file read as zeros, as in QEMU; past a
+ * device's image end they read what the device holds (the engine never
+ * relies on zeros there: a fresh cluster is punched or written whole).
+ */
 int host_pread (struct hostfile *hf, void *buf, size_t len, uint64_t offset);
 int host_pwrite (struct hostfile *hf, const void *buf, size_t len, uint64_t offset);
 int host_pwrite_batch (struct hostfile *hf, const struct host_write *w, size_t n);
@@ -91,15 +105,27 @@ void host_release_wait (struct hostfile *hf);
 uint64_t host_bytes_released (const struct hostfile *hf);
 /* Zeroes a range, keeping it allocated where the filesystem can. */
 int host_zero (struct hostfile *hf, uint64_t offset, uint64_t len);
+/* On a device nothing is cut: the end moves, and the range between the
+ * new end and the old is discarded.  Past the device's size: ENOSPC.
+ */
 int host_truncate (struct hostfile *hf, uint64_t size);
 int host_sync (struct hostfile *hf);
 /* Syncs unless a finished sync covers every change completed so far. */
 int host_sync_if_needed (struct hostfile *hf);
+/* The file's length; on a device, the image's end (see 'end' above). */
 int host_size (struct hostfile *hf, uint64_t *size);
 int host_stat (struct hostfile *hf, struct stat *st);
+bool host_is_device (const struct hostfile *hf);
+/* The device's size in bytes; 0 for a file. */
+uint64_t host_device_size (const struct hostfile *hf);
+/* How far the image may reach: the device's size, or no bound for a file. */
+uint64_t host_limit (const struct hostfile *hf);
+/* The end of the image on a device, known once its refcounts are read. */
+void host_set_end (struct hostfile *hf, uint64_t end);
 
 /* The first byte of data at or after offset: UINT64_MAX when only holes
- * follow (or offset is past the end).
+ * follow (or offset is past the end).  A device cannot tell holes: all of
+ * it up to the image's end is data.
  */
 int host_seek_data (struct hostfile *hf, uint64_t offset, uint64_t *data);
 /* The first hole at or after offset; the end of the file counts as one. */

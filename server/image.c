@@ -31,6 +31,7 @@
 #include "map.h"
 #include "read.h"
 #include "request.h"
+#include "shrink.h"
 
 #define HEADER_READ_MAX (2u << 20)   /* the largest cluster holds the header */
 
@@ -169,6 +170,24 @@ static int open_backing (struct q2_image *img, const struct backing_chain *chain
                        &img->backing);
 }
 
+/* A device is as long as the volume: the image ends after its last
+ * cluster in use, and that end is what the layers below take for the
+ * file's length from now on.
+ */
+static int device_end (struct q2_image *img)
+{
+  struct meta *m = &img->m;
+  uint64_t end;
+  int r;
+
+  LOCK_FOR_SCOPE (&m->lock);
+  if ((r = shrink_used_end (img, &end)) < 0)
+    return r;
+  m->lay.file_end = end;
+  host_set_end (&m->hf, end);
+  return 0;
+}
+
 static int image_open (const struct q2_options *o, int depth,
                        const struct backing_chain *above, struct q2_image **imgp)
 {
@@ -212,6 +231,8 @@ static int image_open (const struct q2_options *o, int depth,
   if (r < 0)
     goto fail;
   writeback_init (m);
+  if (host_is_device (&m->hf) && (r = device_end (img)) < 0)
+    goto fail;
   if ((r = host_stat (&m->hf, &st)) < 0)
     goto fail;
   link.dev = st.st_dev;
@@ -443,15 +464,33 @@ int q2_compact (struct q2_image *img, bool dry_run, q2_progress_fn progress,
   return compact_run (img, dry_run, progress, opaque, res);
 }
 
+/* LVM's default extent is 4 MiB: a volume reduced to less than a whole
+ * number of them is rounded up by lvreduce anyway.
+ */
+#define LVM_EXTENT (UINT64_C (4) << 20)
+
+/* The image's end as the allocator knows it can pass the last byte
+ * written (a cluster written in part): the volume keeps both.
+ */
+static void device_stats (struct q2_image *img, struct q2_stats *s)
+{
+  uint64_t end = s->file_length > img->m.lay.file_end ? s->file_length : img->m.lay.file_end;
+
+  if (!host_is_device (&img->m.hf))
+    return;
+  s->device_size = host_device_size (&img->m.hf);
+  s->lvreduce_size = (end + LVM_EXTENT - 1) / LVM_EXTENT * LVM_EXTENT;
+}
+
 void q2_get_stats (struct q2_image *img, struct q2_stats *s)
 {
   struct stat st;
 
   memset (s, 0, sizeof *s);
-  if (host_stat (&img->m.hf, &st) == 0) {
-    s->file_length = st.st_size;
+  if (host_stat (&img->m.hf, &st) == 0)
     s->host_allocated = (uint64_t) st.st_blocks * 512;
-  }
+  if (host_size (&img->m.hf, &s->file_length) < 0)
+    s->file_length = 0;
   LOCK_FOR_SCOPE (&img->m.lock);
   compact_stats (img, s);
   s->bytes_punched = host_bytes_released (&img->m.hf);
@@ -460,4 +499,7 @@ void q2_get_stats (struct q2_image *img, struct q2_stats *s)
   s->refblocks_freed = img->alloc.refblocks_freed;
   s->truncations = img->truncations;
   s->bytes_truncated = img->bytes_truncated;
+  if (shrink_used_end (img, &s->image_end_offset) < 0)
+    s->image_end_offset = 0;
+  device_stats (img, s);
 }

@@ -206,7 +206,12 @@ static int find_area (struct meta *m, uint64_t table_clusters, struct area *a)
   }
   a->nblocks = nblocks;
   a->table_clusters = table_clusters;
-  return 0;
+  if (a->start + nblocks + table_clusters <= host_limit (&m->hf) >> m->lay.cluster_bits)
+    return 0;
+  log_error ("%s: the device is full: a larger refcount table at host offset 0x%"
+             PRIx64 " would end past its %" PRIu64 " bytes; extend the volume (lvextend)",
+             m->lay.name, a->start << m->lay.cluster_bits, host_device_size (&m->hf));
+  return -ENOSPC;
 }
 
 /* Builds the new table and blocks in memory; counts the area in old blocks

@@ -142,6 +142,22 @@ static double pct (uint64_t a, uint64_t b)
   return b ? 100.0 * a / b : 0;
 }
 
+/* An image on a block device (issue #13): the volume may be reduced to
+ * the size shown, once nothing serves the image, and never below it.
+ */
+static void print_device (struct q2_image *img)
+{
+  struct q2_stats s;
+
+  q2_get_stats (img, &s);
+  if (!s.device_size)
+    return;
+  printf ("block device: %" PRIu64 " bytes; the image ends at %" PRIu64 "\n",
+          s.device_size, s.file_length);
+  printf ("lvreduce size: %" PRIu64 " bytes (the image's end rounded up to 4 MiB, "
+          "LVM's default extent; never reduce below it)\n", s.lvreduce_size);
+}
+
 static int cmd_info (struct q2_image *img)
 {
   struct q2_compact_result k;
@@ -198,6 +214,7 @@ static int cmd_info (struct q2_image *img)
           c.reclaimable_bytes);
   printf ("compaction: the file could be %" PRIu64 " bytes long (now %" PRIu64 ")\n",
           k.reachable < fsize ? k.reachable : fsize, fsize);
+  print_device (img);
   if (pinned)
     printf ("  cannot move, past the target: %" PRIu64 " bytes (compressed %" PRIu64
             ", shared with snapshots %" PRIu64 ", snapshots' own %" PRIu64
