@@ -53,6 +53,7 @@
 #define HDR_EXT_END             0x00000000u
 #define HDR_EXT_BACKING_FORMAT  0xe2792acau
 #define HDR_EXT_FEATURE_TABLE   0x6803f857u
+#define HDR_EXT_DATA_FILE       0x44415441u
 
 /* L1 and L2 entries. */
 #define L1E_OFFSET_MASK   0x00fffffffffffe00ull

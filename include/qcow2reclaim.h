@@ -42,6 +42,7 @@ struct q2_options {
   const char *file;
   bool readonly;
   const char *backing;      /* NULL: the image's own; "none": refuse backing files */
+  const char *data_file;    /* NULL: the external data file the image names */
   size_t cache_size;        /* bytes of L2 tables and refcount blocks to keep, 0 = default */
   enum q2_discard_mode discard;
   enum q2_detect_zeroes detect_zeroes;

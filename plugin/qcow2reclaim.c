@@ -23,6 +23,7 @@ static char *file;
 static char *dir;
 static bool readonly;
 static char *backing;
+static char *data_file;
 static size_t cache_size;
 static enum q2_discard_mode discard = Q2_DISCARD_PUNCH;
 static char *statsfile;
@@ -171,6 +172,7 @@ static void q2r_unload (void)
   free (file);
   free (dir);
   free (backing);
+  free (data_file);
   free (statsfile);
 }
 
@@ -200,6 +202,11 @@ static int q2r_config (const char *key, const char *value)
     else
       backing = nbdkit_realpath (value);
     if (!backing)
+      return -1;
+  }
+  else if (strcmp (key, "data-file") == 0) {
+    free (data_file);
+    if (!(data_file = nbdkit_realpath (value)))
       return -1;
   }
   else if (strcmp (key, "cache-size") == 0) {
@@ -280,6 +287,11 @@ static int q2r_config_complete (void)
                   "allowed there)", backing);
     return -1;
   }
+  if (dir && data_file) {
+    nbdkit_error ("data-file=%s cannot be used with dir=: each image names its "
+                  "own external data file", data_file);
+    return -1;
+  }
   return 0;
 }
 
@@ -292,6 +304,8 @@ static int q2r_config_complete (void)
   "                      marked corrupt or dirty to be read.\n" \
   "backing=<FILE>|none   Use FILE as the backing file instead of the one the\n" \
   "                      image names; none refuses images with a backing file.\n" \
+  "data-file=<FILE>      Use FILE as the external data file instead of the one\n" \
+  "                      the image names.\n" \
   "cache-size=<SIZE>     Bytes of L2 tables and refcount blocks kept in memory\n" \
   "                      (default 32M: 256 GiB of disk at 64 KiB clusters stays\n" \
   "                      cached; larger disks work, re-reading tables).\n" \
@@ -332,7 +346,7 @@ static void compacted (void *opaque, bool pass_end)
 static int q2r_get_ready (void)
 {
   struct q2_options o = {
-    .file = file, .readonly = readonly, .backing = backing,
+    .file = file, .readonly = readonly, .backing = backing, .data_file = data_file,
     .cache_size = cache_size, .discard = discard, .detect_zeroes = detect_zeroes,
     .compact = compact, .compact_rate = compact_rate,
     .compact_notify = compacted,

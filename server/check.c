@@ -62,6 +62,12 @@ static void count_l2_entry (struct walk *w, uint64_t e, bool active, bool frag)
   const struct layout *lay = w->lay;
   uint64_t off = e & L2E_OFFSET_MASK;
 
+  if ((e & QCOW_OFLAG_COMPRESSED) && lay->data_file) {
+    log_error ("%s: ERROR compressed L2 entry 0x%" PRIx64 " in an image with an "
+               "external data file", lay->name, e);
+    w->res->corruptions++;
+    return;
+  }
   if (e & QCOW_OFLAG_COMPRESSED) {
     uint64_t coff, clen;
     layout_compressed_extent (lay, e, &coff, &clen);
@@ -81,9 +87,11 @@ static void count_l2_entry (struct walk *w, uint64_t e, bool active, bool frag)
     w->res->corruptions++;
     return;
   }
-  if (!off)
+  if (!off && !(lay->data_file && (e & QCOW_OFLAG_COPIED)))
     return;
-  add_ref (w, off, lay->cluster_size, active, "data cluster");
+  /* A data file's clusters are counted by nobody: only metadata is. */
+  if (!lay->data_file)
+    add_ref (w, off, lay->cluster_size, active, "data cluster");
   if (frag) {
     w->res->allocated_clusters++;
     if (w->next_contiguous && off != w->next_contiguous)
@@ -218,7 +226,8 @@ static int check_copied (struct walk *w)
       break;
     for (j = 0; j < layout_l2_entries (lay) && r == 0; j++) {
       uint64_t d = be64_get (t + j * 8), off = d & L2E_OFFSET_MASK;
-      if (!off || (d & QCOW_OFLAG_COMPRESSED) || (off >> lay->cluster_bits) >= w->nclusters)
+      if (!off || lay->data_file || (d & QCOW_OFLAG_COMPRESSED) ||
+          (off >> lay->cluster_bits) >= w->nclusters)
         continue;
       if ((r = refcount_get (&img->m, off >> lay->cluster_bits, &rc)) < 0)
         break;

@@ -17,7 +17,11 @@ static int classify (struct q2_image *img, uint64_t guest, uint64_t entry,
 {
   const struct layout *lay = &img->m.lay;
   uint64_t off = entry & L2E_OFFSET_MASK;
+  bool alloc;
 
+  if ((entry & QCOW_OFLAG_COMPRESSED) && lay->data_file)
+    return corrupt_error (lay, "compressed L2 entry for guest offset 0x%" PRIx64
+                          " in an image with an external data file", guest);
   if (entry & QCOW_OFLAG_COMPRESSED) {
     uint64_t coff, clen;
     layout_compressed_extent (lay, entry, &coff, &clen);
@@ -30,16 +34,25 @@ static int classify (struct q2_image *img, uint64_t guest, uint64_t entry,
   if (entry & L2E_RESERVED_MASK || off & (lay->cluster_size - 1))
     return corrupt_error (lay, "L2 entry 0x%" PRIx64 " for guest offset 0x%" PRIx64
                           " has reserved bits set or an unaligned offset", entry, guest);
+  /* In a data file, guest cluster 0 lives at offset 0: COPIED says it is there. */
+  alloc = off || (lay->data_file && (entry & QCOW_OFLAG_COPIED));
   if (entry & QCOW_OFLAG_ZERO) {
     if (lay->version < 3)
       return corrupt_error (lay, "zero cluster entry for guest offset 0x%" PRIx64
                             " in a version 2 image", guest);
-    *kind = off ? MAP_ZERO_ALLOC : MAP_ZERO_PLAIN;
+    *kind = alloc ? MAP_ZERO_ALLOC : MAP_ZERO_PLAIN;
   }
   else
-    *kind = off ? MAP_NORMAL : MAP_UNALLOC;
-  if (off == 0)
+    *kind = alloc ? MAP_NORMAL : MAP_UNALLOC;
+  if (!alloc)
     return 0;
+  /* QEMU puts every cluster of a data file at its guest offset, and
+   * writes here rely on it (a new cluster goes to its guest offset).
+   */
+  if (lay->data_file)
+    return off == (guest & ~(lay->cluster_size - 1)) ? 0 :
+      corrupt_error (lay, "L2 entry for guest offset 0x%" PRIx64 " points to offset 0x%"
+                     PRIx64 " of the external data file, not to the same offset", guest, off);
   return corrupt_check_range (lay, off, lay->cluster_size, META_DATA, "L2 entry", guest);
 }
 
@@ -117,6 +130,9 @@ int cluster_unref_later (struct q2_image *img, uint64_t entry, bool punched)
   uint64_t off, len, c;
   int r = 0;
 
+  /* Clusters of a data file have no refcounts. */
+  if (lay->data_file)
+    return 0;
   if (entry & QCOW_OFLAG_COMPRESSED) {
     layout_compressed_extent (lay, entry, &off, &len);
     for (c = off & ~(lay->cluster_size - 1); c < off + len && r == 0; c += lay->cluster_size)

@@ -271,6 +271,9 @@ static int plan_l2_entries (struct plan *p, uint64_t l1i, struct cache_entry *t)
   uint64_t j, first = l1i << lay->l2_bits, cs = lay->cluster_size;
   int r;
 
+  /* A data file's clusters stay at their guest offsets: only metadata moves. */
+  if (lay->data_file)
+    return 0;
   for (j = 0; j < layout_l2_entries (lay); j++) {
     uint64_t e = l2_entry_get (t, j), off = e & L2E_OFFSET_MASK, c, coff, clen;
     if (e & QCOW_OFLAG_COMPRESSED) {

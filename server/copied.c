@@ -61,7 +61,7 @@ static bool plain_cluster (const struct layout *lay, uint64_t e, uint64_t *clust
 {
   uint64_t off = e & L2E_OFFSET_MASK;
 
-  if (e & (QCOW_OFLAG_COMPRESSED | L2E_RESERVED_MASK) || !off ||
+  if (lay->data_file || e & (QCOW_OFLAG_COMPRESSED | L2E_RESERVED_MASK) || !off ||
       off & (lay->cluster_size - 1))
     return false;
   *cluster = off >> lay->cluster_bits;

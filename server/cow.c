@@ -42,7 +42,7 @@ static int old_cluster (struct q2_image *img, const struct mapping *m, uint64_t 
     return 0;
   case MAP_NORMAL: {
     uint64_t host = (m->entry & L2E_OFFSET_MASK) + (k << lay->cluster_bits);
-    r = host_pread (&img->m.hf, out, lay->cluster_size, host);
+    r = host_pread (img->data, out, lay->cluster_size, host);
     return r < 0 ? request_io_error (img, "read", host, guest, r) : 0;
   }
   case MAP_COMPRESSED:
@@ -68,15 +68,15 @@ static int write_partial (struct q2_image *img, const struct mapping *m, uint64_
   uint64_t cs = img->m.lay.cluster_size;
   int r;
 
-  if (reads_zero (img, m) && host_can_punch (&img->m.hf) &&
-      host_punch (&img->m.hf, target, cs) == 0) {
-    r = host_pwrite (&img->m.hf, data, len, target + in);
+  if (reads_zero (img, m) && host_can_punch (img->data) &&
+      host_punch (img->data, target, cs) == 0) {
+    r = host_pwrite (img->data, data, len, target + in);
     return r < 0 ? request_io_error (img, "write", target + in, guest + in, r) : 0;
   }
   if ((r = old_cluster (img, m, k, guest, cbuf)) < 0)
     return r;
   memcpy (cbuf + in, data, len);
-  r = host_pwrite (&img->m.hf, cbuf, cs, target);
+  r = host_pwrite (img->data, cbuf, cs, target);
   return r < 0 ? request_io_error (img, "write", target, guest, r) : 0;
 }
 
@@ -105,7 +105,7 @@ static int fill_clusters (struct q2_image *img, const struct mapping *m, const c
   }
   if (r == 0 && last > first) {
     uint64_t host = target + first * cs;
-    r = host_pwrite (&img->m.hf, buf + first * cs - in, (last - first) * cs, host);
+    r = host_pwrite (img->data, buf + first * cs - in, (last - first) * cs, host);
     if (r < 0)
       request_io_error (img, "write", host, start + first * cs, r);
   }
@@ -142,11 +142,16 @@ static int write_new (struct q2_image *img, const struct mapping *m, const char 
   const struct layout *lay = &img->m.lay;
   uint64_t in = layout_in_cluster (lay, offset), len = *lenp;
   uint64_t n = (in + len + lay->cluster_size - 1) >> lay->cluster_bits, target, got, i;
-  bool reuse = m->kind == MAP_ZERO_ALLOC && m->copied;
+  bool reuse = (m->kind == MAP_ZERO_ALLOC && m->copied) || lay->data_file;
   int r = 0;
 
   mutex_lock (&img->m.lock);
-  if (reuse) {
+  if (lay->data_file) {
+    /* A data file's clusters are fixed at their guest offsets. */
+    target = offset - in;
+    got = n;
+  }
+  else if (reuse) {
     target = m->entry & L2E_OFFSET_MASK;
     got = 1;
   }
@@ -188,8 +193,8 @@ int cow_write (struct q2_image *img, const void *buf, uint64_t count, uint64_t o
     if ((r = cluster_map_locked (img, offset, count, &m)) < 0)
       break;
     len = m.bytes;
-    if (m.kind == MAP_NORMAL && m.copied) {
-      r = host_pwrite (&img->m.hf, buf, len, m.host);
+    if (m.kind == MAP_NORMAL && (m.copied || img->m.lay.data_file)) {
+      r = host_pwrite (img->data, buf, len, m.host);
       if (r < 0)
         request_io_error (img, "write", m.host, offset, r);
     }

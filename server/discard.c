@@ -51,6 +51,25 @@ struct reclaim {
   struct u64_vector unref;
 };
 
+/* Gives a range of guest data back.  A raw data file must read zeros
+ * there at once, as what qcow2 serves does: where it cannot punch, the
+ * range is written with zeros.
+ */
+static void release_data (struct q2_image *img, uint64_t offset, uint64_t len)
+{
+  int r;
+
+  if (!img->m.lay.data_raw) {
+    host_release (img->data, offset, len);
+    return;
+  }
+  if (len == 0 || (host_can_punch (img->data) && host_punch (img->data, offset, len) == 0))
+    return;
+  if ((r = host_zero (img->data, offset, len)) < 0)
+    log_error ("%s: cannot zero offset 0x%" PRIx64 " of the raw data file, which now "
+               "differs from the image there: %s", img->data->name, offset, strerror (-r));
+}
+
 /* Adjacent punches of one request become one fallocate call. */
 static void punch_add (struct reclaim *rc, uint64_t offset, uint64_t len)
 {
@@ -58,7 +77,7 @@ static void punch_add (struct reclaim *rc, uint64_t offset, uint64_t len)
     rc->punch_len += len;
     return;
   }
-  host_release (&rc->img->m.hf, rc->punch_start, rc->punch_len);
+  release_data (rc->img, rc->punch_start, rc->punch_len);
   rc->punch_start = offset;
   rc->punch_len = len;
 }
@@ -127,7 +146,7 @@ static int whole_owned (struct reclaim *rc, uint64_t guest, const struct mapping
   int r;
 
   if (rc->release && !rc->keep && zero_entry (img, &e)) {
-    if ((r = u64_vector_append (&rc->unref, host)) < 0)
+    if (!img->m.lay.data_file && (r = u64_vector_append (&rc->unref, host)) < 0)
       return r;
     punch_add (rc, host, cs);
     return set_entry (img, guest, m->entry, e, false, false);
@@ -138,7 +157,7 @@ static int whole_owned (struct reclaim *rc, uint64_t guest, const struct mapping
     /* keep mode, or a v2 image over a backing file: the hole reads zeros. */
     punch_add (rc, host, cs);
   }
-  else if ((r = host_zero (&img->m.hf, host, cs)) < 0) {
+  else if ((r = host_zero (img->data, host, cs)) < 0) {
     log_error ("%s: cannot zero host offset 0x%" PRIx64 ": %s", img->m.lay.name, host,
                strerror (-r));
     return r;
@@ -176,7 +195,8 @@ static int whole_cluster (struct reclaim *rc, uint64_t guest, const struct mappi
     return rc->op == OP_ZERO ? write_zeros (rc, guest, rc->img->m.lay.cluster_size) : 0;
   case MAP_NORMAL:
   case MAP_ZERO_ALLOC:
-    return m->copied ? whole_owned (rc, guest, m) : whole_shared (rc, guest, m);
+    /* A data file's clusters are never shared (no snapshots). */
+    return m->copied || rc->img->m.lay.data_file ? whole_owned (rc, guest, m) : whole_shared (rc, guest, m);
   case MAP_COMPRESSED:
     return whole_shared (rc, guest, m);
   }
@@ -197,26 +217,29 @@ static int partial_owned (struct reclaim *rc, uint64_t guest, uint64_t len,
   int r = 0;
 
   if (!rc->release)
-    r = host_zero (&img->m.hf, h, len);
+    r = host_zero (img->data, h, len);
   else {
     /* A TRIM needs no zeros now: the punch can wait for the worker, which
      * also looks at the cluster afterwards (discard_if_hole).  Each read
      * or write of the range runs it first.
      */
-    if (rc->op == OP_DISCARD && start < end && !rc->keep &&
+    /* Punches into a data file are not deferred: the queue and its worker
+     * serve the image's own file.
+     */
+    if (rc->op == OP_DISCARD && start < end && !rc->keep && !lay->data_file &&
         host_release_later (&img->m.hf, start, end - start, guest - layout_in_cluster (lay, guest)))
       return 0;
     if (start < end)
-      host_release (&img->m.hf, start, end - start);
+      release_data (img, start, end - start);
     /* The edges must read as zeros after write-zeroes. */
     if (rc->op == OP_ZERO && start < end) {
       if (start > h)
-        r = host_zero (&img->m.hf, h, start - h);
+        r = host_zero (img->data, h, start - h);
       if (r == 0 && h + len > end)
-        r = host_zero (&img->m.hf, end, h + len - end);
+        r = host_zero (img->data, end, h + len - end);
     }
     else if (rc->op == OP_ZERO)
-      r = host_zero (&img->m.hf, h, len);
+      r = host_zero (img->data, h, len);
   }
   if (r < 0) {
     log_error ("%s: cannot zero host offset 0x%" PRIx64 ": %s", lay->name, h, strerror (-r));
@@ -227,7 +250,7 @@ static int partial_owned (struct reclaim *rc, uint64_t guest, uint64_t len,
   /* Whether the cluster is all hole now is only a chance to free it:
    * if the host cannot tell, the cluster stays.
    */
-  if (host_is_hole (&img->m.hf, cluster, lay->cluster_size, &hole) < 0 || !hole)
+  if (host_is_hole (img->data, cluster, lay->cluster_size, &hole) < 0 || !hole)
     return 0;
   whole.host = cluster;
   return whole_cluster (rc, guest - layout_in_cluster (lay, guest), &whole);
@@ -243,7 +266,7 @@ static int partial_cluster (struct reclaim *rc, uint64_t guest, uint64_t len,
   case MAP_UNALLOC:
     return rc->op == OP_ZERO && rc->img->backing ? write_zeros (rc, guest, len) : 0;
   case MAP_NORMAL:
-    if (m->copied)
+    if (m->copied || rc->img->m.lay.data_file)
       return partial_owned (rc, guest, len, m);
     rc->shared_seen = true;
     /* fall through */
@@ -312,7 +335,7 @@ static int reclaim_end (struct reclaim *rc, int r)
   struct q2_image *img = rc->img;
   int rr;
 
-  host_release (&img->m.hf, rc->punch_start, rc->punch_len);
+  release_data (img, rc->punch_start, rc->punch_len);
   rr = release_unrefs (rc);
   if (r == 0)
     r = rr;
@@ -386,7 +409,7 @@ int discard_if_hole (struct q2_image *img, uint64_t guest, uint64_t host)
   r = cluster_map_locked (img, guest, lay->cluster_size, &m);
   if (r == 0 && m.kind == MAP_NORMAL && m.copied &&
       (m.entry & L2E_OFFSET_MASK) == host &&
-      host_is_hole (&img->m.hf, host, lay->cluster_size, &hole) == 0 && hole &&
+      host_is_hole (img->data, host, lay->cluster_size, &hole) == 0 && hole &&
       (r = check_l2 (&rc, guest >> (lay->cluster_bits + lay->l2_bits))) == 0)
     r = whole_cluster (&rc, guest, &m);
   r = reclaim_end (&rc, r);

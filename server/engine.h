@@ -27,6 +27,11 @@ struct copied;
 
 struct q2_image {
   struct meta m;
+  /* Where guest clusters live: the image's own file (&m.hf), or the
+   * external data file (data_hf), where host offset = guest offset.
+   */
+  struct hostfile *data;
+  struct hostfile data_hf;
   struct alloc alloc;
   struct copied *copied;      /* COPIED upkeep (copied.h) */
   struct compact *compact;    /* compaction (compact.h) */

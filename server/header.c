@@ -56,6 +56,10 @@ static int parse_extensions (struct layout *lay, const uint8_t *buf,
       memcpy (ex->backing_format, buf + off + 8, n);
       ex->backing_format[n] = '\0';
     }
+    if (t == HDR_EXT_DATA_FILE) {
+      ex->data_file_offset = off + 8;
+      ex->data_file_len = l;
+    }
     off += 8 + ((l + 7) & ~7u);
   }
   return 0;
@@ -77,11 +81,6 @@ static int refuse_features (struct layout *lay, const uint8_t *buf,
   if (lay->incompat & INCOMPAT_EXTL2) {
     log_error ("%s: the image uses extended L2 entries (subclusters), which are "
               "not supported yet; convert it with qemu-img convert -O qcow2", lay->name);
-    return -ENOTSUP;
-  }
-  if (lay->incompat & INCOMPAT_DATA_FILE) {
-    log_error ("%s: the image keeps its data in an external data file, which is "
-              "not supported yet", lay->name);
     return -ENOTSUP;
   }
   if ((lay->incompat & INCOMPAT_CORRUPT) && !readonly) {
@@ -211,6 +210,14 @@ static int parse_tables (struct layout *lay, const uint8_t *buf, uint64_t file_s
               lay->name, lay->nb_snapshots, QCOW2_MAX_SNAPSHOTS);
     return -EINVAL;
   }
+  /* A snapshot would need refcounts on data clusters, which a data file
+   * has none of: QEMU refuses to create one.
+   */
+  if (lay->nb_snapshots && lay->data_file) {
+    log_error ("%s: the image has internal snapshots and an external data file, "
+               "which cannot go together", lay->name);
+    return -EINVAL;
+  }
   if (lay->nb_snapshots &&
       (r = check_table (lay, "snapshot table", lay->snapshots_offset, 40, file_size)) < 0)
     return r;
@@ -251,6 +258,8 @@ int header_parse (struct layout *lay, const uint8_t *buf, uint64_t buflen,
   }
   if ((r = parse_geometry (lay, buf)) < 0)
     return r;
+  lay->data_file = !!(lay->incompat & INCOMPAT_DATA_FILE);
+  lay->data_raw = lay->data_file && (lay->autoclear & AUTOCLEAR_DATA_FILE_RAW);
   ext_start = lay->header_length;
   ext_end = buflen < lay->cluster_size ? buflen : lay->cluster_size;
   if ((r = refuse_features (lay, buf, ext_start, ext_end, readonly)) < 0)
@@ -329,15 +338,18 @@ int header_switch_table (struct hostfile *hf, const struct layout *lay,
 }
 
 /* Autoclear features we do not maintain (bitmaps) must be switched off
- * before we change the image, so QEMU will not trust stale bitmaps.
+ * before we change the image, so QEMU will not trust stale bitmaps.  A raw
+ * data file stays raw: every write, discard and zero keeps it so.
  */
 int header_clear_autoclear (struct hostfile *hf, struct layout *lay)
 {
-  uint8_t b[8] = { 0 };
+  uint64_t keep = lay->data_raw ? AUTOCLEAR_DATA_FILE_RAW : 0;
+  uint8_t b[8];
   int r;
 
-  if (lay->version < 3 || lay->autoclear == 0)
+  if (lay->version < 3 || (lay->autoclear & ~keep) == 0)
     return 0;
+  be64_put (b, keep);
   r = host_pwrite (hf, b, sizeof b, HDR_AUTOCLEAR);
   if (r == 0)
     r = host_sync (hf);
@@ -347,7 +359,7 @@ int header_clear_autoclear (struct hostfile *hf, struct layout *lay)
   }
   log_notice ("%s: cleared autoclear feature bits 0x%" PRIx64
               " (persistent bitmaps are no longer valid after writes)",
-              lay->name, lay->autoclear);
-  lay->autoclear = 0;
+              lay->name, lay->autoclear & ~keep);
+  lay->autoclear = keep;
   return 0;
 }

@@ -16,6 +16,8 @@ struct header_extras {
   uint64_t backing_offset;
   uint32_t backing_len;
   char backing_format[32];    /* empty when the extension is absent */
+  uint64_t data_file_offset;  /* the data file's name in the first cluster; 0: none */
+  uint32_t data_file_len;
 };
 
 /* Parses and validates the header in buf (the first cluster, or as much of

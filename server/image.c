@@ -99,7 +99,7 @@ static const struct backing_ops backing_qcow2 = {
 };
 
 static int read_header (struct q2_image *img, char **backing_name, char *backing_fmt,
-                        size_t fmtlen)
+                        size_t fmtlen, char **data_name)
 {
   struct layout *lay = &img->m.lay;
   struct header_extras ex;
@@ -124,6 +124,9 @@ static int read_header (struct q2_image *img, char **backing_name, char *backing
       return -ENOMEM;
     snprintf (backing_fmt, fmtlen, "%s", ex.backing_format);
   }
+  if (lay->data_file && ex.data_file_offset &&
+      !(*data_name = strndup ((char *) buf + ex.data_file_offset, ex.data_file_len)))
+    return -ENOMEM;
   return 0;
 }
 
@@ -146,6 +149,54 @@ static int build_overlap (struct q2_image *img)
         (r = overlap_add (&m->lay.meta, off >> m->lay.cluster_bits, META_L2)) < 0)
       return r;
   return 0;
+}
+
+/* A relative name in the header is relative to the image's folder, as in
+ * QEMU; data-file=PATH replaces it.
+ */
+static int data_file_path (const struct q2_image *img, const char *override,
+                           const char *name, char **path)
+{
+  const char *image = img->m.lay.name, *slash = strrchr (image, '/');
+
+  if (override)
+    *path = strdup (override);
+  else if (!name) {
+    log_error ("%s: the image keeps its data in an external data file but does not "
+               "name it; give it with data-file=PATH", image);
+    return -EINVAL;
+  }
+  else if (name[0] == '/' || !slash)
+    *path = strdup (name);
+  else if (asprintf (path, "%.*s/%s", (int) (slash - image), image, name) < 0)
+    *path = NULL;
+  return *path ? 0 : -ENOMEM;
+}
+
+/* The data file is opened and locked like the image itself. */
+static int open_data_file (struct q2_image *img, const struct q2_options *o,
+                           const char *name)
+{
+  CLEANUP_FREE char *path = NULL;
+  int r;
+
+  img->data = &img->m.hf;
+  if (!img->m.lay.data_file) {
+    if (!o->data_file)
+      return 0;
+    log_error ("%s: data-file=%s was given, but the image has no external data file",
+               img->m.lay.name, o->data_file);
+    return -EINVAL;
+  }
+  if ((r = data_file_path (img, o->data_file, name, &path)) < 0)
+    return r;
+  if ((r = host_open (&img->data_hf, path, o->readonly)) < 0) {
+    log_error ("%s: cannot open its external data file %s: %s", img->m.lay.name, path,
+               strerror (-r));
+    return r;
+  }
+  img->data = &img->data_hf;
+  return hostlock_take (&img->data_hf, !o->readonly);
 }
 
 /* backing=none refuses images that need a backing file; backing=FILE
@@ -193,6 +244,7 @@ static int image_open (const struct q2_options *o, int depth,
 {
   struct backing_chain link = { .above = above };
   CLEANUP_FREE char *backing_name = NULL;
+  CLEANUP_FREE char *data_name = NULL;
   char backing_fmt[32] = "";
   struct q2_image *img;
   struct meta *m;
@@ -215,7 +267,9 @@ static int image_open (const struct q2_options *o, int depth,
   }
   m->lay.name = m->hf.name;
   if ((r = hostlock_take (&m->hf, !o->readonly)) < 0 ||
-      (r = read_header (img, &backing_name, backing_fmt, sizeof backing_fmt)) < 0 ||
+      (r = read_header (img, &backing_name, backing_fmt, sizeof backing_fmt,
+                        &data_name)) < 0 ||
+      (r = open_data_file (img, o, data_name)) < 0 ||
       (r = table_load (&m->l1, &m->hf, &m->lay, "L1 table", m->lay.l1_offset,
                        m->lay.l1_entries)) < 0 ||
       (r = table_load (&m->reftable, &m->hf, &m->lay, "refcount table",
@@ -240,6 +294,15 @@ static int image_open (const struct q2_options *o, int depth,
   link.name = m->lay.name;
   if ((r = open_backing (img, &link, o->backing, backing_name, backing_fmt, depth)) < 0)
     goto fail;
+  /* The raw file could not read as the guest disk where the backing file
+   * shows through; QEMU refuses the pair too.
+   */
+  if (m->lay.data_raw && img->backing) {
+    log_error ("%s: the image has a raw external data file (data_file_raw) and a "
+               "backing file, which cannot go together", m->lay.name);
+    r = -EINVAL;
+    goto fail;
+  }
   if (!img->readonly && (r = header_clear_autoclear (&m->hf, &m->lay)) < 0)
     goto fail;
   *imgp = img;
@@ -291,6 +354,7 @@ int q2_close (struct q2_image *img)
   alloc_free (&img->alloc);
   copied_free (img->copied);
   compact_free (img->compact);
+  host_close (&img->data_hf);
   host_close (&m->hf);
   rangelock_destroy (&img->guest_lock);
   mutex_destroy (&m->lock);

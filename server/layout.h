@@ -26,6 +26,10 @@ struct layout {
   uint64_t virtual_size;
   uint64_t incompat, compat, autoclear;
   uint32_t header_length;
+  /* An external data file holds the guest clusters at their guest offsets,
+   * with no refcounts; raw: it reads as the guest disk at every moment.
+   */
+  bool data_file, data_raw;
   int compression_type;
   uint32_t csize_shift;       /* compressed L2 entry: sector count position */
   uint64_t csize_mask, coffset_mask;

@@ -11,7 +11,7 @@
 static void from_mapping (const struct q2_image *img, const struct mapping *m,
                           struct q2_map_entry *e)
 {
-  e->file = img->m.lay.name;
+  e->file = img->data->name;
   e->present = true;
   e->zero = m->kind == MAP_ZERO_PLAIN || m->kind == MAP_ZERO_ALLOC;
   e->data = m->kind == MAP_NORMAL || m->kind == MAP_COMPRESSED;

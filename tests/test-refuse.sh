@@ -133,9 +133,21 @@ run_case expect_refused "unknown incompatible bit 10" file="$TMP/unknown.qcow2" 
 new_image -o extended_l2=on "$TMP/extl2.qcow2" 16M
 run_case expect_refused "extended L2 entries" file="$TMP/extl2.qcow2" -- "extended L2" "not supported"
 
+# External data files are served (test-data-file.sh); what stays refused:
+# snapshots need refcounts a data file has none of, a raw data file cannot
+# read as the disk where a backing file shows through (QEMU refuses both),
+# and a data file that is not there.
 new_image -o data_file="$TMP/ext.raw" "$TMP/datafile.qcow2" 16M
-run_case expect_refused "external data file" file="$TMP/datafile.qcow2" \
-    -- "external data file" "not supported"
+cp "$TMP/datafile.qcow2" "$TMP/datasnap.qcow2"
+"$PYTHON" "$PATCH" set-header "$TMP/datasnap.qcow2" nb_snapshots 1
+run_case expect_refused "external data file with a snapshot" file="$TMP/datasnap.qcow2" \
+    -- "internal snapshots and an external data file"
+new_image -o data_file="$TMP/extraw.raw",data_file_raw=on "$TMP/dataraw.qcow2" 16M
+run_case expect_refused "raw data file with backing=" file="$TMP/dataraw.qcow2" \
+    backing="$TMP/good.qcow2" -- "data_file_raw" "backing file"
+mv "$TMP/ext.raw" "$TMP/ext-moved.raw"
+run_case expect_refused "external data file missing" file="$TMP/datafile.qcow2" \
+    -- "cannot open its external data file"
 
 # --- Corrupt and dirty: refuse to write, still readable ------------------------
 cp "$TMP/good.qcow2" "$TMP/corrupt.qcow2"

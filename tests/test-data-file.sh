@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
+# External data files (data_file=, data_file_raw=on).  A random workload of
+# writes, trims and zeroes runs through the server while a raw reference
+# follows it; then qemu-img check must be clean and QEMU must read the image
+# as the reference.  With data_file_raw the data file itself must equal the
+# reference byte for byte, after a first run and at the end.  The data file
+# is found relative to the image (the server runs elsewhere), data-file=
+# overrides it, it is locked, and trims give its space back.
+. "$srcdir/functions.sh"
+requires qemu-img --version
+requires qemu-io --version
+requires "$PYTHON" -c 'import nbd'
+DRIVER=$srcdir/nbd_random_ops.py
+OPS=${OPS:-600}
+# The server runs from a folder without images, so the data file's relative
+# name can only resolve against the image's folder.  QEMU 7.2 resolves it
+# against its working directory: it runs from the image's folder here.
+cd /
+inside() { (cd "$1" && shift && "$@"); }
+nbd_do() {
+    "$PYTHON" -c 'import nbd, sys
+h = nbd.NBD(); h.connect_uri(sys.argv[1]); exec(sys.argv[2]); h.shutdown()' "$@"
+}
+
+# variant NAME OPTIONS: a 64M image whose data file is NAME.raw beside it.
+variant() {
+    local name=$1 opts=$2 dir=$TMP/$1 seed
+    mkdir -p "$dir"
+    (cd "$dir" && qemu-img create -q -f qcow2 -o "$opts" img.qcow2 64M &&
+         qemu-io -f qcow2 -c 'write -P 0x11 0 1M' -c 'write -P 0x22 20M 4M' \
+             -c 'write -z 21M 64K' img.qcow2 >/dev/null)
+    inside "$dir" qemu-img convert -O raw img.qcow2 ref.raw
+    for seed in 1 2; do
+        start_server "$dir/sock" "$dir/log" file="$dir/img.qcow2"
+        "$PYTHON" "$DRIVER" --uri "nbd+unix:///?socket=$dir/sock" --ref "$dir/ref.raw" \
+            --seed "$seed" --ops "$OPS" --ops-mix write:4,read:2,trim:3,zero:2,flush:1 \
+            --trim-zero-clusters --verify-all >"$dir/ops.log" 2>&1 ||
+            { cat "$dir/ops.log" "$dir/log" >&2; fail "$name: the workload failed (seed $seed)"; }
+        stop_server "$LAST_SERVER_PID"
+        inside "$dir" check_clean img.qcow2
+        inside "$dir" qemu-img convert -O raw img.qcow2 out.raw
+        cmp "$dir/out.raw" "$dir/ref.raw" ||
+            fail "$name: QEMU reads the image differently from the reference (seed $seed)"
+        if [ "$name" = raw ]; then
+            cmp "$dir/data.raw" "$dir/ref.raw" ||
+                fail "$name: the raw data file differs from what the image serves (seed $seed)"
+        fi
+        echo "ok: $name, seed $seed: check clean, convert equal${3:+, raw data file equal}"
+    done
+}
+
+run_case variant plain data_file=data.raw
+run_case variant raw data_file=data.raw,data_file_raw=on yes
+
+# Trims reach the data file: its blocks fall; a raw one reads zeros there.
+space() {
+    local dir=$TMP/space before after
+    mkdir -p "$dir"
+    (cd "$dir" && qemu-img create -q -f qcow2 -o data_file=d.raw,data_file_raw=on img.qcow2 64M &&
+         qemu-io -f qcow2 -c 'write -P 0x5a 0 16M' img.qcow2 >/dev/null)
+    before=$(stat -c %b "$dir/d.raw")
+    start_server "$dir/sock" "$dir/log" file="$dir/img.qcow2"
+    nbd_do "nbd+unix:///?socket=$dir/sock" 'h.trim(8 << 20, 4 << 20); h.flush()'
+    # The data file is locked like the image: QEMU may not write it now.
+    if qemu-io -f raw -c 'write 0 512' "$dir/d.raw" >"$dir/qio.log" 2>&1; then
+        fail "qemu-io wrote the data file while the server had it open"
+    fi
+    grep -q -i lock "$dir/qio.log" || { cat "$dir/qio.log" >&2; fail "qemu-io failed, but not on a lock"; }
+    stop_server "$LAST_SERVER_PID"
+    after=$(stat -c %b "$dir/d.raw")
+    [ "$after" -lt "$before" ] || fail "the data file kept its blocks after a trim ($before -> $after)"
+    cmp -n 8M -i 4M:0 "$dir/d.raw" /dev/zero || fail "the trimmed range of the raw data file is not zeros"
+    inside "$dir" check_clean img.qcow2
+    echo "ok: a trim gave back $(( (before - after) / 2 )) KiB of the data file, which is locked while served"
+}
+run_case space
+
+# data-file= names the data file when it moved; without it the image is refused.
+override() {
+    local dir=$TMP/override got
+    mkdir -p "$dir"
+    (cd "$dir" && qemu-img create -q -f qcow2 -o data_file=d.raw img.qcow2 64M &&
+         qemu-io -f qcow2 -c 'write -P 0x6b 64K 64K' img.qcow2 >/dev/null)
+    mv "$dir/d.raw" "$dir/moved.raw"
+    start_server "$dir/sock" "$dir/log" file="$dir/img.qcow2" data-file="$dir/moved.raw"
+    got=$(nbd_do "nbd+unix:///?socket=$dir/sock" 'print(h.pread(1, 65536).hex())')
+    stop_server "$LAST_SERVER_PID"
+    [ "$got" = 6b ] || fail "data-file=: read $got at 64K, want 6b"
+    echo "ok: data-file= overrides the name in the header"
+}
+run_case override
+
+# The tool sees the data file's clusters at their guest offsets, and no
+# refcounts for them.
+tool() {
+    local dir=$TMP/space out
+    out=$("$top_builddir/tools/qcow2reclaim" check "$dir/img.qcow2" 2>&1) ||
+        { echo "$out" >&2; fail "qcow2reclaim check on a data file image failed"; }
+    out=$("$top_builddir/tools/qcow2reclaim" map "$dir/img.qcow2" 2>&1) ||
+        { echo "$out" >&2; fail "qcow2reclaim map on a data file image failed"; }
+    echo "$out" | grep -q "d.raw" || { echo "$out" >&2; fail "qcow2reclaim map does not name the data file"; }
+    echo "ok: qcow2reclaim check and map"
+}
+run_case tool
+
+[ "$FAILED" -eq 0 ] || fail "$FAILED case(s) failed"
