@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <pthread.h>
+#include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -43,12 +44,29 @@ static pthread_mutex_t handles_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct handle *handles;
 static void q2r_close (void *h);
 
+/* nbdkit 1.32 has no notice level: nbdkit_debug is only written with -v,
+ * and stderr is /dev/null once nbdkit forks into the background.  What
+ * reaches nbdkit's log wherever it goes (stderr, syslog, the journal) is
+ * nbdkit_error, so notices go through it, marked as notices.
+ */
+static void notice (const char *fmt, ...) __attribute__ ((format (printf, 1, 2)));
+static void notice (const char *fmt, ...)
+{
+  char msg[2048];
+  va_list ap;
+
+  va_start (ap, fmt);
+  vsnprintf (msg, sizeof msg, fmt, ap);
+  va_end (ap);
+  nbdkit_error ("notice: %s", msg);
+}
+
 static void logger (int level, const char *msg)
 {
   if (level == 0)
     nbdkit_error ("%s", msg);
   else if (level == 1)
-    fprintf (stderr, "nbdkit: qcow2reclaim: %s\n", msg);
+    notice ("%s", msg);
   else
     nbdkit_debug ("%s", msg);
 }
@@ -122,7 +140,7 @@ static void q2r_unload (void)
     format_stats (buf, sizeof buf);
     for (p = buf; (p = strchr (p, '\n')) != NULL; )
       *p = p[1] ? ' ' : '\0';
-    fprintf (stderr, "nbdkit: qcow2reclaim: %s: reclaim totals: %s\n", file, buf);
+    notice ("%s: reclaim totals: %s", file, buf);
     if (q2_close (image) < 0)
       nbdkit_error ("%s: metadata could not be written back on exit", file);
     image = NULL;
@@ -381,9 +399,8 @@ static int reclaimed (struct handle *h, int r)
 {
   if (r == 1 && !h->snapshot_notice_given) {
     h->snapshot_notice_given = true;
-    fprintf (stderr, "nbdkit: qcow2reclaim: %s: internal snapshots share some of "
-             "the discarded clusters; their space stays allocated until the "
-             "snapshots are deleted\n", file);
+    notice ("%s: internal snapshots share some of the discarded clusters; their "
+            "space stays allocated until the snapshots are deleted", file);
   }
   write_statsfile (false);
   return ret (r);
