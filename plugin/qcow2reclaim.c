@@ -13,6 +13,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
+#include <sys/stat.h>
 
 #define NBDKIT_API_VERSION 2
 #include <nbdkit-plugin.h>
@@ -52,7 +54,7 @@ static void q2r_close (void *h);
 static void notice (const char *fmt, ...) __attribute__ ((format (printf, 1, 2)));
 static void notice (const char *fmt, ...)
 {
-  char msg[2048];
+  char msg[4096];
   va_list ap;
 
   va_start (ap, fmt);
@@ -96,43 +98,167 @@ static void format_stats (char *buf, size_t len)
 }
 
 /* The counters go to statsfile=FILE, replaced whole (write, then rename),
- * so readers never see half.  Flush and exit always write it; a stream of
- * small TRIMs (fstrim sends thousands) rewrites it at most ten times a
- * second.
+ * so readers never see half.  Open, flush, exit and the end of a
+ * compaction pass write it at once; trims, zeroes and compaction windows
+ * (fstrim sends thousands of trims) at most ten times a second, and an
+ * update the limit held back is written by the stats thread once the
+ * tenth of a second is over, so the file never stays behind.
  */
+#define STATS_INTERVAL_NS 100000000L
+
+static struct {
+  pthread_mutex_t lock;
+  pthread_cond_t cond;        /* pending was set, or stop */
+  struct timespec last;       /* when the file was last written */
+  bool pending;               /* an update the limit held back */
+  bool stop;
+  bool running;               /* the thread is there to signal */
+  bool failing;               /* the last write failed, and said so */
+  pthread_t thread;
+} stats = { .lock = PTHREAD_MUTEX_INITIALIZER };
+
+static int64_t ns_between (const struct timespec *a, const struct timespec *b)
+{
+  return (b->tv_sec - a->tv_sec) * 1000000000L + b->tv_nsec - a->tv_nsec;
+}
+
+static int write_stats_file (void)
+{
+  char buf[2048], tmp[4096];
+  FILE *f;
+  int err = 0;
+
+  format_stats (buf, sizeof buf);
+  snprintf (tmp, sizeof tmp, "%s.tmp", statsfile);
+  if ((f = fopen (tmp, "we")) == NULL)
+    return -errno;
+  if (fputs (buf, f) == EOF)
+    err = errno;
+  if (fclose (f) == EOF && !err)
+    err = errno;
+  if (!err && rename (tmp, statsfile) == -1)
+    err = errno;
+  if (err)
+    unlink (tmp);
+  return -err;
+}
+
+/* Said once when writes start failing (a full disk, a folder gone), and
+ * once when they work again, not at every trim.
+ */
+static void write_stats_locked (void)
+{
+  int r = write_stats_file ();
+
+  clock_gettime (CLOCK_MONOTONIC, &stats.last);
+  stats.pending = false;
+  if (r < 0 && !stats.failing)
+    nbdkit_error ("statsfile=%s: cannot write it: %s; the counters there are "
+                  "out of date until it can be written again", statsfile, strerror (-r));
+  else if (r == 0 && stats.failing)
+    notice ("statsfile=%s: written again", statsfile);
+  stats.failing = r < 0;
+}
+
 static void write_statsfile (bool always)
 {
-  static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
-  static struct timespec last;
   struct timespec now;
-  char buf[1024], tmp[4096];
-  FILE *f;
 
   if (!statsfile || !image)
     return;
   clock_gettime (CLOCK_MONOTONIC, &now);
-  pthread_mutex_lock (&lock);
-  if (!always && (now.tv_sec - last.tv_sec) * 1000000000L + now.tv_nsec - last.tv_nsec
-      < 100000000L) {
-    pthread_mutex_unlock (&lock);
+  pthread_mutex_lock (&stats.lock);
+  if (always || ns_between (&stats.last, &now) >= STATS_INTERVAL_NS)
+    write_stats_locked ();
+  else if (!stats.pending) {
+    stats.pending = true;
+    if (stats.running)
+      pthread_cond_signal (&stats.cond);
+  }
+  pthread_mutex_unlock (&stats.lock);
+}
+
+static void *stats_thread (void *arg)
+{
+  struct timespec now, due;
+
+  pthread_mutex_lock (&stats.lock);
+  while (!stats.stop) {
+    if (!stats.pending) {
+      pthread_cond_wait (&stats.cond, &stats.lock);
+      continue;
+    }
+    due = stats.last;
+    due.tv_nsec += STATS_INTERVAL_NS;
+    if (due.tv_nsec >= 1000000000L) {
+      due.tv_sec++;
+      due.tv_nsec -= 1000000000L;
+    }
+    clock_gettime (CLOCK_MONOTONIC, &now);
+    if (ns_between (&now, &due) > 0)
+      pthread_cond_timedwait (&stats.cond, &stats.lock, &due);
+    else
+      write_stats_locked ();
+  }
+  pthread_mutex_unlock (&stats.lock);
+  return NULL;
+}
+
+/* After the fork: threads do not survive it.  running is set first, so
+ * that an update held back from now on signals the thread.
+ */
+static int start_stats_thread (void)
+{
+  pthread_condattr_t attr;
+  int r;
+
+  if (!statsfile)
+    return 0;
+  pthread_condattr_init (&attr);
+  pthread_condattr_setclock (&attr, CLOCK_MONOTONIC);
+  pthread_cond_init (&stats.cond, &attr);
+  pthread_condattr_destroy (&attr);
+  pthread_mutex_lock (&stats.lock);
+  stats.running = true;
+  pthread_mutex_unlock (&stats.lock);
+  if ((r = pthread_create (&stats.thread, NULL, stats_thread, NULL)) != 0) {
+    nbdkit_error ("statsfile=%s: cannot start the thread that writes it: %s",
+                  statsfile, strerror (r));
+    pthread_mutex_lock (&stats.lock);
+    stats.running = false;
+    pthread_mutex_unlock (&stats.lock);
+    pthread_cond_destroy (&stats.cond);
+    return -1;
+  }
+  return 0;
+}
+
+/* Compaction may still ask for a write meanwhile: running false under the
+ * lock keeps it from signalling a condition that is gone.
+ */
+static void stop_stats_thread (void)
+{
+  bool was_running;
+
+  pthread_mutex_lock (&stats.lock);
+  was_running = stats.running;
+  stats.stop = true;
+  stats.running = false;
+  if (was_running)
+    pthread_cond_signal (&stats.cond);
+  pthread_mutex_unlock (&stats.lock);
+  if (!was_running)
     return;
-  }
-  last = now;
-  format_stats (buf, sizeof buf);
-  snprintf (tmp, sizeof tmp, "%s.tmp", statsfile);
-  if ((f = fopen (tmp, "we")) != NULL) {
-    fputs (buf, f);
-    if (fclose (f) == 0)
-      rename (tmp, statsfile);
-  }
-  pthread_mutex_unlock (&lock);
+  pthread_join (stats.thread, NULL);
+  pthread_cond_destroy (&stats.cond);
 }
 
 /* The final write-back may free more, so the totals are taken after it. */
 static void q2r_unload (void)
 {
-  char buf[1024], *p;
+  char buf[2048], *p;
 
+  stop_stats_thread ();
   if (image) {
     if (!q2_readonly (image))
       q2_flush (image);
@@ -150,6 +276,38 @@ static void q2r_unload (void)
   free (file);
   free (backing);
   free (statsfile);
+}
+
+/* statsfile=FILE may not exist yet, but its folder must, and FILE must
+ * not be a folder.  The folder is resolved now, as file= is: nbdkit
+ * changes to / when it forks into the background.
+ */
+static char *resolve_statsfile (const char *value)
+{
+  const char *slash = strrchr (value, '/'), *base = slash ? slash + 1 : value;
+  char *dir, *folder, *path = NULL;
+  struct stat st;
+
+  if (!*base) {
+    nbdkit_error ("statsfile=%s: names a folder; give the name of a file in it", value);
+    return NULL;
+  }
+  if (!(dir = slash ? strndup (value, slash == value ? 1 : slash - value) : strdup (".")))
+    return NULL;
+  if (!(folder = realpath (dir, NULL)))
+    nbdkit_error ("statsfile=%s: the folder %s: %m", value, dir);
+  else if (stat (folder, &st) == -1 || !S_ISDIR (st.st_mode))
+    nbdkit_error ("statsfile=%s: %s is not a folder", value, dir);
+  else if (asprintf (&path, "%s/%s", strcmp (folder, "/") ? folder : "", base) == -1)
+    path = NULL;
+  else if (stat (path, &st) == 0 && S_ISDIR (st.st_mode)) {
+    nbdkit_error ("statsfile=%s: is a folder; give the name of a file in it", value);
+    free (path);
+    path = NULL;
+  }
+  free (dir);
+  free (folder);
+  return path;
 }
 
 static int q2r_config (const char *key, const char *value)
@@ -213,7 +371,7 @@ static int q2r_config (const char *key, const char *value)
   }
   else if (strcmp (key, "statsfile") == 0) {
     free (statsfile);
-    if (!(statsfile = strdup (value)))
+    if (!(statsfile = resolve_statsfile (value)))
       return -1;
   }
   else if (strcmp (key, "discard") == 0) {
@@ -264,9 +422,9 @@ static int q2r_config_complete (void)
   "                      below and cut the file, in the background, when it is\n" \
   "                      more than 10% + 1 MiB longer than its data (default auto).\n" \
   "compact-rate=<SIZE>   Bytes a second compaction may move (default 64M).\n" \
-  "statsfile=<FILE>      Keep reclaim counters in FILE (rewritten after each\n" \
-  "                      flush, trim, zero and compaction pass; also logged\n" \
-  "                      when nbdkit exits)."
+  "statsfile=<FILE>      Keep reclaim counters in FILE (written at open and\n" \
+  "                      after each flush, trim, zero and compaction pass;\n" \
+  "                      also logged when nbdkit exits).  Its folder must exist."
 
 /* Compaction moves and cuts with no request to write the stats file:
  * the worker says so, a window at a time (rate-limited like trims) and
@@ -288,13 +446,29 @@ static int q2r_get_ready (void)
     .compact = compact, .compact_rate = compact_rate,
     .compact_notify = compacted,
   };
+  int r;
 
-  return q2_open (&o, &image) < 0 ? -1 : 0;
+  if (q2_open (&o, &image) < 0)
+    return -1;
+  /* Written now, so it exists from the start and a file that cannot be
+   * written is refused before anything is served.
+   */
+  if (statsfile && (r = write_stats_file ()) < 0) {
+    nbdkit_error ("statsfile=%s: cannot write it: %s", statsfile, strerror (-r));
+    q2_close (image);
+    image = NULL;
+    return -1;
+  }
+  clock_gettime (CLOCK_MONOTONIC, &stats.last);
+  return 0;
 }
 
 static int q2r_after_fork (void)
 {
-  return q2_after_fork (image) < 0 ? -1 : 0;
+  /* The stats thread first: the compaction worker may ask it for a write. */
+  if (start_stats_thread () < 0 || q2_after_fork (image) < 0)
+    return -1;
+  return 0;
 }
 
 static void *q2r_open (int ro)

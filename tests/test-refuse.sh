@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: BSD-3-Clause
 # Images the plugin must refuse before it serves anything: opening them
-# read-write (or at all) would either return wrong data or damage them.  Each
+# read-write (or at all) would either return wrong data or damage them;
+# and parameters it cannot honour.  Each
 # refusal must say why in words a user can act on, and must leave the image
 # untouched.  The corrupt and dirty bits only forbid writing, so those images
 # must still be readable with readonly=true.
@@ -187,5 +188,16 @@ new_image "$TMP/gone-base-q2r.qcow2" 16M
 new_image -b "$TMP/gone-base-q2r.qcow2" -F qcow2 "$TMP/orphan.qcow2"
 rm "$TMP/gone-base-q2r.qcow2"
 run_case expect_refused "missing backing file" file="$TMP/orphan.qcow2" -- "gone-base-q2r.qcow2"
+
+# --- statsfile= that cannot be written ------------------------------------------
+# Refused at start, with the parameter named, instead of a server whose
+# counters never appear.
+mkdir "$TMP/stats-folder"
+run_case expect_refused "statsfile in a missing folder" file="$TMP/good.qcow2" \
+    statsfile="$TMP/no-such-folder/disk.stats" -- "statsfile=" "no-such-folder"
+run_case expect_refused "statsfile naming a folder" file="$TMP/good.qcow2" \
+    statsfile="$TMP/stats-folder" -- "statsfile=" "folder"
+run_case expect_refused "statsfile under a file" file="$TMP/good.qcow2" \
+    statsfile="$TMP/good.qcow2/disk.stats" -- "statsfile=" "not a folder"
 
 [ "$FAILED" -eq 0 ] || fail "$FAILED case(s) failed"

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
+# The stats file follows the server: it exists as soon as the server
+# serves; a relative statsfile= lands where it was given, not in / where a
+# background nbdkit runs; and after a burst of trims (more than ten a
+# second, the rate the file is rewritten at) it ends up showing all of
+# them, with no flush and no further request.
+set -eu
+: "${srcdir:=$(cd "$(dirname "$0")" && pwd)}"
+. "$srcdir/functions.sh"
+
+requires nbdkit --version
+requires qemu-img --version
+requires qemu-io --version
+requires "$PYTHON" -c 'import nbd'
+
+# stat_of FILE NAME: the value of NAME= in a stats file.
+stat_of() { sed -n "s/^$2=//p" "$1"; }
+
+img=$TMP/disk.qcow2
+qemu-img create -q -f qcow2 "$img" 64M
+qemu-io -f qcow2 -c 'write -P 0x11 0 8M' "$img" >/dev/null
+
+sock=$TMP/nbd.sock
+
+# ---- written at open ----------------------------------------------------------
+at_open() {
+    local stats=$TMP/open.stats
+    start_server "$sock" "$TMP/open.log" file="$img" statsfile="$stats" compact=off
+    [ -f "$stats" ] || fail "no stats file while the server serves and before any request"
+    [ "$(stat_of "$stats" file_length)" = "$(stat -c %s "$img")" ] ||
+        { cat "$stats" >&2; fail "the stats file at open does not show the file's length"; }
+    echo "ok: the stats file is there before the first request (file_length=$(stat_of "$stats" file_length))"
+    stop_server "$LAST_SERVER_PID"
+}
+
+# ---- the last trim of a burst -----------------------------------------------------
+# 32 trims of one cluster each, as fast as they go: one rewrite lets most of
+# them through, and nothing comes after the last to write it.
+burst() {
+    local stats=$TMP/burst.stats punched
+    cp "$img" "$TMP/burst.qcow2"
+    start_server "$sock" "$TMP/burst.log" file="$TMP/burst.qcow2" statsfile="$stats" compact=off
+    "$PYTHON" -m nbd -u "nbd+unix:///?socket=$sock" -c '
+for i in range(32):
+    h.trim(65536, i * 65536)
+'
+    sleep $((1 * SLOW))
+    punched=$(stat_of "$stats" bytes_punched 2>/dev/null || true)
+    [ "$punched" = $((32 * 65536)) ] ||
+        fail "1 s after 32 trims of 64 KiB: bytes_punched=${punched:-nothing}, want $((32 * 65536))"
+    echo "ok: after a burst of 32 trims and no flush, bytes_punched=$punched"
+    stop_server "$LAST_SERVER_PID"
+}
+
+# ---- a relative statsfile=, in the background ---------------------------------------
+# nbdkit changes to / once it forks: the name must be resolved before.
+# rel and pidfile are global: the cleanup hook reads them after the
+# function has returned.
+background() {
+    local run=$TMP/run pid punched i
+    rel=q2r-statsfile-$$.stats pidfile=$TMP/nbdkit.pid
+    mkdir "$run"
+    [ ! -e "/$rel" ] || fail "/$rel exists before the test"
+    # The daemon writes the file once more as it exits: stopped first.
+    stop_daemon() {
+        local pid i
+        if pid=$(cat "$pidfile" 2>/dev/null) &&
+           [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$SERVER_COMM" ]; then
+            kill "$pid" 2>/dev/null || true
+            for i in $(seq 1 $((STOP_TIMEOUT * SLOW * 20))); do
+                [ -d "/proc/$pid" ] || break
+                sleep 0.05
+            done
+        fi
+        rm -f "/$rel" "/$rel.tmp"
+    }
+    cleanup_fn stop_daemon
+    rm -f "$sock"
+    (cd "$run" && nbdkit -U "$sock" -P "$pidfile" "$PLUGIN" file="$img" statsfile="$rel" compact=off) ||
+        fail "nbdkit did not start in the background"
+    for i in $(seq 1 $((100 * SLOW))); do [ -s "$pidfile" ] && break; sleep 0.05; done
+    pid=$(cat "$pidfile") || fail "nbdkit wrote no pid file"
+    "$PYTHON" -m nbd -u "nbd+unix:///?socket=$sock" -c 'h.trim(1 << 20, 4 << 20); h.flush()'
+    punched=$(stat_of "$run/$rel" bytes_punched 2>/dev/null || true)
+    [ "$punched" = $((1 << 20)) ] ||
+        fail "after a trim and a flush $run/$rel shows bytes_punched=${punched:-nothing}$([ -e "/$rel" ] && echo "; /$rel was written instead")"
+    kill "$pid"
+    for i in $(seq 1 $((STOP_TIMEOUT * SLOW * 20))); do
+        [ -d "/proc/$pid" ] || break
+        sleep 0.05
+    done
+    [ ! -d "/proc/$pid" ] || fail "nbdkit $pid did not exit after SIGTERM"
+    [ ! -e "/$rel" ] || fail "a background nbdkit wrote statsfile=$rel to /$rel"
+    echo "ok: statsfile=$rel given in $run is written there by a background nbdkit"
+}
+
+run_case at_open
+run_case burst
+run_case background
+[ "$FAILED" -eq 0 ] || fail "$FAILED case(s) failed"
