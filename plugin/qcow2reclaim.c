@@ -90,11 +90,13 @@ static void format_stats (char *buf, size_t len)
             "\nclusters_moved=%" PRIu64 "\nbytes_moved=%" PRIu64
             "\nfree_bytes_punched=%" PRIu64 "\npinned_bytes=%" PRIu64
             "\nfile_length=%" PRIu64 "\nhost_allocated=%" PRIu64
-            "\ntarget_length=%" PRIu64 "\n",
+            "\ntarget_length=%" PRIu64 "\nbytes_given_back=%" PRIu64
+            "\nimage_end_offset=%" PRIu64 "\n",
             s.bytes_punched, s.clusters_freed, s.l2_tables_freed,
             s.refblocks_freed, s.truncations, s.bytes_truncated,
             s.clusters_moved, s.bytes_moved, s.free_bytes_punched, s.pinned_bytes,
-            s.file_length, s.host_allocated, s.target_length);
+            s.file_length, s.host_allocated, s.target_length, s.bytes_given_back,
+            s.image_end_offset);
 }
 
 /* The counters go to statsfile=FILE, replaced whole (write, then rename),

@@ -31,6 +31,7 @@
 #include "map.h"
 #include "read.h"
 #include "request.h"
+#include "shrink.h"
 
 #define HEADER_READ_MAX (2u << 20)   /* the largest cluster holds the header */
 
@@ -460,4 +461,7 @@ void q2_get_stats (struct q2_image *img, struct q2_stats *s)
   s->refblocks_freed = img->alloc.refblocks_freed;
   s->truncations = img->truncations;
   s->bytes_truncated = img->bytes_truncated;
+  s->bytes_given_back = host_bytes_given_back (&img->m.hf);
+  if (shrink_used_end (img, &s->image_end_offset) < 0)
+    s->image_end_offset = 0;
 }

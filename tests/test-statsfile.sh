@@ -4,7 +4,8 @@
 # serves; a relative statsfile= lands where it was given, not in / where a
 # background nbdkit runs; and after a burst of trims (more than ten a
 # second, the rate the file is rewritten at) it ends up showing all of
-# them, with no flush and no further request.
+# them, with no flush and no further request.  Its gauges: what went back
+# to the host, each byte once, and where the image ends.
 set -eu
 : "${srcdir:=$(cd "$(dirname "$0")" && pwd)}"
 . "$srcdir/functions.sh"
@@ -95,7 +96,43 @@ background() {
     echo "ok: statsfile=$rel given in $run is written there by a background nbdkit"
 }
 
+# ---- what went back to the host, counted once; the image end offset ------------------
+# 1 MiB of junk past the last cluster: the image ends before the file does.
+# Trimming the last 2 MiB of data and flushing punches it and then cuts it
+# off: 2 MiB go back, though bytes_punched and bytes_truncated both count
+# them.  A 4 KiB trim done twice punches twice and gives back once.
+given_back() {
+    local g=$TMP/gauges.qcow2 stats=$TMP/gauges.stats end
+    qemu-img create -q -f qcow2 "$g" 64M
+    qemu-io -f qcow2 -c 'write -P 0x11 0 8M' "$g" >/dev/null
+    truncate -s +1M "$g"
+    end=$(qemu-img check --output=json "$g" | sed -n 's/.*"image-end-offset": \([0-9]*\).*/\1/p')
+    start_server "$sock" "$TMP/gauges.log" file="$g" statsfile="$stats" compact=off
+    [ "$(stat_of "$stats" image_end_offset)" = "$end" ] ||
+        fail "at open image_end_offset=$(stat_of "$stats" image_end_offset), qemu-img check says $end (file length $(stat -c %s "$g"))"
+    echo "ok: at open image_end_offset=$end, as qemu-img check says; file_length=$(stat_of "$stats" file_length)"
+    "$PYTHON" -m nbd -u "nbd+unix:///?socket=$sock" -c '
+h.trim(2 << 20, 6 << 20)
+h.flush()
+h.trim(4096, 1 << 20)
+h.trim(4096, 1 << 20)
+h.flush()
+'
+    local punched truncated back
+    punched=$(stat_of "$stats" bytes_punched) truncated=$(stat_of "$stats" bytes_truncated)
+    back=$(stat_of "$stats" bytes_given_back)
+    [ "$back" = $(((2 << 20) + 4096)) ] ||
+        { cat "$stats" >&2; fail "bytes_given_back=$back, want $(((2 << 20) + 4096)) (bytes_punched=$punched, bytes_truncated=$truncated)"; }
+    [ "$((punched + truncated))" -gt "$((back + (2 << 20)))" ] ||
+        { cat "$stats" >&2; fail "bytes_punched + bytes_truncated do not count the cut-off holes again: the case tests nothing"; }
+    [ "$(stat_of "$stats" image_end_offset)" = "$(stat -c %s "$g")" ] ||
+        { cat "$stats" >&2; fail "after the cut image_end_offset is not the file's length $(stat -c %s "$g")"; }
+    echo "ok: bytes_given_back=$back where bytes_punched=$punched and bytes_truncated=$truncated; image_end_offset=$(stat_of "$stats" image_end_offset)"
+    stop_server "$LAST_SERVER_PID"
+}
+
 run_case at_open
+run_case given_back
 run_case burst
 run_case background
 [ "$FAILED" -eq 0 ] || fail "$FAILED case(s) failed"
