@@ -91,12 +91,17 @@ static void format_stats (char *buf, size_t len)
             "\nfree_bytes_punched=%" PRIu64 "\npinned_bytes=%" PRIu64
             "\nfile_length=%" PRIu64 "\nhost_allocated=%" PRIu64
             "\ntarget_length=%" PRIu64 "\nbytes_given_back=%" PRIu64
-            "\nimage_end_offset=%" PRIu64 "\n",
+            "\nimage_end_offset=%" PRIu64 "\nbytes_trimmed=%" PRIu64
+            "\nnot_freed_snapshot=%" PRIu64 "\nnot_freed_backing=%" PRIu64
+            "\nnot_freed_small=%" PRIu64 "\nnot_freed_already_free=%" PRIu64
+            "\nnot_freed_compressed=%" PRIu64 "\n",
             s.bytes_punched, s.clusters_freed, s.l2_tables_freed,
             s.refblocks_freed, s.truncations, s.bytes_truncated,
             s.clusters_moved, s.bytes_moved, s.free_bytes_punched, s.pinned_bytes,
             s.file_length, s.host_allocated, s.target_length, s.bytes_given_back,
-            s.image_end_offset);
+            s.image_end_offset, s.bytes_trimmed, s.not_freed_snapshot,
+            s.not_freed_backing, s.not_freed_small, s.not_freed_already_free,
+            s.not_freed_compressed);
 }
 
 /* The counters go to statsfile=FILE, replaced whole (write, then rename),

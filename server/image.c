@@ -462,6 +462,12 @@ void q2_get_stats (struct q2_image *img, struct q2_stats *s)
   s->truncations = img->truncations;
   s->bytes_truncated = img->bytes_truncated;
   s->bytes_given_back = host_bytes_given_back (&img->m.hf);
+  s->bytes_trimmed = __atomic_load_n (&img->trims.asked, __ATOMIC_RELAXED);
+  s->not_freed_snapshot = __atomic_load_n (&img->trims.snapshot, __ATOMIC_RELAXED);
+  s->not_freed_backing = __atomic_load_n (&img->trims.backing, __ATOMIC_RELAXED);
+  s->not_freed_small = __atomic_load_n (&img->trims.small, __ATOMIC_RELAXED);
+  s->not_freed_already_free = __atomic_load_n (&img->trims.already_free, __ATOMIC_RELAXED);
+  s->not_freed_compressed = __atomic_load_n (&img->trims.compressed, __ATOMIC_RELAXED);
   if (shrink_used_end (img, &s->image_end_offset) < 0)
     s->image_end_offset = 0;
 }

@@ -5,7 +5,8 @@
 # background nbdkit runs; and after a burst of trims (more than ten a
 # second, the rate the file is rewritten at) it ends up showing all of
 # them, with no flush and no further request.  Its gauges: what went back
-# to the host, each byte once, and where the image ends.
+# to the host, each byte once, and where the image ends; and why trims gave
+# nothing back, by reason.
 set -eu
 : "${srcdir:=$(cd "$(dirname "$0")" && pwd)}"
 . "$srcdir/functions.sh"
@@ -131,7 +132,50 @@ h.flush()
     stop_server "$LAST_SERVER_PID"
 }
 
+# ---- why a trim gave nothing back ---------------------------------------------------
+# Each trim lands where one reason holds: clusters an internal snapshot
+# shares, 1 KiB inside an unshared cluster (less than a host block), space
+# never allocated, part of a compressed cluster, and (second image) space a
+# backing file shows through.
+reasons() {
+    local r=$TMP/reasons.qcow2 base=$TMP/base.qcow2 top=$TMP/top.qcow2
+    local stats=$TMP/reasons.stats log=$TMP/reasons.log k want got
+    qemu-img create -q -f qcow2 "$r" 64M
+    qemu-io -f qcow2 -c 'write -P 0x11 0 1M' -c 'write -c -P 0x33 5M 64k' "$r" >/dev/null
+    qemu-img snapshot -c S "$r"
+    qemu-io -f qcow2 -c 'write -P 0x22 2M 1M' "$r" >/dev/null
+    start_server "$sock" "$log" file="$r" statsfile="$stats" compact=off
+    "$PYTHON" -m nbd -u "nbd+unix:///?socket=$sock" -c '
+h.trim(1 << 20, 0)
+h.trim(1024, (2 << 20) + 512)
+h.trim(65536, 10 << 20)
+h.trim(4096, 5 << 20)
+h.flush()
+'
+    for k in bytes_trimmed=$(((1 << 20) + 1024 + 65536 + 4096)) not_freed_snapshot=$((1 << 20)) \
+             not_freed_small=1024 not_freed_already_free=65536 not_freed_compressed=4096 \
+             not_freed_backing=0; do
+        want=${k#*=} got=$(stat_of "$stats" "${k%%=*}")
+        [ "$got" = "$want" ] || { cat "$stats" >&2; fail "${k%%=*}=$got, want $want"; }
+    done
+    stop_server "$LAST_SERVER_PID"
+    grep -q 'reclaim totals: .* not_freed_snapshot=1048576 not_freed_backing=0 not_freed_small=1024' "$log" ||
+        { grep 'reclaim totals' "$log" >&2; fail "the totals line at exit does not give the reasons"; }
+    echo "ok: snapshot-shared, sub-4 KiB, unallocated and compressed trims counted by reason: $(grep -o 'bytes_trimmed=.*' "$log")"
+
+    qemu-img create -q -f qcow2 "$base" 64M
+    qemu-io -f qcow2 -c 'write -P 0x44 0 4M' "$base" >/dev/null
+    qemu-img create -q -f qcow2 -b "$base" -F qcow2 "$top"
+    start_server "$sock" "$TMP/top.log" file="$top" statsfile="$stats" compact=off
+    "$PYTHON" -m nbd -u "nbd+unix:///?socket=$sock" -c 'h.trim(1 << 20, 0); h.flush()'
+    got=$(stat_of "$stats" not_freed_backing)
+    [ "$got" = $((1 << 20)) ] || { cat "$stats" >&2; fail "over a backing file: not_freed_backing=$got, want $((1 << 20))"; }
+    stop_server "$LAST_SERVER_PID"
+    echo "ok: a trim where the backing file shows through: not_freed_backing=$got"
+}
+
 run_case at_open
+run_case reasons
 run_case given_back
 run_case burst
 run_case background
