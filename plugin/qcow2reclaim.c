@@ -4,6 +4,7 @@
  */
 #include <config.h>
 
+#include <ctype.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <pthread.h>
@@ -12,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <time.h>
 #include <unistd.h>
 #include <sys/stat.h>
@@ -285,6 +287,77 @@ static void q2r_unload (void)
   free (statsfile);
 }
 
+/* Sizes as nbdkit users write them: 65536, 64K, 64M, 64MiB, 1G, 1GiB
+ * (powers of 1024; nbdkit 1.32's own parser refuses MiB).
+ */
+static int parse_size (const char *key, const char *value, uint64_t *out)
+{
+  static const char units[] = "KMGTPE";
+  const char *u;
+  char *end;
+  uint64_t n, scale = 1;
+  size_t k;
+
+  errno = 0;
+  n = strtoull (value, &end, 10);
+  if (!isdigit ((unsigned char) value[0]) || errno)
+    goto bad;
+  if (*end) {
+    if (!(u = strchr (units, toupper ((unsigned char) *end))))
+      goto bad;
+    for (k = 0; k <= (size_t) (u - units); k++)
+      scale *= 1024;
+    end++;
+    if (end[0] == 'i' && end[1] == 'B')
+      end += 2;
+  }
+  if (*end)
+    goto bad;
+  if (n > INT64_MAX / scale) {
+    nbdkit_error ("%s=%s: too large", key, value);
+    return -1;
+  }
+  *out = n * scale;
+  return 0;
+bad:
+  nbdkit_error ("%s=%s: not a size (write bytes, or a number with K, M, G or T: "
+                "64M, 64MiB, 1G)", key, value);
+  return -1;
+}
+
+/* The words nbdkit takes for booleans, with the parameter named. */
+static int parse_bool (const char *key, const char *value, bool *out)
+{
+  static const char *const yes[] = { "1", "true", "t", "yes", "y", "on", NULL };
+  static const char *const no[] = { "0", "false", "f", "no", "n", "off", NULL };
+  size_t i;
+
+  for (i = 0; yes[i]; i++)
+    if (strcasecmp (value, yes[i]) == 0) {
+      *out = true;
+      return 0;
+    }
+  for (i = 0; no[i]; i++)
+    if (strcasecmp (value, no[i]) == 0) {
+      *out = false;
+      return 0;
+    }
+  nbdkit_error ("%s=%s: expected true or false", key, value);
+  return -1;
+}
+
+/* file= and backing= name files that must exist; resolved now, because
+ * nbdkit changes to / when it forks.
+ */
+static char *resolve_file (const char *key, const char *value)
+{
+  char *path = realpath (value, NULL);
+
+  if (!path)
+    nbdkit_error ("%s=%s: %m", key, value);
+  return path;
+}
+
 /* statsfile=FILE may not exist yet, but its folder must, and FILE must
  * not be a folder.  The folder is resolved now, as file= is: nbdkit
  * changes to / when it forks into the background.
@@ -319,31 +392,33 @@ static char *resolve_statsfile (const char *value)
 
 static int q2r_config (const char *key, const char *value)
 {
-  int r;
+  uint64_t n;
 
   if (strcmp (key, "file") == 0) {
     free (file);
-    if (!(file = nbdkit_realpath (value)))
+    if (!(file = resolve_file (key, value)))
       return -1;
   }
   else if (strcmp (key, "readonly") == 0) {
-    if ((r = nbdkit_parse_bool (value)) == -1)
+    if (parse_bool (key, value, &readonly) < 0)
       return -1;
-    readonly = r;
   }
   else if (strcmp (key, "backing") == 0) {
     free (backing);
     if (strcmp (value, "none") == 0)
       backing = strdup (value);
     else
-      backing = nbdkit_realpath (value);
+      backing = resolve_file (key, value);
     if (!backing)
       return -1;
   }
   else if (strcmp (key, "cache-size") == 0) {
-    int64_t n = nbdkit_parse_size (value);
-    if (n == -1)
+    if (parse_size (key, value, &n) < 0)
       return -1;
+    if (n > SIZE_MAX) {
+      nbdkit_error ("%s=%s: too large", key, value);
+      return -1;
+    }
     cache_size = n;
   }
   else if (strcmp (key, "detect-zeroes") == 0) {
@@ -367,8 +442,7 @@ static int q2r_config (const char *key, const char *value)
     }
   }
   else if (strcmp (key, "compact-rate") == 0) {
-    int64_t n = nbdkit_parse_size (value);
-    if (n == -1)
+    if (parse_size (key, value, &n) < 0)
       return -1;
     if (n < 65536) {
       nbdkit_error ("compact-rate=%s: at least 64K (bytes moved a second)", value);
@@ -429,6 +503,7 @@ static int q2r_config_complete (void)
   "                      below and cut the file, in the background, when it is\n" \
   "                      more than 10% + 1 MiB longer than its data (default auto).\n" \
   "compact-rate=<SIZE>   Bytes a second compaction may move (default 64M).\n" \
+  "                      Sizes: bytes, or with K, M, G, T: 64M, 64MiB, 1G.\n" \
   "statsfile=<FILE>      Keep reclaim counters in FILE (written at open and\n" \
   "                      after each flush, trim, zero and compaction pass;\n" \
   "                      also logged when nbdkit exits).  Its folder must exist."

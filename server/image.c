@@ -192,7 +192,11 @@ static int image_open (const struct q2_options *o, int depth,
   img->discard = o->discard;
   img->detect_zeroes = o->detect_zeroes;
   if ((r = host_open (&m->hf, o->file, o->readonly)) < 0) {
-    log_error ("%s: cannot open: %s", o->file, strerror (-r));
+    if (above)
+      log_error ("%s: cannot open its backing file %s: %s", above->name, o->file,
+                 strerror (-r));
+    else
+      log_error ("%s: cannot open the image: %s", o->file, strerror (-r));
     goto fail;
   }
   m->lay.name = m->hf.name;
