@@ -390,10 +390,36 @@ static char *resolve_statsfile (const char *value)
   return path;
 }
 
+/* A parameter given twice is a mistake (two images, two cache sizes),
+ * not a choice of the last one: it is refused.
+ */
+static const char *const parameters[] = {
+  "file", "readonly", "backing", "cache-size", "discard", "detect-zeroes",
+  "compact", "compact-rate", "statsfile",
+};
+static bool given[sizeof parameters / sizeof *parameters];
+
+static int given_once (const char *key, const char *value)
+{
+  size_t i;
+
+  for (i = 0; i < sizeof parameters / sizeof *parameters; i++)
+    if (strcmp (key, parameters[i]) == 0) {
+      if (given[i]) {
+        nbdkit_error ("%s=%s: %s= is given twice; give it once", key, value, key);
+        return -1;
+      }
+      given[i] = true;
+    }
+  return 0;
+}
+
 static int q2r_config (const char *key, const char *value)
 {
   uint64_t n;
 
+  if (given_once (key, value) < 0)
+    return -1;
   if (strcmp (key, "file") == 0) {
     free (file);
     if (!(file = resolve_file (key, value)))

@@ -219,6 +219,12 @@ run_case expect_refused "cache-size too large" file="$TMP/good.qcow2" \
 run_case expect_refused "readonly not a boolean" file="$TMP/good.qcow2" readonly=maybe \
     -- "readonly=maybe: expected true or false"
 
+# Given twice, the last one would win without a word.
+run_case expect_refused "file= given twice" file="$TMP/good.qcow2" file="$TMP/raw.img" \
+    -- "file=$TMP/raw.img: file= is given twice"
+run_case expect_refused "cache-size= given twice" file="$TMP/good.qcow2" cache-size=8M \
+    cache-size=64M -- "cache-size=64M: cache-size= is given twice"
+
 # Sizes as users type them: nbdkit 1.32's own parser refuses 64MiB.
 run_case expect_serves "sizes 64M, 64MiB, 1G" file="$TMP/good.qcow2" cache-size=64MiB \
     compact-rate=1G
