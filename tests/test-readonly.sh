@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: BSD-3-Clause
+# nbdkit -r opens the image read-only, as nbdkit's file plugin does: an
+# image no one may write (chattr +i: not even root) is served and reads
+# back, however -r is spelled and wherever it stands on nbdkit's command
+# line; and a readable, writable image served with -r takes only the
+# shared lock, so qemu-img info can open it meanwhile.  An -r that is the
+# value of another option (-e -r) is not read as -r.
+set -eu
+: "${srcdir:=$(cd "$(dirname "$0")" && pwd)}"
+. "$srcdir/functions.sh"
+
+requires nbdkit --version
+requires qemu-img --version
+requires qemu-io --version
+requires "$PYTHON" -c 'import nbd'
+
+img=$TMP/immutable.qcow2 plain=$TMP/plain.qcow2
+qemu-img create -q -f qcow2 "$img" 16M
+qemu-io -f qcow2 -c 'write -P 0x5a 0 64k' "$img" >/dev/null
+cp "$img" "$plain"
+: >"$TMP/probe"
+chattr +i "$TMP/probe" 2>/dev/null ||
+    skip "chattr +i does not work on $TMP's filesystem"
+chattr -i "$TMP/probe"
+# Before anything else, so that the cleanup can remove the file.
+cleanup_fn chattr -i "$img"
+chattr +i "$img"
+sum=$(md5sum <"$img")
+
+sock=$TMP/nbd.sock log=$TMP/server.log
+
+# serves DESCRIPTION IMAGE NBDKIT-ARGS...: nbdkit with these arguments
+# (the plugin among them) serves the image, and its first sector reads back.
+serves() {
+    local desc=$1 image=$2; shift 2
+    rm -f "$sock"
+    nbdkit -f -U "$sock" "$@" >"$log" 2>&1 &
+    track_server $! "$sock" "$log" nbdkit
+    "$PYTHON" -m nbd -u "nbd+unix:///?socket=$sock" -c '
+import sys
+sys.exit(0 if h.pread(512, 0) == b"\x5a" * 512 and h.is_read_only() else 1)
+' || { stop_server "$LAST_SERVER_PID"; cat "$log" >&2; fail "$desc: the first sector did not read back read-only"; }
+}
+
+for form in "-r PLUGIN" "--readonly PLUGIN" "--read-only PLUGIN" "--read PLUGIN" \
+            "-vr PLUGIN" "PLUGIN -r" "-t 4 -r PLUGIN"; do
+    args=()
+    for w in $form; do
+        [ "$w" = PLUGIN ] && args+=("$PLUGIN" file="$img") || args+=("$w")
+    done
+    serves "nbdkit $form, immutable image" "$img" "${args[@]}"
+    stop_server "$LAST_SERVER_PID"
+    echo "ok: nbdkit ${form/PLUGIN/plugin file=IMAGE} serves an immutable image"
+done
+[ "$(md5sum <"$img")" = "$sum" ] || fail "the immutable image changed"
+
+# The shared lock: qemu-img info opens an image only a reader holds.
+serves "nbdkit -r, plain image" "$plain" -r "$PLUGIN" file="$plain"
+out=$(qemu-img info "$plain" 2>&1) ||
+    { stop_server "$LAST_SERVER_PID"; echo "$out" >&2; fail "qemu-img info cannot open an image nbdkit -r serves"; }
+stop_server "$LAST_SERVER_PID"
+echo "ok: while nbdkit -r serves an image, qemu-img info opens it"
+
+# -e takes the next word as its value: that -r is an export name.
+rm -f "$sock"
+if timeout 20 nbdkit -f -U "$sock" -e -r "$PLUGIN" file="$img" >"$log" 2>&1; then
+    fail "nbdkit -e -r served an immutable image, so it was opened read-only"
+fi
+grep -q "Operation not permitted" "$log" ||
+    { cat "$log" >&2; fail "nbdkit -e -r: the refusal does not say the image cannot be written"; }
+echo "ok: nbdkit -e -r (an export name) still opens for writing: $(grep -m1 'not permitted' "$log")"
