@@ -6,6 +6,7 @@
 
 #include <ctype.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -665,6 +666,24 @@ static bool nbdkit_readonly (void)
   return ro;
 }
 
+/* An image this process may read but not write is served read-only with
+ * one more word: said here, where the words are known.
+ */
+static int check_writable (void)
+{
+  int fd = open (file, O_RDWR | O_CLOEXEC);
+
+  if (fd >= 0) {
+    close (fd);
+    return 0;
+  }
+  if (errno != EACCES && errno != EPERM && errno != EROFS)
+    return 0;               /* the engine's open says what it is */
+  nbdkit_error ("file=%s: cannot open it for writing: %m; to serve it "
+                "read-only, add readonly=true (or run nbdkit -r)", file);
+  return -1;
+}
+
 /* The image is opened before nbdkit forks so that a refusal stops nbdkit
  * with a message before it serves anything.
  */
@@ -678,6 +697,8 @@ static int q2r_get_ready (void)
   };
   int r;
 
+  if (!o.readonly && check_writable () < 0)
+    return -1;
   if (q2_open (&o, &image) < 0)
     return -1;
   /* Written now, so it exists from the start and a file that cannot be

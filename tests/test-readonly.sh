@@ -5,7 +5,9 @@
 # back, however -r is spelled and wherever it stands on nbdkit's command
 # line; and a readable, writable image served with -r takes only the
 # shared lock, so qemu-img info can open it meanwhile.  An -r that is the
-# value of another option (-e -r) is not read as -r.
+# value of another option (-e -r) is not read as -r.  Without -r, an image
+# the server cannot write (immutable; or a mode that keeps its user out) is
+# refused with the way to serve it: readonly=true.
 set -eu
 : "${srcdir:=$(cd "$(dirname "$0")" && pwd)}"
 . "$srcdir/functions.sh"
@@ -14,6 +16,7 @@ requires nbdkit --version
 requires qemu-img --version
 requires qemu-io --version
 requires "$PYTHON" -c 'import nbd'
+requires setpriv --reuid=65534 --regid=65534 --clear-groups true
 
 img=$TMP/immutable.qcow2 plain=$TMP/plain.qcow2
 qemu-img create -q -f qcow2 "$img" 16M
@@ -62,11 +65,37 @@ out=$(qemu-img info "$plain" 2>&1) ||
 stop_server "$LAST_SERVER_PID"
 echo "ok: while nbdkit -r serves an image, qemu-img info opens it"
 
-# -e takes the next word as its value: that -r is an export name.
-rm -f "$sock"
-if timeout 20 nbdkit -f -U "$sock" -e -r "$PLUGIN" file="$img" >"$log" 2>&1; then
-    fail "nbdkit -e -r served an immutable image, so it was opened read-only"
-fi
-grep -q "Operation not permitted" "$log" ||
-    { cat "$log" >&2; fail "nbdkit -e -r: the refusal does not say the image cannot be written"; }
-echo "ok: nbdkit -e -r (an export name) still opens for writing: $(grep -m1 'not permitted' "$log")"
+# refused DESCRIPTION PHRASE NBDKIT-ARGS...: nbdkit exits without serving,
+# saying PHRASE.
+refused() {
+    local desc=$1 phrase=$2; shift 2
+    rm -f "$sock"
+    if timeout 20 "$@" >"$log" 2>&1; then
+        fail "$desc: served the image"
+    fi
+    grep -qF -- "$phrase" "$log" ||
+        { cat "$log" >&2; fail "$desc: the refusal does not say \"$phrase\""; }
+    echo "ok: $desc: $(grep -m1 -F -- "$phrase" "$log")"
+}
+
+# -e takes the next word as its value: that -r is an export name.  And an
+# image that cannot be written is refused with the way to serve it anyway.
+refused "nbdkit -e -r (an export name), immutable image" \
+    "file=$img: cannot open it for writing: Operation not permitted; to serve it read-only, add readonly=true" \
+    nbdkit -f -U "$sock" -e -r "$PLUGIN" file="$img"
+
+# Not writable by the user nbdkit runs as (root passes every mode bit).
+# That user gets a copy of the plugin: the build tree may be closed to it.
+chmod 0711 "$TMP"
+mkdir -m 0755 "$TMP/nobody"
+mkdir -m 0777 "$TMP/nobody/run"
+cp "$PLUGIN" "$TMP/nobody/plugin.so"
+cp "$plain" "$TMP/nobody/root-only.qcow2"
+chmod 0644 "$TMP/nobody/root-only.qcow2" "$TMP/nobody/plugin.so"
+# Under valgrind, that user's server writes its report there too.
+[ -z "${VALGRIND:-}" ] || chmod 1777 "$VG_LOGS"
+sock=$TMP/nobody/run/nbd.sock
+refused "an image the server's user cannot write" \
+    "file=$TMP/nobody/root-only.qcow2: cannot open it for writing: Permission denied; to serve it read-only, add readonly=true" \
+    setpriv --reuid=65534 --regid=65534 --clear-groups \
+    nbdkit -f -U "$sock" "$TMP/nobody/plugin.so" file="$TMP/nobody/root-only.qcow2"
