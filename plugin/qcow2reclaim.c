@@ -516,7 +516,8 @@ static int q2r_config_complete (void)
   "                      same); also allows images marked corrupt or dirty\n" \
   "                      to be read.\n" \
   "backing=<FILE>|none   Use FILE as the backing file instead of the one the\n" \
-  "                      image names; none refuses images with a backing file.\n" \
+  "                      image names (which it must name); none refuses images\n" \
+  "                      with a backing file.\n" \
   "cache-size=<SIZE>     Bytes of L2 tables and refcount blocks kept in memory\n" \
   "                      (default 32M: 256 GiB of disk at 64 KiB clusters stays\n" \
   "                      cached; larger disks work, re-reading tables).\n" \

@@ -149,7 +149,9 @@ static int build_overlap (struct q2_image *img)
 }
 
 /* backing=none refuses images that need a backing file; backing=FILE
- * replaces the one the header names.
+ * replaces the one the header names, and an image that names none has
+ * nothing to replace: FILE showing through its unallocated clusters,
+ * where they read zeros, would be a mistake taken for data.
  */
 static int open_backing (struct q2_image *img, const struct backing_chain *chain,
                          const char *override, const char *name, const char *fmt,
@@ -160,6 +162,11 @@ static int open_backing (struct q2_image *img, const struct backing_chain *chain
       return 0;
     log_error ("%s: the image has a backing file (%s), and backing=none refuses to "
                "follow it", img->m.lay.name, name);
+    return -EINVAL;
+  }
+  if (override && !name) {
+    log_error ("%s: the image has no backing file, so backing=%s has none to "
+               "replace", img->m.lay.name, override);
     return -EINVAL;
   }
   if (override)

@@ -203,6 +203,9 @@ new_image -b "$TMP/base.qcow2" -F qcow2 "$TMP/overlay.qcow2"
 run_case expect_refused "backing file with backing=none" file="$TMP/overlay.qcow2" backing=none \
     -- "backing file"
 
+run_case expect_refused "backing= on an image without a backing file" file="$TMP/good.qcow2" \
+    backing="$TMP/base.qcow2" -- "good.qcow2: the image has no backing file, so backing=$TMP/base.qcow2"
+
 new_image "$TMP/gone-base-q2r.qcow2" 16M
 new_image -b "$TMP/gone-base-q2r.qcow2" -F qcow2 "$TMP/orphan.qcow2"
 rm "$TMP/gone-base-q2r.qcow2"
