@@ -11,8 +11,7 @@
 #include "refcount.h"
 #include "shrink.h"
 
-/* The end of the last cluster still in use. */
-static int used_end (struct q2_image *img, uint64_t *end)
+int shrink_used_end (struct q2_image *img, uint64_t *end)
 {
   struct meta *m = &img->m;
   uint64_t idx = m->reftable.size, last, off;
@@ -42,7 +41,7 @@ int shrink_truncate (struct q2_image *img)
   int r;
 
   assert (mutex_held (&m->lock));
-  if ((r = used_end (img, &end)) < 0 || (r = host_size (&m->hf, &size)) < 0)
+  if ((r = shrink_used_end (img, &end)) < 0 || (r = host_size (&m->hf, &size)) < 0)
     return r;
   if (end >= size)
     return 0;
