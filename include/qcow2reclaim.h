@@ -107,6 +107,20 @@ struct q2_stats {
   uint64_t bytes_moved;
   uint64_t free_bytes_punched;  /* host space of free clusters given back */
   uint64_t pinned_bytes;        /* past the target, and unable to move */
+  /* Host bytes that held data and were punched or cut off, each once
+   * (bytes_punched and bytes_truncated can both count a byte, and a punch
+   * of a hole counts in bytes_punched again).
+   */
+  uint64_t bytes_given_back;
+  /* Bytes trims (and write-zeroes that may trim) asked for, and those of
+   * them that gave nothing back, by reason.
+   */
+  uint64_t bytes_trimmed;
+  uint64_t not_freed_snapshot;  /* shared with an internal snapshot */
+  uint64_t not_freed_backing;   /* unallocated over a backing file */
+  uint64_t not_freed_small;     /* parts of host blocks (4 KiB) */
+  uint64_t not_freed_already_free;
+  uint64_t not_freed_compressed;  /* parts of compressed clusters */
   /* Gauges, as of the call. */
   uint64_t file_length;
   uint64_t host_allocated;      /* bytes the host file takes on disk */

@@ -17,6 +17,7 @@
 #include <nbdkit-plugin.h>
 
 #include "exports.h"
+#include "statsfile.h"
 
 enum { OPENING, OPEN, CLOSING };
 
@@ -57,6 +58,11 @@ static int check_dirs (void)
   if (stat (statsdir, &st) < 0 || !S_ISDIR (st.st_mode)) {
     nbdkit_error ("statsfile=%s: with dir=, statsfile names a folder for one "
                   "NAME.stats file per image, and this is not a folder", statsdir);
+    return -1;
+  }
+  if (access (statsdir, W_OK | X_OK) < 0) {
+    nbdkit_error ("statsfile=%s: the folder for the stats files cannot be "
+                  "written: %m", statsdir);
     return -1;
   }
   if (strcmp (statsdir, dir) == 0) {
@@ -165,7 +171,7 @@ static void export_free (struct export *e)
 {
   free (e->name);
   free (e->path);
-  free (e->statsfile);
+  statsfile_free (e->stats);
   free (e);
 }
 
@@ -184,7 +190,12 @@ static struct export *export_new (const char *name, char *path)
     return NULL;
   }
   e->path = path;
-  e->statsfile = stats;
+  if (stats && !(e->stats = statsfile_new (stats))) {
+    free (stats);
+    export_free (e);
+    return NULL;
+  }
+  free (stats);
   e->refs = 1;
   e->state = OPENING;
   return e;
@@ -241,8 +252,28 @@ static void unlink_export (struct export *e)
   *pp = e->next;
 }
 
+/* As with file=, an image that cannot be written is refused with the way
+ * out; here only its connection is.
+ */
+static int check_writable (struct export *e)
+{
+  int fd = open (e->path, O_RDWR | O_CLOEXEC);
+
+  if (fd >= 0) {
+    close (fd);
+    return 0;
+  }
+  if (errno != EACCES && errno != EPERM && errno != EROFS)
+    return 0;               /* the engine's open says what it is */
+  nbdkit_error ("dir=%s: export '%s': cannot open it for writing: %m; to serve "
+                "it read-only, add readonly=true (or run nbdkit -r)", dir, e->name);
+  return -1;
+}
+
 /* Opened after nbdkit forked (a connection is there), so what the engine
- * starts after a fork starts at once.
+ * starts after a fork starts at once.  Its stats file is written now, as
+ * file= writes its own at start; the server is serving other images by
+ * then, so a file that cannot be written is said and the image served.
  */
 static int open_image (struct export *e)
 {
@@ -250,6 +281,8 @@ static int open_image (struct export *e)
 
   o.file = e->path;
   o.compact_opaque = e;
+  if (!o.readonly && check_writable (e) < 0)
+    return -1;
   if (q2_open (&o, &e->img) < 0)
     return -1;
   if (q2_after_fork (e->img) < 0) {
@@ -257,6 +290,8 @@ static int open_image (struct export *e)
     e->img = NULL;
     return -1;
   }
+  if (e->stats)
+    statsfile_attach (e->stats, e->img, false);
   nbdkit_debug ("%s: opened for export '%s'", e->path, e->name);
   return 0;
 }
@@ -306,13 +341,17 @@ struct export *exports_get (const char *name)
   return e;
 }
 
-/* The last write-back goes first, so that the counters handed to retire
- * are final; closing releases the image's lock.
+/* The last write-back goes first, so that the counters written and
+ * handed to retire are final; the stats file is detached before the
+ * close, so that its writer thread never reads a closed image.  Closing
+ * releases the image's lock.
  */
 static void close_image (struct export *e)
 {
   if (!q2_readonly (e->img))
     q2_flush (e->img);
+  if (e->stats)
+    statsfile_detach (e->stats);
   retire (e);
   if (q2_close (e->img) < 0)
     nbdkit_error ("%s: metadata could not be written back when its last "

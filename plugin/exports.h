@@ -8,7 +8,6 @@
 #define Q2R_EXPORTS_H
 
 #include <stdbool.h>
-#include <time.h>
 
 #include "qcow2reclaim.h"
 
@@ -20,8 +19,7 @@ struct nbdkit_exports;
 struct export {
   char *name;                 /* the export name: a file name in the folder */
   char *path;                 /* DIR/name */
-  char *statsfile;            /* STATSDIR/name.stats, or NULL */
-  struct timespec stats_last; /* the plugin's statsfile lock guards it */
+  struct statsfile *stats;    /* STATSDIR/name.stats, or NULL */
   struct q2_image *img;
 
   /* The registry's (exports.c), under its lock. */
@@ -31,14 +29,15 @@ struct export {
 };
 
 /* Called with an image's final counters, after its last write-back and
- * before it is closed.
+ * its stats file's last write, before it is closed.
  */
 typedef void (*exports_retire_fn) (struct export *e);
 
 /* dir and statsdir (NULL: no stats files) are full paths; opts is copied,
  * and its file and compact_opaque are set per image (the latter to the
- * export).  Checks that both folders are there, creating statsdir (one
- * level) if it is not.
+ * export; readonly includes nbdkit -r).  Checks that both folders are
+ * there, creating statsdir (one level) if it is not, and that statsdir
+ * can be written.
  */
 int exports_init (const char *dir, const char *statsdir,
                   const struct q2_options *opts, exports_retire_fn retire);

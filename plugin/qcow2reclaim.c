@@ -4,20 +4,24 @@
  */
 #include <config.h>
 
+#include <ctype.h>
 #include <errno.h>
-#include <inttypes.h>
+#include <fcntl.h>
 #include <pthread.h>
+#include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
+#include <strings.h>
+#include <unistd.h>
 
 #define NBDKIT_API_VERSION 2
 #include <nbdkit-plugin.h>
 
 #include "qcow2reclaim.h"
 #include "exports.h"
+#include "statsfile.h"
 
 static char *file;
 static char *dir;
@@ -32,10 +36,11 @@ static enum q2_compact_mode compact = Q2_COMPACT_AUTO;
 static uint64_t compact_rate;
 
 /* file=: one image for all connections: one metadata cache, so
- * multi-conn is safe.  dir= opens one per image (exports.h).
+ * multi-conn is safe, and its stats file.  dir= opens one per image
+ * (exports.h), each with its own stats file.
  */
 static struct q2_image *image;
-static struct timespec stats_last;
+static struct statsfile *stats;
 
 /* Per connection: its image, and whether it was told that snapshots keep
  * discarded space.
@@ -52,12 +57,29 @@ static pthread_mutex_t handles_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct handle *handles;
 static void q2r_close (void *h);
 
+/* nbdkit 1.32 has no notice level: nbdkit_debug is only written with -v,
+ * and stderr is /dev/null once nbdkit forks into the background.  What
+ * reaches nbdkit's log wherever it goes (stderr, syslog, the journal) is
+ * nbdkit_error, so notices go through it, marked as notices.
+ */
+static void notice (const char *fmt, ...) __attribute__ ((format (printf, 1, 2)));
+static void notice (const char *fmt, ...)
+{
+  char msg[4096];
+  va_list ap;
+
+  va_start (ap, fmt);
+  vsnprintf (msg, sizeof msg, fmt, ap);
+  va_end (ap);
+  nbdkit_error ("notice: %s", msg);
+}
+
 static void logger (int level, const char *msg)
 {
   if (level == 0)
     nbdkit_error ("%s", msg);
   else if (level == 1)
-    fprintf (stderr, "nbdkit: qcow2reclaim: %s\n", msg);
+    notice ("%s", msg);
   else
     nbdkit_debug ("%s", msg);
 }
@@ -67,90 +89,23 @@ static void q2r_load (void)
   q2_set_logger (logger);
 }
 
-/* An image on a block device (issue #13): where it ends, and the size
- * lvreduce may take the volume down to once the server has stopped.
- */
-static void format_device_stats (const struct q2_stats *s, char *buf, size_t len)
+/* The totals line: the stats file's lines on one. */
+static void log_totals (struct q2_image *img)
 {
-  size_t n = strlen (buf);
+  char buf[2048], *p;
 
-  snprintf (buf + n, len - n, "image_end_offset=%" PRIu64 "\n", s->image_end_offset);
-  n = strlen (buf);
-  if (s->device_size)
-    snprintf (buf + n, len - n, "device_size=%" PRIu64 "\nlvreduce_size=%" PRIu64 "\n",
-              s->device_size, s->lvreduce_size);
-}
-
-static void format_stats (struct q2_image *img, char *buf, size_t len)
-{
-  struct q2_stats s;
-
-  q2_get_stats (img, &s);
-  snprintf (buf, len,
-            "bytes_punched=%" PRIu64 "\nclusters_freed=%" PRIu64
-            "\nl2_tables_freed=%" PRIu64 "\nrefcount_blocks_freed=%" PRIu64
-            "\ntruncations=%" PRIu64 "\nbytes_truncated=%" PRIu64
-            "\nclusters_moved=%" PRIu64 "\nbytes_moved=%" PRIu64
-            "\nfree_bytes_punched=%" PRIu64 "\npinned_bytes=%" PRIu64
-            "\nfile_length=%" PRIu64 "\nhost_allocated=%" PRIu64
-            "\ntarget_length=%" PRIu64 "\n",
-            s.bytes_punched, s.clusters_freed, s.l2_tables_freed,
-            s.refblocks_freed, s.truncations, s.bytes_truncated,
-            s.clusters_moved, s.bytes_moved, s.free_bytes_punched, s.pinned_bytes,
-            s.file_length, s.host_allocated, s.target_length);
-  format_device_stats (&s, buf, len);
-}
-
-/* The counters go to statsfile=FILE, replaced whole (write, then rename),
- * so readers never see half.  Flush and exit always write it; a stream of
- * small TRIMs (fstrim sends thousands) rewrites it at most ten times a
- * second.  With dir=, each image has its own file and its own *last.
- */
-static void write_statsfile (struct q2_image *img, const char *statsfile,
-                             struct timespec *last, bool always)
-{
-  static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
-  struct timespec now;
-  char buf[1024], tmp[4096];
-  FILE *f;
-
-  if (!statsfile || !img)
-    return;
-  clock_gettime (CLOCK_MONOTONIC, &now);
-  pthread_mutex_lock (&lock);
-  if (!always && (now.tv_sec - last->tv_sec) * 1000000000L + now.tv_nsec - last->tv_nsec
-      < 100000000L) {
-    pthread_mutex_unlock (&lock);
-    return;
-  }
-  *last = now;
-  format_stats (img, buf, sizeof buf);
-  snprintf (tmp, sizeof tmp, "%s.tmp", statsfile);
-  if ((f = fopen (tmp, "we")) != NULL) {
-    fputs (buf, f);
-    if (fclose (f) == 0)
-      rename (tmp, statsfile);
-  }
-  pthread_mutex_unlock (&lock);
-}
-
-static void log_totals (struct q2_image *img, const char *statsfile,
-                        struct timespec *last)
-{
-  char buf[1024], *p;
-
-  write_statsfile (img, statsfile, last, true);
-  format_stats (img, buf, sizeof buf);
+  statsfile_format (img, buf, sizeof buf);
   for (p = buf; (p = strchr (p, '\n')) != NULL; )
     *p = p[1] ? ' ' : '\0';
-  fprintf (stderr, "nbdkit: qcow2reclaim: %s: reclaim totals: %s\n",
-           q2_file_name (img), buf);
+  notice ("%s: reclaim totals: %s", q2_file_name (img), buf);
 }
 
-/* dir=: an image's last connection ended. */
+/* dir=: an image's last connection ended; its stats file had its last
+ * write.
+ */
 static void retire_export (struct export *e)
 {
-  log_totals (e->img, e->statsfile, &e->stats_last);
+  log_totals (e->img);
 }
 
 /* The final write-back may free more, so the totals are taken after it.
@@ -158,10 +113,13 @@ static void retire_export (struct export *e)
  */
 static void q2r_unload (void)
 {
+  statsfile_stop ();
   if (image) {
     if (!q2_readonly (image))
       q2_flush (image);
-    log_totals (image, statsfile, &stats_last);
+    if (stats)
+      statsfile_detach (stats);
+    log_totals (image);
     if (q2_close (image) < 0)
       nbdkit_error ("%s: metadata could not be written back on exit", file);
     image = NULL;
@@ -169,6 +127,7 @@ static void q2r_unload (void)
   while (handles)
     q2r_close (handles);
   exports_free ();
+  statsfile_free (stats);
   free (file);
   free (dir);
   free (backing);
@@ -176,31 +135,127 @@ static void q2r_unload (void)
   free (statsfile);
 }
 
+/* Sizes as nbdkit users write them: 65536, 64K, 64M, 64MiB, 1G, 1GiB
+ * (powers of 1024; nbdkit 1.32's own parser refuses MiB).
+ */
+static int parse_size (const char *key, const char *value, uint64_t *out)
+{
+  static const char units[] = "KMGTPE";
+  const char *u;
+  char *end;
+  uint64_t n, scale = 1;
+  size_t k;
+
+  errno = 0;
+  n = strtoull (value, &end, 10);
+  if (!isdigit ((unsigned char) value[0]) || errno)
+    goto bad;
+  if (*end) {
+    if (!(u = strchr (units, toupper ((unsigned char) *end))))
+      goto bad;
+    for (k = 0; k <= (size_t) (u - units); k++)
+      scale *= 1024;
+    end++;
+    if (end[0] == 'i' && end[1] == 'B')
+      end += 2;
+  }
+  if (*end)
+    goto bad;
+  if (n > INT64_MAX / scale) {
+    nbdkit_error ("%s=%s: too large", key, value);
+    return -1;
+  }
+  *out = n * scale;
+  return 0;
+bad:
+  nbdkit_error ("%s=%s: not a size (write bytes, or a number with K, M, G or T: "
+                "64M, 64MiB, 1G)", key, value);
+  return -1;
+}
+
+/* The words nbdkit takes for booleans, with the parameter named. */
+static int parse_bool (const char *key, const char *value, bool *out)
+{
+  static const char *const yes[] = { "1", "true", "t", "yes", "y", "on", NULL };
+  static const char *const no[] = { "0", "false", "f", "no", "n", "off", NULL };
+  size_t i;
+
+  for (i = 0; yes[i]; i++)
+    if (strcasecmp (value, yes[i]) == 0) {
+      *out = true;
+      return 0;
+    }
+  for (i = 0; no[i]; i++)
+    if (strcasecmp (value, no[i]) == 0) {
+      *out = false;
+      return 0;
+    }
+  nbdkit_error ("%s=%s: expected true or false", key, value);
+  return -1;
+}
+
+/* file= and backing= name files that must exist; resolved now, because
+ * nbdkit changes to / when it forks.
+ */
+static char *resolve_file (const char *key, const char *value)
+{
+  char *path = realpath (value, NULL);
+
+  if (!path)
+    nbdkit_error ("%s=%s: %m", key, value);
+  return path;
+}
+
+/* A parameter given twice is a mistake (two images, two cache sizes),
+ * not a choice of the last one: it is refused.
+ */
+static const char *const parameters[] = {
+  "file", "dir", "readonly", "backing", "cache-size", "discard", "detect-zeroes",
+  "compact", "compact-rate", "statsfile",
+};
+static bool given[sizeof parameters / sizeof *parameters];
+
+static int given_once (const char *key, const char *value)
+{
+  size_t i;
+
+  for (i = 0; i < sizeof parameters / sizeof *parameters; i++)
+    if (strcmp (key, parameters[i]) == 0) {
+      if (given[i]) {
+        nbdkit_error ("%s=%s: %s= is given twice; give it once", key, value, key);
+        return -1;
+      }
+      given[i] = true;
+    }
+  return 0;
+}
+
 static int q2r_config (const char *key, const char *value)
 {
-  int r;
+  uint64_t n;
 
+  if (given_once (key, value) < 0)
+    return -1;
   if (strcmp (key, "file") == 0) {
     free (file);
-    if (!(file = nbdkit_realpath (value)))
+    if (!(file = resolve_file (key, value)))
       return -1;
   }
   else if (strcmp (key, "dir") == 0) {
     free (dir);
-    if (!(dir = nbdkit_realpath (value)))
+    if (!(dir = resolve_file (key, value)))
       return -1;
   }
   else if (strcmp (key, "readonly") == 0) {
-    if ((r = nbdkit_parse_bool (value)) == -1)
+    if (parse_bool (key, value, &readonly) < 0)
       return -1;
-    readonly = r;
   }
   else if (strcmp (key, "backing") == 0) {
     free (backing);
     if (strcmp (value, "none") == 0)
       backing = strdup (value);
     else
-      backing = nbdkit_realpath (value);
+      backing = resolve_file (key, value);
     if (!backing)
       return -1;
   }
@@ -210,9 +265,12 @@ static int q2r_config (const char *key, const char *value)
       return -1;
   }
   else if (strcmp (key, "cache-size") == 0) {
-    int64_t n = nbdkit_parse_size (value);
-    if (n == -1)
+    if (parse_size (key, value, &n) < 0)
       return -1;
+    if (n > SIZE_MAX) {
+      nbdkit_error ("%s=%s: too large", key, value);
+      return -1;
+    }
     cache_size = n;
   }
   else if (strcmp (key, "detect-zeroes") == 0) {
@@ -236,8 +294,7 @@ static int q2r_config (const char *key, const char *value)
     }
   }
   else if (strcmp (key, "compact-rate") == 0) {
-    int64_t n = nbdkit_parse_size (value);
-    if (n == -1)
+    if (parse_size (key, value, &n) < 0)
       return -1;
     if (n < 65536) {
       nbdkit_error ("compact-rate=%s: at least 64K (bytes moved a second)", value);
@@ -247,8 +304,10 @@ static int q2r_config (const char *key, const char *value)
   }
   else if (strcmp (key, "statsfile") == 0) {
     free (statsfile);
-    if (!(statsfile = strdup (value)))
+    if (!(statsfile = strdup (value))) {
+      nbdkit_error ("strdup: %m");
       return -1;
+    }
   }
   else if (strcmp (key, "discard") == 0) {
     if (strcmp (value, "punch") == 0)
@@ -266,6 +325,26 @@ static int q2r_config (const char *key, const char *value)
     nbdkit_error ("unknown parameter '%s' (see nbdkit qcow2reclaim --help)", key);
     return -1;
   }
+  return 0;
+}
+
+/* statsfile= is a file, or with dir= a folder: resolved once both are
+ * known, still before nbdkit forks and changes to /.
+ */
+static int resolve_statsfile (void)
+{
+  char *path;
+
+  if (!statsfile)
+    return 0;
+  if (dir)
+    path = statsfile_resolve_folder (statsfile);
+  else
+    path = statsfile_resolve (statsfile);
+  if (!path)
+    return -1;
+  free (statsfile);
+  statsfile = path;
   return 0;
 }
 
@@ -292,7 +371,7 @@ static int q2r_config_complete (void)
                   "own external data file", data_file);
     return -1;
   }
-  return 0;
+  return resolve_statsfile ();
 }
 
 #define q2r_config_help \
@@ -300,10 +379,12 @@ static int q2r_config_complete (void)
   "dir=<DIR>             Serve the images in DIR, chosen by export name:\n" \
   "                      each is opened on its first connection and closed\n" \
   "                      when its last one ends.\n" \
-  "readonly=true|false   Serve read-only (default false); also allows images\n" \
-  "                      marked corrupt or dirty to be read.\n" \
+  "readonly=true|false   Serve read-only (default false; nbdkit -r does the\n" \
+  "                      same); also allows images marked corrupt or dirty\n" \
+  "                      to be read.\n" \
   "backing=<FILE>|none   Use FILE as the backing file instead of the one the\n" \
-  "                      image names; none refuses images with a backing file.\n" \
+  "                      image names (which it must name); none refuses images\n" \
+  "                      with a backing file.\n" \
   "data-file=<FILE>      Use FILE as the external data file instead of the one\n" \
   "                      the image names.\n" \
   "cache-size=<SIZE>     Bytes of L2 tables and refcount blocks kept in memory\n" \
@@ -320,10 +401,12 @@ static int q2r_config_complete (void)
   "                      below and cut the file, in the background, when it is\n" \
   "                      more than 10% + 1 MiB longer than its data (default auto).\n" \
   "compact-rate=<SIZE>   Bytes a second compaction may move (default 64M).\n" \
-  "statsfile=<FILE>      Keep reclaim counters in FILE (rewritten after each\n" \
-  "                      flush, trim, zero and compaction pass; also logged\n" \
-  "                      when nbdkit exits).  With dir=, FILE is a folder\n" \
-  "                      holding NAME.stats for each image."
+  "                      Sizes: bytes, or with K, M, G, T: 64M, 64MiB, 1G.\n" \
+  "statsfile=<FILE>      Keep reclaim counters in FILE (written at open and\n" \
+  "                      after each flush, trim, zero and compaction pass;\n" \
+  "                      also logged when nbdkit exits).  Its folder must exist.\n" \
+  "                      With dir=, FILE is a folder holding NAME.stats for\n" \
+  "                      each image (created if its parent exists)."
 
 /* Compaction moves and cuts with no request to write the stats file:
  * the worker says so, a window at a time (rate-limited like trims) and
@@ -333,20 +416,175 @@ static void compacted (void *opaque, bool pass_end)
 {
   struct export *e = opaque;
 
-  if (e)
-    write_statsfile (e->img, e->statsfile, &e->stats_last, pass_end);
-  else
-    write_statsfile (image, statsfile, &stats_last, pass_end);
+  statsfile_update (e ? e->stats : stats, pass_end);
 }
 
-/* The image is opened before nbdkit forks so that a refusal stops nbdkit
- * with a message before it serves anything.  dir= opens its images as
- * their connections come.
+/* nbdkit's own -r (--readonly, --read-only), read from its command line
+ * as its getopt_long reads it: options anywhere before "--" (the plugin's
+ * key=value words are not options), short ones in clusters, long ones by
+ * prefix.  nbdkit 1.32 tells plugins of -r only in .open, per connection,
+ * after the image is opened (q2r_get_ready), and has no call to ask.
  */
+static const char short_with_arg[] = "DegipPtuU";
+static const struct nbdkit_option {
+  const char *name;
+  bool arg, ro;
+} nbdkit_options[] = {
+#define FLAG(name) { name, false, false }
+#define WITH_ARG(name) { name, true, false }
+#define READONLY(name) { name, false, true }
+  FLAG ("ipv4-only"), FLAG ("ipv6-only"), WITH_ARG ("debug"), FLAG ("dump-config"),
+  FLAG ("dump-plugin"), FLAG ("exit-with-parent"), WITH_ARG ("export"),
+  WITH_ARG ("export-name"), WITH_ARG ("exportname"), WITH_ARG ("filter"),
+  FLAG ("foreground"), FLAG ("no-fork"), WITH_ARG ("group"), FLAG ("help"),
+  WITH_ARG ("ip-addr"), WITH_ARG ("ipaddr"), WITH_ARG ("log"), FLAG ("long-options"),
+  WITH_ARG ("mask-handshake"), FLAG ("new-style"), FLAG ("newstyle"), FLAG ("no-sr"),
+  FLAG ("old-style"), FLAG ("oldstyle"), WITH_ARG ("pid-file"), WITH_ARG ("pidfile"),
+  WITH_ARG ("port"), READONLY ("read-only"), READONLY ("readonly"), WITH_ARG ("run"),
+  WITH_ARG ("selinux-label"), FLAG ("short-options"), FLAG ("single"), FLAG ("stdin"),
+  FLAG ("swap"), WITH_ARG ("threads"), WITH_ARG ("tls"), WITH_ARG ("tls-certificates"),
+  WITH_ARG ("tls-psk"), FLAG ("tls-verify-peer"), WITH_ARG ("unix"), WITH_ARG ("user"),
+  FLAG ("verbose"), FLAG ("version"), FLAG ("vsock"),
+#undef FLAG
+#undef WITH_ARG
+#undef READONLY
+};
+
+/* The option --name[=value] stands for: an exact name, or a prefix whose
+ * names all behave alike (getopt_long's rule); NULL otherwise.
+ */
+static const struct nbdkit_option *long_option (const char *name, size_t len)
+{
+  const struct nbdkit_option *found = NULL;
+  size_t i;
+
+  for (i = 0; i < sizeof nbdkit_options / sizeof *nbdkit_options; i++) {
+    const struct nbdkit_option *o = &nbdkit_options[i];
+    if (strncmp (o->name, name, len) != 0)
+      continue;
+    if (strlen (o->name) == len)
+      return o;
+    if (found && (found->arg != o->arg || found->ro != o->ro))
+      return NULL;
+    found = o;
+  }
+  return found;
+}
+
+/* args: argc NUL-terminated words, one after the other. */
+static bool args_say_readonly (const char *args, size_t argc)
+{
+  const struct nbdkit_option *o;
+  bool ro = false, skip = true;   /* argv[0] */
+  const char *p;
+  size_t len;
+
+  for (; argc > 0; argc--, args += strlen (args) + 1) {
+    if (skip) {
+      skip = false;
+      continue;
+    }
+    if (strcmp (args, "--") == 0)
+      break;
+    if (args[0] != '-' || args[1] == '\0')
+      continue;
+    if (args[1] == '-') {
+      len = strcspn (args + 2, "=");
+      if ((o = long_option (args + 2, len)) != NULL) {
+        ro |= o->ro;
+        skip = o->arg && args[2 + len] != '=';
+      }
+      continue;
+    }
+    for (p = args + 1; *p; p++) {
+      if (*p == 'r')
+        ro = true;
+      else if (strchr (short_with_arg, *p)) {
+        skip = !p[1];
+        break;
+      }
+    }
+  }
+  return ro;
+}
+
+static bool nbdkit_readonly (void)
+{
+  FILE *f = fopen ("/proc/self/cmdline", "re");
+  char *buf = NULL, *nb;
+  size_t cap = 0, len = 0, n, argc = 0, i;
+  bool ro;
+
+  if (!f) {
+    nbdkit_debug ("/proc/self/cmdline: %m; nbdkit -r cannot be seen");
+    return false;
+  }
+  do {
+    if (len == cap) {
+      if (!(nb = realloc (buf, cap = cap ? cap * 2 : 4096))) {
+        free (buf);
+        fclose (f);
+        return false;
+      }
+      buf = nb;
+    }
+    n = fread (buf + len, 1, cap - len, f);
+    len += n;
+  } while (n > 0);
+  fclose (f);
+  buf[len] = '\0';             /* fread stopped short of cap */
+  for (i = 0; i < len; i++)
+    argc += buf[i] == '\0';
+  ro = args_say_readonly (buf, argc);
+  free (buf);
+  return ro;
+}
+
+/* An image this process may read but not write is served read-only with
+ * one more word: said here, where the words are known.
+ */
+static int check_writable (void)
+{
+  int fd = open (file, O_RDWR | O_CLOEXEC);
+
+  if (fd >= 0) {
+    close (fd);
+    return 0;
+  }
+  if (errno != EACCES && errno != EPERM && errno != EROFS)
+    return 0;               /* the engine's open says what it is */
+  nbdkit_error ("file=%s: cannot open it for writing: %m; to serve it "
+                "read-only, add readonly=true (or run nbdkit -r)", file);
+  return -1;
+}
+
+/* Opened before nbdkit forks so that a refusal stops nbdkit with a
+ * message before it serves anything.  The stats file is written now too,
+ * so it exists from the start and one that cannot be written is refused
+ * at once.  dir= checks its folders now and opens its images as their
+ * connections come.
+ */
+static int open_file (struct q2_options *o)
+{
+  if (!o->readonly && check_writable () < 0)
+    return -1;
+  if (statsfile && !(stats = statsfile_new (statsfile)))
+    return -1;
+  if (q2_open (o, &image) < 0)
+    return -1;
+  if (stats && statsfile_attach (stats, image, true) < 0) {
+    q2_close (image);
+    image = NULL;
+    return -1;
+  }
+  return 0;
+}
+
 static int q2r_get_ready (void)
 {
   struct q2_options o = {
-    .file = file, .readonly = readonly, .backing = backing, .data_file = data_file,
+    .file = file, .readonly = readonly || nbdkit_readonly (), .backing = backing,
+    .data_file = data_file,
     .cache_size = cache_size, .discard = discard, .detect_zeroes = detect_zeroes,
     .compact = compact, .compact_rate = compact_rate,
     .compact_notify = compacted,
@@ -354,11 +592,14 @@ static int q2r_get_ready (void)
 
   if (dir)
     return exports_init (dir, statsfile, &o, retire_export);
-  return q2_open (&o, &image) < 0 ? -1 : 0;
+  return open_file (&o);
 }
 
 static int q2r_after_fork (void)
 {
+  /* The writer thread first: the compaction worker may ask it for a write. */
+  if (statsfile && statsfile_start () < 0)
+    return -1;
   return image && q2_after_fork (image) < 0 ? -1 : 0;
 }
 
@@ -384,6 +625,12 @@ static void *q2r_open (int ro)
     }
     h->img = h->ex->img;
   }
+  /* nbdkit keeps clients from writing either way; this only means the
+   * command line was read wrong, and the image holds the writer's lock.
+   */
+  if (ro && !q2_readonly (h->img))
+    nbdkit_debug ("%s: nbdkit -r was not seen on its command line; the image "
+                  "is open for writing", q2_file_name (h->img));
   pthread_mutex_lock (&handles_lock);
   h->next = handles;
   if (handles)
@@ -474,10 +721,7 @@ static int q2r_pwrite (void *h, const void *buf, uint32_t count, uint64_t offset
 
 static void handle_stats (struct handle *h, bool always)
 {
-  if (h->ex)
-    write_statsfile (h->img, h->ex->statsfile, &h->ex->stats_last, always);
-  else
-    write_statsfile (h->img, statsfile, &stats_last, always);
+  statsfile_update (h->ex ? h->ex->stats : stats, always);
 }
 
 static int q2r_flush (void *h, uint32_t flags)
@@ -493,9 +737,9 @@ static int reclaimed (struct handle *h, int r)
 {
   if (r == 1 && !h->snapshot_notice_given) {
     h->snapshot_notice_given = true;
-    fprintf (stderr, "nbdkit: qcow2reclaim: %s: internal snapshots share some of "
-             "the discarded clusters; their space stays allocated until the "
-             "snapshots are deleted\n", q2_file_name (h->img));
+    notice ("%s: internal snapshots share some of the discarded clusters; their "
+            "space stays allocated until the snapshots are deleted",
+            q2_file_name (h->img));
   }
   handle_stats (h, false);
   return ret (r);

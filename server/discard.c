@@ -43,6 +43,7 @@ struct reclaim {
   bool apply_frees;           /* zeroes written by copy-on-write left many frees */
   uint64_t punch_start, punch_len;
   uint64_t l1_pending;        /* L2 table to check for emptiness */
+  struct trim_counts counts;  /* this request's, added to the image's at its end */
   /* Clusters whose entries are gone but whose punch may still be queued:
    * they are handed to the deferred frees only after every punch of the
    * request ran, or a flush could free them, a write reuse them, and the
@@ -68,6 +69,25 @@ static void release_data (struct q2_image *img, uint64_t offset, uint64_t len)
   if ((r = host_zero (img->data, offset, len)) < 0)
     log_error ("%s: cannot zero offset 0x%" PRIx64 " of the raw data file, which now "
                "differs from the image there: %s", img->data->name, offset, strerror (-r));
+}
+
+/* Bytes of a trim that give nothing back, and why: counted only where
+ * space was asked for (a trim, or write-zeroes that may trim).
+ */
+static void not_freed (struct reclaim *rc, uint64_t *reason, uint64_t len)
+{
+  if (rc->release)
+    *reason += len;
+}
+
+static void counts_add (struct trim_counts *to, const struct trim_counts *c)
+{
+  __atomic_add_fetch (&to->asked, c->asked, __ATOMIC_RELAXED);
+  __atomic_add_fetch (&to->snapshot, c->snapshot, __ATOMIC_RELAXED);
+  __atomic_add_fetch (&to->backing, c->backing, __ATOMIC_RELAXED);
+  __atomic_add_fetch (&to->small, c->small, __ATOMIC_RELAXED);
+  __atomic_add_fetch (&to->already_free, c->already_free, __ATOMIC_RELAXED);
+  __atomic_add_fetch (&to->compressed, c->compressed, __ATOMIC_RELAXED);
 }
 
 /* Adjacent punches of one request become one fallocate call. */
@@ -151,8 +171,11 @@ static int whole_owned (struct reclaim *rc, uint64_t guest, const struct mapping
     punch_add (rc, host, cs);
     return set_entry (img, guest, m->entry, e, false, false);
   }
-  if (m->kind == MAP_ZERO_ALLOC)
+  if (m->kind == MAP_ZERO_ALLOC) {
+    /* discard=keep punched it when it got the zero flag. */
+    not_freed (rc, &rc->counts.already_free, cs);
     return 0;
+  }
   if (rc->release) {
     /* keep mode, or a v2 image over a backing file: the hole reads zeros. */
     punch_add (rc, host, cs);
@@ -170,8 +193,10 @@ static int whole_shared (struct reclaim *rc, uint64_t guest, const struct mappin
 {
   uint64_t e;
 
-  if (m->kind != MAP_COMPRESSED)
+  if (m->kind != MAP_COMPRESSED) {
     rc->shared_seen = true;
+    not_freed (rc, &rc->counts.snapshot, rc->img->m.lay.cluster_size);
+  }
   if (!zero_entry (rc->img, &e))
     return rc->op == OP_ZERO ? write_zeros (rc, guest, rc->img->m.lay.cluster_size) : 0;
   return set_entry (rc->img, guest, m->entry, e, true, false);
@@ -183,13 +208,17 @@ static int whole_cluster (struct reclaim *rc, uint64_t guest, const struct mappi
 
   switch (m->kind) {
   case MAP_ZERO_PLAIN:
+    not_freed (rc, &rc->counts.already_free, rc->img->m.lay.cluster_size);
     return 0;
   case MAP_UNALLOC:
     /* Over a backing file, discarded clusters read zeros too (v3), as in
      * QEMU: a guest that trimmed expects its old data gone.
      */
-    if (!rc->img->backing)
+    if (!rc->img->backing) {
+      not_freed (rc, &rc->counts.already_free, rc->img->m.lay.cluster_size);
       return 0;
+    }
+    not_freed (rc, &rc->counts.backing, rc->img->m.lay.cluster_size);
     if (zero_entry (rc->img, &e))
       return set_entry (rc->img, guest, 0, e, false, false);
     return rc->op == OP_ZERO ? write_zeros (rc, guest, rc->img->m.lay.cluster_size) : 0;
@@ -219,12 +248,11 @@ static int partial_owned (struct reclaim *rc, uint64_t guest, uint64_t len,
   if (!rc->release)
     r = host_zero (img->data, h, len);
   else {
+    not_freed (rc, &rc->counts.small, start < end ? len - (end - start) : len);
     /* A TRIM needs no zeros now: the punch can wait for the worker, which
      * also looks at the cluster afterwards (discard_if_hole).  Each read
-     * or write of the range runs it first.
-     */
-    /* Punches into a data file are not deferred: the queue and its worker
-     * serve the image's own file.
+     * or write of the range runs it first.  Not into a data file: the
+     * queue and its worker serve the image's own file.
      */
     if (rc->op == OP_DISCARD && start < end && !rc->keep && !lay->data_file &&
         host_release_later (&img->m.hf, start, end - start, guest - layout_in_cluster (lay, guest)))
@@ -262,15 +290,19 @@ static int partial_cluster (struct reclaim *rc, uint64_t guest, uint64_t len,
   switch (m->kind) {
   case MAP_ZERO_PLAIN:
   case MAP_ZERO_ALLOC:
+    not_freed (rc, &rc->counts.already_free, len);
     return 0;
   case MAP_UNALLOC:
+    not_freed (rc, rc->img->backing ? &rc->counts.backing : &rc->counts.already_free, len);
     return rc->op == OP_ZERO && rc->img->backing ? write_zeros (rc, guest, len) : 0;
   case MAP_NORMAL:
     if (m->copied || rc->img->m.lay.data_file)
       return partial_owned (rc, guest, len, m);
     rc->shared_seen = true;
-    /* fall through */
+    not_freed (rc, &rc->counts.snapshot, len);
+    return rc->op == OP_ZERO ? write_zeros (rc, guest, len) : 0;
   case MAP_COMPRESSED:
+    not_freed (rc, &rc->counts.compressed, len);
     return rc->op == OP_ZERO ? write_zeros (rc, guest, len) : 0;
   }
   return -EIO;
@@ -359,6 +391,8 @@ static int reclaim_range (struct q2_image *img, uint64_t count, uint64_t offset,
     return r;
   rc->img = img;
   rc->l1_pending = UINT64_MAX;
+  if (rc->release)
+    rc->counts.asked = count;
   request_lock (img, &h, count, offset, true);
   while (count > 0 && r == 0) {
     uint64_t in = layout_in_cluster (lay, offset);
@@ -373,6 +407,8 @@ static int reclaim_range (struct q2_image *img, uint64_t count, uint64_t offset,
       if ((r = cluster_map_locked (img, offset, count, &m)) < 0)
         break;
       len = m.bytes;
+      not_freed (rc, m.kind == MAP_ZERO_PLAIN || !img->backing ? &rc->counts.already_free
+                 : &rc->counts.backing, len);
     }
     else {
       if ((r = check_l2 (rc, offset >> l1_shift)) < 0)
@@ -387,6 +423,7 @@ static int reclaim_range (struct q2_image *img, uint64_t count, uint64_t offset,
   }
   r = reclaim_end (rc, r);
   request_unlock (img, &h);
+  counts_add (&img->trims, &rc->counts);
   return r;
 }
 

@@ -25,6 +25,18 @@ struct backing;
 struct compact;
 struct copied;
 
+/* What trims (and write-zeroes that may trim) asked for, and the bytes of
+ * it that gave nothing back, by reason (discard.c decides them).
+ */
+struct trim_counts {
+  uint64_t asked;
+  uint64_t snapshot;          /* shared with an internal snapshot */
+  uint64_t backing;           /* unallocated over a backing file: nothing of ours */
+  uint64_t small;             /* parts of host blocks, at the edges of a partial trim */
+  uint64_t already_free;      /* unallocated, or already reading zeros */
+  uint64_t compressed;        /* parts of compressed clusters */
+};
+
 struct q2_image {
   struct meta m;
   /* Where guest clusters live: the image's own file (&m.hf), or the
@@ -49,6 +61,7 @@ struct q2_image {
   uint64_t l2_tables_freed;
   uint64_t truncations;
   uint64_t bytes_truncated;
+  struct trim_counts trims;   /* atomics: added to at the end of each request */
 };
 
 #endif

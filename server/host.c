@@ -387,12 +387,39 @@ static int punch_raw (struct hostfile *hf, uint64_t offset, uint64_t len)
   return 0;
 }
 
+/* Bytes of [offset, offset + len) that hold data, for the count of what
+ * went back to the host.  Plain lseek, outside the test hooks: counting is
+ * not I/O a fault should hit.  A host that cannot tell counts it all.
+ */
+static uint64_t data_bytes (struct hostfile *hf, uint64_t offset, uint64_t len)
+{
+  uint64_t end = offset + len, n = 0;
+  off_t d, h;
+
+  if (offset > INT64_MAX || end > INT64_MAX)
+    return len;
+  while (offset < end) {
+    if ((d = lseek (hf->fd, (off_t) offset, SEEK_DATA)) == (off_t) -1)
+      return errno == ENXIO ? n : n + end - offset;
+    if ((uint64_t) d >= end)
+      break;
+    if ((h = lseek (hf->fd, d, SEEK_HOLE)) == (off_t) -1 || h <= d)
+      return n + end - d;
+    h = (uint64_t) h < end ? h : (off_t) end;
+    n += h - d;
+    offset = h;
+  }
+  return n;
+}
+
 static void release_raw (struct hostfile *hf, uint64_t offset, uint64_t len)
 {
+  uint64_t data;
   int r;
 
   if (len == 0 || !host_can_punch (hf))
     return;
+  data = data_bytes (hf, offset, len);
   r = punch_raw (hf, offset, len);
   if (r == -EOPNOTSUPP) {
     /* Said by the first thread to find out, once. */
@@ -406,8 +433,10 @@ static void release_raw (struct hostfile *hf, uint64_t offset, uint64_t len)
   else if (r < 0)
     log_error ("%s: cannot punch host range 0x%" PRIx64 "+%" PRIu64 ": %s",
                hf->name, offset, len, strerror (-r));
-  else
+  else {
     __atomic_add_fetch (&hf->bytes_released, len, __ATOMIC_RELAXED);
+    __atomic_add_fetch (&hf->bytes_given_back, data, __ATOMIC_RELAXED);
+  }
 }
 
 /* Runs the deferred punches over a range before anything else touches
@@ -497,6 +526,11 @@ uint64_t host_bytes_released (const struct hostfile *hf)
   return __atomic_load_n (&hf->bytes_released, __ATOMIC_RELAXED);
 }
 
+uint64_t host_bytes_given_back (const struct hostfile *hf)
+{
+  return __atomic_load_n (&hf->bytes_given_back, __ATOMIC_RELAXED);
+}
+
 /* Zeroes a range, keeping it allocated where the filesystem can. */
 int host_zero (struct hostfile *hf, uint64_t offset, uint64_t len)
 {
@@ -535,8 +569,13 @@ static int device_cut (struct hostfile *hf, uint64_t size)
   return 0;
 }
 
+/* What a cut gives back is the data past the new end: its holes were
+ * counted when they were punched.
+ */
 int host_truncate (struct hostfile *hf, uint64_t size)
 {
+  uint64_t old, data = 0;
+
   SETTLE (hf, size, UINT64_MAX);
   FAULT (hf, HOP_TRUNCATE);
   if (hf->device) {
@@ -544,8 +583,13 @@ int host_truncate (struct hostfile *hf, uint64_t size)
     if (r < 0)
       return r;
   }
-  else if (ftruncate (hf->fd, size) == -1)
-    return -errno;
+  else {
+    if (host_size (hf, &old) == 0 && old > size)
+      data = data_bytes (hf, size, old - size);
+    if (ftruncate (hf->fd, size) == -1)
+      return -errno;
+  }
+  __atomic_add_fetch (&hf->bytes_given_back, data, __ATOMIC_RELAXED);
   RECORD (hf, HOP_TRUNCATE, NULL, size, 0);
   return 0;
 }

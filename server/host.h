@@ -6,7 +6,8 @@
  *
  * Giving space back (host_release) carries the punch policy: a filesystem
  * that cannot punch holes is said once and then left alone, and the bytes
- * given back are counted.
+ * punched are counted, and apart those of them that held data: what the
+ * host really got back.
  */
 #ifndef Q2_HOST_H
 #define Q2_HOST_H
@@ -49,6 +50,11 @@ struct hostfile {
   uint64_t sync_needed;       /* the number that covers every completed change */
   bool punch_unsupported;     /* the filesystem said EOPNOTSUPP to a punch */
   uint64_t bytes_released;    /* bytes host_release turned into holes */
+  /* Bytes that held data and became holes or were cut off: each byte
+   * once, where a range punched and then cut counts in both of the
+   * others.
+   */
+  uint64_t bytes_given_back;
   struct punchq pq;           /* deferred punches (punchq.h) */
   /* A block device (an LVM volume, an iSCSI LUN, a loop device) has no
    * length of its own, and the layers above reason about one (where new
@@ -103,10 +109,12 @@ size_t host_release_queued (struct hostfile *hf);
 /* Until every queued punch has been taken and finished. */
 void host_release_wait (struct hostfile *hf);
 uint64_t host_bytes_released (const struct hostfile *hf);
+uint64_t host_bytes_given_back (const struct hostfile *hf);
 /* Zeroes a range, keeping it allocated where the filesystem can. */
 int host_zero (struct hostfile *hf, uint64_t offset, uint64_t len);
-/* On a device nothing is cut: the end moves, and the range between the
- * new end and the old is discarded.  Past the device's size: ENOSPC.
+/* Counts the data past size as given back.  On a device nothing is cut:
+ * the end moves, and the range between the new end and the old is
+ * discarded.  Past the device's size: ENOSPC.
  */
 int host_truncate (struct hostfile *hf, uint64_t size);
 int host_sync (struct hostfile *hf);

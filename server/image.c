@@ -200,7 +200,9 @@ static int open_data_file (struct q2_image *img, const struct q2_options *o,
 }
 
 /* backing=none refuses images that need a backing file; backing=FILE
- * replaces the one the header names.
+ * replaces the one the header names, and an image that names none has
+ * nothing to replace: FILE showing through its unallocated clusters,
+ * where they read zeros, would be a mistake taken for data.
  */
 static int open_backing (struct q2_image *img, const struct backing_chain *chain,
                          const char *override, const char *name, const char *fmt,
@@ -211,6 +213,11 @@ static int open_backing (struct q2_image *img, const struct backing_chain *chain
       return 0;
     log_error ("%s: the image has a backing file (%s), and backing=none refuses to "
                "follow it", img->m.lay.name, name);
+    return -EINVAL;
+  }
+  if (override && !name) {
+    log_error ("%s: the image has no backing file, so backing=%s has none to "
+               "replace", img->m.lay.name, override);
     return -EINVAL;
   }
   if (override)
@@ -262,7 +269,11 @@ static int image_open (const struct q2_options *o, int depth,
   img->discard = o->discard;
   img->detect_zeroes = o->detect_zeroes;
   if ((r = host_open (&m->hf, o->file, o->readonly)) < 0) {
-    log_error ("%s: cannot open: %s", o->file, strerror (-r));
+    if (above)
+      log_error ("%s: cannot open its backing file %s: %s", above->name, o->file,
+                 strerror (-r));
+    else
+      log_error ("%s: cannot open the image: %s", o->file, strerror (-r));
     goto fail;
   }
   m->lay.name = m->hf.name;
@@ -563,6 +574,13 @@ void q2_get_stats (struct q2_image *img, struct q2_stats *s)
   s->refblocks_freed = img->alloc.refblocks_freed;
   s->truncations = img->truncations;
   s->bytes_truncated = img->bytes_truncated;
+  s->bytes_given_back = host_bytes_given_back (&img->m.hf);
+  s->bytes_trimmed = __atomic_load_n (&img->trims.asked, __ATOMIC_RELAXED);
+  s->not_freed_snapshot = __atomic_load_n (&img->trims.snapshot, __ATOMIC_RELAXED);
+  s->not_freed_backing = __atomic_load_n (&img->trims.backing, __ATOMIC_RELAXED);
+  s->not_freed_small = __atomic_load_n (&img->trims.small, __ATOMIC_RELAXED);
+  s->not_freed_already_free = __atomic_load_n (&img->trims.already_free, __ATOMIC_RELAXED);
+  s->not_freed_compressed = __atomic_load_n (&img->trims.compressed, __ATOMIC_RELAXED);
   if (shrink_used_end (img, &s->image_end_offset) < 0)
     s->image_end_offset = 0;
   device_stats (img, s);

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: BSD-3-Clause
 # Images the plugin must refuse before it serves anything: opening them
-# read-write (or at all) would either return wrong data or damage them.  Each
+# read-write (or at all) would either return wrong data or damage them;
+# and parameters it cannot honour.  Each
 # refusal must say why in words a user can act on, and must leave the image
 # untouched.  The corrupt and dirty bits only forbid writing, so those images
 # must still be readable with readonly=true.
@@ -88,6 +89,22 @@ sys.exit(0 if b == bytes([$byte]) * 512 else 1)
     echo "ok: $desc: served read-only, first sector correct, image unchanged"
 }
 
+# expect_serves DESCRIPTION NBDKIT-PARAMS...: the parameters are taken, and
+# the image served (the first sector of good.qcow2 reads back).
+expect_serves() {
+    local desc=$1 sock=$TMP/serves.sock log=$TMP/serves.log; shift
+    start_server "$sock" "$log" "$@"
+    if ! timeout 20 "$PYTHON" -m nbd -u "nbd+unix:///?socket=$sock" -c "
+import sys
+sys.exit(0 if h.pread(512, 0) == bytes([0x5a]) * 512 else 1)
+"; then
+        stop_server "$LAST_SERVER_PID"
+        cat "$log" >&2
+        fail "$desc: reading the first sector failed or returned wrong data"
+    fi
+    stop_server "$LAST_SERVER_PID"
+    echo "ok: $desc: served with $*"
+}
 
 # A small qcow2 with a known first sector, the base of the patched cases.
 new_image() {
@@ -142,9 +159,13 @@ cp "$TMP/datafile.qcow2" "$TMP/datasnap.qcow2"
 "$PYTHON" "$PATCH" set-header "$TMP/datasnap.qcow2" nb_snapshots 1
 run_case expect_refused "external data file with a snapshot" file="$TMP/datasnap.qcow2" \
     -- "internal snapshots and an external data file"
-new_image -o data_file="$TMP/extraw.raw",data_file_raw=on "$TMP/dataraw.qcow2" 16M
-run_case expect_refused "raw data file with backing=" file="$TMP/dataraw.qcow2" \
-    backing="$TMP/good.qcow2" -- "data_file_raw" "backing file"
+# qemu-img creates no such image: a data file with a backing file, then
+# the data_file_raw bit (autoclear bit 1) set by hand.
+qemu-img create -q -f qcow2 -o data_file="$TMP/extraw.raw" -b "$TMP/good.qcow2" -F qcow2 \
+    "$TMP/dataraw.qcow2" 16M
+"$PYTHON" "$PATCH" set-bit "$TMP/dataraw.qcow2" autoclear_features 1
+run_case expect_refused "raw data file with a backing file" file="$TMP/dataraw.qcow2" \
+    -- "data_file_raw" "backing file"
 mv "$TMP/ext.raw" "$TMP/ext-moved.raw"
 run_case expect_refused "external data file missing" file="$TMP/datafile.qcow2" \
     -- "cannot open its external data file"
@@ -188,16 +209,59 @@ dd if="$TMP/trunc-rt.qcow2" of="$TMP/trunc-rt.qcow2" bs="$csize" conv=notrunc st
 run_case expect_refused "file truncated inside the refcount table" file="$TMP/trunc-rt.qcow2" -- "truncated"
 
 # --- Files that are not there ---------------------------------------------------
-run_case expect_refused "missing image file" file="$TMP/no-such-image.qcow2" -- "no-such-image.qcow2"
+run_case expect_refused "missing image file" file="$TMP/no-such-image.qcow2" \
+    -- "file=$TMP/no-such-image.qcow2: No such file"
+run_case expect_refused "missing backing= file" file="$TMP/good.qcow2" \
+    backing="$TMP/no-such-backing.qcow2" -- "backing=$TMP/no-such-backing.qcow2: No such file"
 
 new_image "$TMP/base.qcow2" 16M
 new_image -b "$TMP/base.qcow2" -F qcow2 "$TMP/overlay.qcow2"
 run_case expect_refused "backing file with backing=none" file="$TMP/overlay.qcow2" backing=none \
     -- "backing file"
 
+run_case expect_refused "backing= on an image without a backing file" file="$TMP/good.qcow2" \
+    backing="$TMP/base.qcow2" -- "good.qcow2: the image has no backing file, so backing=$TMP/base.qcow2"
+
 new_image "$TMP/gone-base-q2r.qcow2" 16M
 new_image -b "$TMP/gone-base-q2r.qcow2" -F qcow2 "$TMP/orphan.qcow2"
 rm "$TMP/gone-base-q2r.qcow2"
-run_case expect_refused "missing backing file" file="$TMP/orphan.qcow2" -- "gone-base-q2r.qcow2"
+run_case expect_refused "missing backing file" file="$TMP/orphan.qcow2" \
+    -- "orphan.qcow2: cannot open its backing file $TMP/gone-base-q2r.qcow2: No such file"
+
+# --- Parameter values, each named in its refusal -------------------------------
+run_case expect_refused "cache-size not a size" file="$TMP/good.qcow2" cache-size=abc \
+    -- "cache-size=abc: not a size"
+run_case expect_refused "compact-rate with an unknown suffix" file="$TMP/good.qcow2" \
+    compact-rate=1X -- "compact-rate=1X: not a size"
+run_case expect_refused "cache-size too large" file="$TMP/good.qcow2" \
+    cache-size=99999999999999E -- "cache-size=99999999999999E: too large"
+run_case expect_refused "readonly not a boolean" file="$TMP/good.qcow2" readonly=maybe \
+    -- "readonly=maybe: expected true or false"
+
+# Given twice, the last one would win without a word.
+run_case expect_refused "file= given twice" file="$TMP/good.qcow2" file="$TMP/raw.img" \
+    -- "file=$TMP/raw.img: file= is given twice"
+mkdir "$TMP/images"
+run_case expect_refused "dir= given twice" dir="$TMP/images" dir="$TMP" \
+    -- "dir=$TMP: dir= is given twice"
+run_case expect_refused "cache-size= given twice" file="$TMP/good.qcow2" cache-size=8M \
+    cache-size=64M -- "cache-size=64M: cache-size= is given twice"
+
+# Sizes as users type them: nbdkit 1.32's own parser refuses 64MiB.
+run_case expect_serves "sizes 64M, 64MiB, 1G" file="$TMP/good.qcow2" cache-size=64MiB \
+    compact-rate=1G
+run_case expect_serves "sizes 1GiB, 64M" file="$TMP/good.qcow2" cache-size=64M \
+    compact-rate=1GiB
+
+# --- statsfile= that cannot be written ------------------------------------------
+# Refused at start, with the parameter named, instead of a server whose
+# counters never appear.
+mkdir "$TMP/stats-folder"
+run_case expect_refused "statsfile in a missing folder" file="$TMP/good.qcow2" \
+    statsfile="$TMP/no-such-folder/disk.stats" -- "statsfile=" "no-such-folder"
+run_case expect_refused "statsfile naming a folder" file="$TMP/good.qcow2" \
+    statsfile="$TMP/stats-folder" -- "statsfile=" "folder"
+run_case expect_refused "statsfile under a file" file="$TMP/good.qcow2" \
+    statsfile="$TMP/good.qcow2/disk.stats" -- "statsfile=" "not a folder"
 
 [ "$FAILED" -eq 0 ] || fail "$FAILED case(s) failed"
