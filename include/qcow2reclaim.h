@@ -41,6 +41,10 @@ enum q2_compact_mode {
 struct q2_options {
   const char *file;
   bool readonly;
+  /* Read-only, without taking the image lock (qemu-img's -U): another
+   * program may be writing the image, so what is read may be stale.
+   */
+  bool force_share;
   const char *backing;      /* NULL: the image's own; "none": refuse backing files */
   size_t cache_size;        /* bytes of L2 tables and refcount blocks to keep, 0 = default */
   enum q2_discard_mode discard;

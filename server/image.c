@@ -48,10 +48,10 @@ void q2_set_logger (q2_log_fn fn)
 }
 
 /* A qcow2 backing file is an image of its own, opened read-only. */
-static int backing_qcow2_open (const char *path, int depth,
+static int backing_qcow2_open (const char *path, int depth, bool force_share,
                                const struct backing_chain *chain, void **handle)
 {
-  struct q2_options o = { .file = path, .readonly = true,
+  struct q2_options o = { .file = path, .readonly = true, .force_share = force_share,
                           .cache_size = Q2_DEFAULT_CACHE_SIZE / 4 };
   struct q2_image *img;
   int r = image_open (&o, depth, chain, &img);
@@ -151,7 +151,7 @@ static int build_overlap (struct q2_image *img)
  */
 static int open_backing (struct q2_image *img, const struct backing_chain *chain,
                          const char *override, const char *name, const char *fmt,
-                         int depth)
+                         int depth, bool force_share)
 {
   if (override && strcmp (override, "none") == 0) {
     if (!name)
@@ -161,11 +161,12 @@ static int open_backing (struct q2_image *img, const struct backing_chain *chain
     return -EINVAL;
   }
   if (override)
-    return backing_open (&backing_qcow2, chain, override, NULL, depth, &img->backing);
+    return backing_open (&backing_qcow2, chain, override, NULL, depth, force_share,
+                         &img->backing);
   if (!name)
     return 0;
   return backing_open (&backing_qcow2, chain, name, fmt[0] ? fmt : NULL, depth,
-                       &img->backing);
+                       force_share, &img->backing);
 }
 
 static int image_open (const struct q2_options *o, int depth,
@@ -180,6 +181,11 @@ static int image_open (const struct q2_options *o, int depth,
   int r;
 
   *imgp = NULL;
+  if (o->force_share && !o->readonly) {
+    log_error ("%s: force-share goes with read-only only: writing without the "
+               "image lock could collide with another program", o->file);
+    return -EINVAL;
+  }
   if (!(img = calloc (1, sizeof *img)))
     return -ENOMEM;
   m = &img->m;
@@ -194,7 +200,7 @@ static int image_open (const struct q2_options *o, int depth,
     goto fail;
   }
   m->lay.name = m->hf.name;
-  if ((r = hostlock_take (&m->hf, !o->readonly)) < 0 ||
+  if ((!o->force_share && (r = hostlock_take (&m->hf, !o->readonly)) < 0) ||
       (r = read_header (img, &backing_name, backing_fmt, sizeof backing_fmt)) < 0 ||
       (r = table_load (&m->l1, &m->hf, &m->lay, "L1 table", m->lay.l1_offset,
                        m->lay.l1_entries)) < 0 ||
@@ -216,7 +222,8 @@ static int image_open (const struct q2_options *o, int depth,
   link.dev = st.st_dev;
   link.ino = st.st_ino;
   link.name = m->lay.name;
-  if ((r = open_backing (img, &link, o->backing, backing_name, backing_fmt, depth)) < 0)
+  if ((r = open_backing (img, &link, o->backing, backing_name, backing_fmt, depth,
+                         o->force_share)) < 0)
     goto fail;
   if (!img->readonly && (r = header_clear_autoclear (&m->hf, &m->lay)) < 0)
     goto fail;

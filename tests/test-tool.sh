@@ -84,9 +84,34 @@ echo "ok: nothing reclaimable in a fresh image"
 "$TOOL" check plain.qcow2 2>err >/dev/null
 [ ! -s err ] || fail "check printed to a non-terminal stderr: $(cat err)"
 
-# While a server writes the image, the tool refuses it as qemu-img does.
-start_server "$TMP/s" "$TMP/log" file="$TMP/plain.qcow2"
-set +e; "$TOOL" info plain.qcow2 >out 2>&1; rc=$?; set -e
-[ $rc -ne 0 ] && grep -q 'lock' out || { cat out; fail "info on a served image did not fail with a lock message"; }
+# While a server writes the image, the tool refuses it as qemu-img does,
+# and says -U reads it anyway; with -U it reads what is on disk, as
+# qemu-img -U does, and says the figures may be stale.
+cp plain.qcow2 served.qcow2
+start_server "$TMP/s" "$TMP/log" file="$TMP/served.qcow2" compact=off
+"$PYTHON" -m nbd -u "nbd+unix:///?socket=$TMP/s" \
+    -c 'h.pwrite(b"\x07" * (3 << 20), 20 << 20); h.zero(1 << 20, 100 << 20); h.flush()'
+for cmd in info map check; do
+    set +e; "$TOOL" $cmd served.qcow2 >out 2>&1; rc=$?; set -e
+    [ $rc -ne 0 ] && grep -q 'lock' out && grep -q -- '-U' out ||
+        { cat out; fail "$cmd on a served image did not fail naming the lock and -U"; }
+done
 echo "ok: refused while served: $(head -1 out)"
+"$TOOL" info -U served.qcow2 >out 2>err || { cat out err; fail "info -U on a served image failed"; }
+grep -q 'stale' err || { cat err; fail "info -U did not say the figures may be stale"; }
+grep -q '^virtual size' out || { cat out; fail "info -U printed no figures"; }
+q=$(qemu-img map -U --output=json served.qcow2 | tr -d ' \n')
+t=$("$TOOL" map -U --output=json served.qcow2 2>/dev/null | tr -d ' \n')
+[ "$q" = "$t" ] || fail "map -U differs from qemu-img map -U:
+qemu-img: $q
+ours:     $t"
+q=$(qemu-img check -U served.qcow2 2>&1 | grep -E 'allocated|Image end offset')
+t=$("$TOOL" check -U served.qcow2 2>/dev/null | grep -E 'allocated|Image end offset') ||
+    fail "check -U on a served image is not clean"
+[ "$q" = "$t" ] || fail "check -U figures differ from qemu-img check -U:
+qemu-img: $q
+ours:     $t"
+set +e; "$TOOL" compact -U served.qcow2 >out 2>&1; rc=$?; set -e
+[ $rc -eq 1 ] && grep -q 'dry-run' out || { cat out; fail "compact -U was not refused"; }
+echo "ok: info, map and check -U read a served image as qemu-img -U does"
 stop_server "$LAST_SERVER_PID"

@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: BSD-3-Clause */
 /* qcow2reclaim: info, map, check and compact on the engine the nbdkit
  * plugin uses.  The image is opened read-only, with the shared locks
- * qemu-img takes, except by compact, which takes the writer's locks.
+ * qemu-img takes (none with -U), except by compact, which takes the
+ * writer's locks.
  */
 #include <config.h>
 
@@ -18,10 +19,10 @@
 #include "qcow2reclaim.h"
 
 static const char usage[] =
-  "usage: qcow2reclaim info [--json] IMAGE\n"
-  "       qcow2reclaim map [--output=human|json] IMAGE\n"
-  "       qcow2reclaim check [--json] IMAGE\n"
-  "       qcow2reclaim compact [--dry-run] [--json] IMAGE\n"
+  "usage: qcow2reclaim info [-U] [--json] IMAGE\n"
+  "       qcow2reclaim map [-U] [--output=human|json] IMAGE\n"
+  "       qcow2reclaim check [-U] [--json] IMAGE\n"
+  "       qcow2reclaim compact [--dry-run [-U]] [--json] IMAGE\n"
   "       qcow2reclaim --help | --version\n"
   "\n"
   "info     sizes, allocation, space held by snapshots, space reclaimable,\n"
@@ -32,10 +33,14 @@ static const char usage[] =
   "compact  move the clusters at the end of the file into free ones below and cut\n"
   "         the file, in place (the image must not be in use); --dry-run says the\n"
   "         length it would reach and what keeps it longer; exit 0 done, 1 failed,\n"
-  "         2 done but clusters that cannot move keep it past the bound\n";
+  "         2 done but clusters that cannot move keep it past the bound\n"
+  "\n"
+  "-U, --force-share  read an image another program has open for writing,\n"
+  "         without its lock (as qemu-img -U); what is shown may be stale\n";
 
 static bool json;
 static bool dry_run;
+static bool force_share;
 
 /* Progress on a terminal only, so scripts and logs stay clean. */
 static void progress (void *opaque, uint64_t done, uint64_t total)
@@ -51,9 +56,18 @@ static void progress (void *opaque, uint64_t done, uint64_t total)
 
 static int open_image (const char *file, bool writable, struct q2_image **img)
 {
-  struct q2_options o = { .file = file, .readonly = !writable, .compact = Q2_COMPACT_OFF };
+  struct q2_options o = { .file = file, .readonly = !writable, .force_share = force_share,
+                          .compact = Q2_COMPACT_OFF };
+  int r = q2_open (&o, img);
 
-  return q2_open (&o, img);
+  /* -EAGAIN: the lock, whose message the engine has given. */
+  if (r == -EAGAIN && !writable)
+    fprintf (stderr, "qcow2reclaim: %s: to read it anyway, without the lock, use -U "
+             "(--force-share); what it shows may then be stale\n", file);
+  if (r == 0 && force_share)
+    fprintf (stderr, "qcow2reclaim: %s: read without the image lock (-U): if another "
+             "program is writing it, these figures may be stale\n", file);
+  return r;
 }
 
 static double mib (uint64_t bytes)
@@ -281,6 +295,7 @@ int main (int argc, char **argv)
     { "json", no_argument, NULL, 'j' },
     { "dry-run", no_argument, NULL, 'n' },
     { "output", required_argument, NULL, 'o' },
+    { "force-share", no_argument, NULL, 'U' },
     { "help", no_argument, NULL, 'h' },
     { "version", no_argument, NULL, 'V' },
     { NULL, 0, NULL, 0 },
@@ -289,10 +304,11 @@ int main (int argc, char **argv)
   const char *cmd;
   int c, r;
 
-  while ((c = getopt_long (argc, argv, "ho:", opts, NULL)) != -1) {
+  while ((c = getopt_long (argc, argv, "ho:U", opts, NULL)) != -1) {
     switch (c) {
     case 'j': json = true; break;
     case 'n': dry_run = true; break;
+    case 'U': force_share = true; break;
     case 'o':
       if (strcmp (optarg, "json") == 0)
         json = true;
@@ -318,6 +334,11 @@ int main (int argc, char **argv)
   }
   if (dry_run && strcmp (cmd, "compact")) {
     fprintf (stderr, "qcow2reclaim: --dry-run goes with compact only\n");
+    return 1;
+  }
+  if (force_share && strcmp (cmd, "compact") == 0 && !dry_run) {
+    fprintf (stderr, "qcow2reclaim: -U (--force-share) reads only: compact changes the "
+             "image, and needs it to itself (use --dry-run to only plan)\n");
     return 1;
   }
   if (open_image (argv[optind + 1], strcmp (cmd, "compact") == 0 && !dry_run, &img) < 0)
