@@ -40,7 +40,7 @@ cp plain.qcow2 snap.qcow2
 qemu-img snapshot -c s1 snap.qcow2
 qemu-io -f qcow2 -c 'write -P 3 0 2M' snap.qcow2 >/dev/null
 compare_image snapshot snap.qcow2
-held=$("$TOOL" info --json snap.qcow2 | sed -n 's/.*"snapshot-held": \([0-9]*\).*/\1/p')
+held=$("$TOOL" info --output=json snap.qcow2 | sed -n 's/.*"snapshot-held": \([0-9]*\).*/\1/p')
 # 2 MiB of data the top overwrote, plus the snapshot's own L1 and L2 tables.
 [ "$held" -ge $((2 << 20)) ] && [ "$held" -le $(((2 << 20) + 3 * 65536)) ] ||
     fail "snapshot: held by the snapshot is $held bytes, want 2 MiB and its tables"
@@ -76,9 +76,24 @@ grep -q "ERROR cluster" out || fail "corruption: no ERROR line"
 echo "ok: corruption found (exit 2), as qemu-img check"
 
 # Reclaimable space: a cluster freed on disk but not punched counts.
-[ "$("$TOOL" info --json plain.qcow2 | sed -n 's/.*"reclaimable": \([0-9]*\).*/\1/p')" -eq 0 ] ||
+[ "$("$TOOL" info --output=json plain.qcow2 | sed -n 's/.*"reclaimable": \([0-9]*\).*/\1/p')" -eq 0 ] ||
     fail "a fresh image has reclaimable space"
 echo "ok: nothing reclaimable in a fresh image"
+
+# One spelling of the output format, qemu-img's, on every command.
+"$TOOL" --help >help.out
+for cmd in info map check compact; do
+    grep -q "qcow2reclaim $cmd .*\[--output=human|json\]" help.out ||
+        { cat help.out; fail "--help does not give --output=human|json for $cmd"; }
+done
+! grep -q -- '--json' help.out || fail "--help still gives --json"
+for cmd in info check; do
+    "$TOOL" $cmd --output=json plain.qcow2 | "$PYTHON" -c 'import json,sys; json.load(sys.stdin)' ||
+        fail "$cmd --output=json is not JSON"
+    "$TOOL" $cmd --output=human plain.qcow2 | grep -q 'Image end offset\|image end offset' ||
+        fail "$cmd --output=human is not the text form"
+done
+echo "ok: --output=human|json on every command"
 
 # No progress noise when stderr is not a terminal.
 "$TOOL" check plain.qcow2 2>err >/dev/null

@@ -19,10 +19,10 @@
 #include "qcow2reclaim.h"
 
 static const char usage[] =
-  "usage: qcow2reclaim info [-U] [--json] IMAGE\n"
+  "usage: qcow2reclaim info [-U] [--output=human|json] IMAGE\n"
   "       qcow2reclaim map [-U] [--output=human|json] IMAGE\n"
-  "       qcow2reclaim check [-U] [--json] IMAGE\n"
-  "       qcow2reclaim compact [--dry-run [-U]] [--json] IMAGE\n"
+  "       qcow2reclaim check [-U] [--output=human|json] IMAGE\n"
+  "       qcow2reclaim compact [--dry-run [-U]] [--output=human|json] IMAGE\n"
   "       qcow2reclaim --help | --version\n"
   "\n"
   "info     sizes, allocation, space held by snapshots, space reclaimable,\n"
@@ -292,7 +292,7 @@ static int cmd_check (struct q2_image *img)
 int main (int argc, char **argv)
 {
   static const struct option opts[] = {
-    { "json", no_argument, NULL, 'j' },
+    { "json", no_argument, NULL, 'j' },   /* 0.1's spelling of --output=json */
     { "dry-run", no_argument, NULL, 'n' },
     { "output", required_argument, NULL, 'o' },
     { "force-share", no_argument, NULL, 'U' },
