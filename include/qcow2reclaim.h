@@ -128,10 +128,17 @@ struct q2_check {
   uint64_t image_end_offset;    /* end of the last referenced cluster */
   uint64_t snapshot_only_clusters;  /* referenced only by internal snapshots */
   uint64_t reclaimable_bytes;   /* host space in unreferenced clusters and past the end */
+  /* Per internal snapshot, in the table's order (q2_snapshot_count of
+   * them, NULL without any): bytes in clusters no other snapshot and not
+   * the active layer references, which deleting it would free.
+   */
+  uint64_t *snapshot_alone;
 };
 typedef void (*q2_progress_fn) (void *opaque, uint64_t done, uint64_t total);
 int q2_check (struct q2_image *img, struct q2_check *res, q2_progress_fn progress,
               void *opaque);
+/* Frees what a successful q2_check allocated in res. */
+void q2_check_free (struct q2_check *res);
 
 /* What a compaction found and did (qcow2reclaim compact). */
 struct q2_compact_result {
@@ -169,5 +176,37 @@ const char *q2_file_name (const struct q2_image *img);
 uint32_t q2_format_version (const struct q2_image *img);
 uint32_t q2_snapshot_count (const struct q2_image *img);
 int q2_file_size (struct q2_image *img, uint64_t *size);
+
+/* What the header says, as qemu-img info shows it (qcow2reclaim info).
+ * The strings belong to the image.
+ */
+struct q2_header_info {
+  uint32_t version;
+  uint32_t refcount_bits;
+  const char *compression;      /* "zlib" or "zstd", as qemu-img names them */
+  bool lazy_refcounts, corrupt, dirty;
+  bool bitmaps;                 /* the autoclear bit of persistent bitmaps */
+  const char *backing_file;     /* as the header names it; NULL: none */
+  const char *backing_format;   /* NULL: the header names none */
+  const char *backing_path;     /* the file opened for it; NULL: none */
+  /* Why the plugin would serve the image read-only only (marked corrupt or
+   * dirty), as a sentence; NULL: it would serve it for writing.
+   */
+  const char *write_refusal;
+};
+void q2_header_info (const struct q2_image *img, struct q2_header_info *info);
+
+/* An internal snapshot, as the snapshot table has it. */
+struct q2_snapshot {
+  char *id, *name;
+  uint64_t vm_state_size;       /* bytes of saved VM state */
+  uint32_t date_sec, date_nsec; /* when it was taken, since the epoch */
+  uint64_t vm_clock_nsec;       /* the guest's clock then */
+  bool has_icount;
+  uint64_t icount;              /* instructions executed, under record/replay */
+};
+/* The snapshots in the table's order, q2_snapshot_count of them. */
+int q2_snapshots (struct q2_image *img, struct q2_snapshot **list);
+void q2_snapshots_free (struct q2_snapshot *list, uint32_t n);
 
 #endif /* QCOW2RECLAIM_H */

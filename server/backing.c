@@ -24,6 +24,7 @@ struct backing {
   void *qcow2;                /* the qcow2 image's handle, or NULL for raw */
   struct hostfile raw;
   uint64_t size;
+  char *path;                 /* the file opened */
 };
 
 /* Relative names are relative to the folder of the image naming them. */
@@ -150,7 +151,7 @@ int backing_open (const struct backing_ops *ops, const struct backing_chain *cha
   }
   if (b->qcow2)
     b->size = ops->size (b->qcow2);
-  free (path);
+  b->path = path;
   *bp = b;
   return 0;
 fail:
@@ -166,7 +167,13 @@ void backing_close (struct backing *b)
   if (b->qcow2)
     b->ops->close (b->qcow2);
   host_close (&b->raw);
+  free (b->path);
   free (b);
+}
+
+const char *backing_path (const struct backing *b)
+{
+  return b->path;
 }
 
 int backing_read (struct backing *b, void *buf, uint64_t len, uint64_t off)

@@ -49,6 +49,8 @@ int backing_open (const struct backing_ops *ops, const struct backing_chain *cha
                   const char *name, const char *format, int depth, bool force_share,
                   struct backing **bp);
 void backing_close (struct backing *b);
+/* The file opened (the name resolved against the image's folder). */
+const char *backing_path (const struct backing *b);
 
 /* Reads len bytes at guest offset off; past the backing file's end: zeros. */
 int backing_read (struct backing *b, void *buf, uint64_t len, uint64_t off);

@@ -14,15 +14,25 @@
 #include "qcow2-format.h"
 #include "check.h"
 #include "engine.h"
+#include "cleanup.h"
 #include "log.h"
 #include "refcount.h"
+#include "snapshot.h"
+
+/* Who references a cluster, when the image has snapshots: nobody yet, the
+ * active layer or the image's own metadata, several snapshots, or snapshot
+ * i alone (i + 1).
+ */
+#define OWNER_NONE 0
+#define OWNER_ACTIVE UINT32_MAX
+#define OWNER_SNAPSHOTS (UINT32_MAX - 1)
 
 struct walk {
   struct q2_image *img;
   const struct layout *lay;
   struct q2_check *res;
   uint32_t *refs;             /* references found, per host cluster */
-  uint8_t *active;            /* referenced by the active layer or global metadata */
+  uint32_t *owner;            /* OWNER_*, per host cluster; NULL without snapshots */
   uint64_t nclusters;
   uint64_t next_contiguous;   /* for fragmentation, as qemu-img counts it */
   q2_progress_fn progress;
@@ -30,7 +40,17 @@ struct walk {
   uint64_t done, total;
 };
 
-static void add_ref (struct walk *w, uint64_t offset, uint64_t len, bool active,
+static void add_owner (struct walk *w, uint64_t c, uint32_t owner)
+{
+  uint32_t *o = &w->owner[c];
+
+  if (*o == OWNER_NONE || owner == OWNER_ACTIVE)
+    *o = owner;
+  else if (*o != owner && *o != OWNER_ACTIVE)
+    *o = OWNER_SNAPSHOTS;
+}
+
+static void add_ref (struct walk *w, uint64_t offset, uint64_t len, uint32_t owner,
                      const char *what)
 {
   uint64_t c, first = offset >> w->lay->cluster_bits;
@@ -44,8 +64,8 @@ static void add_ref (struct walk *w, uint64_t offset, uint64_t len, bool active,
       return;
     }
     w->refs[c]++;
-    if (active)
-      w->active[c] = 1;
+    if (w->owner)
+      add_owner (w, c, owner);
   }
 }
 
@@ -57,7 +77,7 @@ static uint64_t read_be64 (struct q2_image *img, uint64_t off, int *r)
   return be64_get (b);
 }
 
-static void count_l2_entry (struct walk *w, uint64_t e, bool active, bool frag)
+static void count_l2_entry (struct walk *w, uint64_t e, uint32_t owner, bool frag)
 {
   const struct layout *lay = w->lay;
   uint64_t off = e & L2E_OFFSET_MASK;
@@ -65,7 +85,7 @@ static void count_l2_entry (struct walk *w, uint64_t e, bool active, bool frag)
   if (e & QCOW_OFLAG_COMPRESSED) {
     uint64_t coff, clen;
     layout_compressed_extent (lay, e, &coff, &clen);
-    add_ref (w, coff, clen, active, "compressed cluster");
+    add_ref (w, coff, clen, owner, "compressed cluster");
     if (frag) {
       w->res->allocated_clusters++;
       w->res->compressed_clusters++;
@@ -83,7 +103,7 @@ static void count_l2_entry (struct walk *w, uint64_t e, bool active, bool frag)
   }
   if (!off)
     return;
-  add_ref (w, off, lay->cluster_size, active, "data cluster");
+  add_ref (w, off, lay->cluster_size, owner, "data cluster");
   if (frag) {
     w->res->allocated_clusters++;
     if (w->next_contiguous && off != w->next_contiguous)
@@ -92,7 +112,7 @@ static void count_l2_entry (struct walk *w, uint64_t e, bool active, bool frag)
   }
 }
 
-static int walk_l2 (struct walk *w, uint64_t l2off, bool active)
+static int walk_l2 (struct walk *w, uint64_t l2off, uint32_t owner)
 {
   const struct layout *lay = w->lay;
   struct q2_image *img = w->img;
@@ -105,21 +125,22 @@ static int walk_l2 (struct walk *w, uint64_t l2off, bool active)
   w->next_contiguous = 0;     /* qemu-img counts fragmentation per L2 table */
   r = host_pread (&img->m.hf, t, lay->cluster_size, l2off);
   for (i = 0; r == 0 && i < layout_l2_entries (lay); i++)
-    count_l2_entry (w, be64_get (t + i * 8), active, active);
+    count_l2_entry (w, be64_get (t + i * 8), owner, owner == OWNER_ACTIVE);
   free (t);
   return r;
 }
 
-static int walk_l1 (struct walk *w, uint64_t l1off, uint64_t l1size, bool active)
+static int walk_l1 (struct walk *w, uint64_t l1off, uint64_t l1size, uint32_t owner)
 {
   const struct layout *lay = w->lay;
   struct q2_image *img = w->img;
+  bool active = owner == OWNER_ACTIVE;
   uint64_t i, e, l2;
   int r = 0;
 
   if (l1size == 0)
     return 0;
-  add_ref (w, l1off, l1size * 8, active, "L1 table");
+  add_ref (w, l1off, l1size * 8, owner, "L1 table");
   for (i = 0; i < l1size && r == 0; i++) {
     e = active ? table_get (&img->m.l1, i) : read_be64 (img, l1off + i * 8, &r);
     l2 = e & L1E_OFFSET_MASK;
@@ -131,8 +152,8 @@ static int walk_l1 (struct walk *w, uint64_t l1off, uint64_t l1size, bool active
       w->res->corruptions++;
       continue;
     }
-    add_ref (w, l2, lay->cluster_size, active, "L2 table");
-    r = walk_l2 (w, l2, active);
+    add_ref (w, l2, lay->cluster_size, owner, "L2 table");
+    r = walk_l2 (w, l2, owner);
     if (w->progress && active)
       w->progress (w->opaque, ++w->done, w->total);
   }
@@ -145,36 +166,32 @@ static int walk_snapshots (struct walk *w)
   const struct layout *lay = w->lay;
   struct q2_image *img = w->img;
   uint64_t off = lay->snapshots_offset, start = off;
-  uint8_t h[40];
+  uint64_t file_bytes = w->nclusters << lay->cluster_bits;
+  struct snapshot_entry e;
   uint32_t i;
   int r;
 
   for (i = 0; i < lay->nb_snapshots; i++) {
-    if ((r = host_pread (&img->m.hf, h, sizeof h, off)) < 0)
-      return r;
-    uint64_t l1off = be64_get (h);
-    uint32_t l1size = be32_get (h + 8);
-    uint16_t idlen = be16_get (h + 12), namelen = be16_get (h + 14);
-    uint32_t extra = be32_get (h + 36);
-    uint64_t file_bytes = w->nclusters << lay->cluster_bits;
     if (off >= file_bytes) {
       log_error ("%s: ERROR snapshot %u at 0x%" PRIx64 " is past the end of the file",
                 lay->name, i, off);
       w->res->corruptions++;
       break;
     }
-    if ((uint64_t) l1size * 8 > QCOW2_MAX_L1_BYTES || l1off >= file_bytes ||
-        l1size * 8ull > file_bytes - l1off) {
+    if ((r = snapshot_entry_read (img, off, &e)) < 0)
+      return r;
+    if ((uint64_t) e.l1_size * 8 > QCOW2_MAX_L1_BYTES || e.l1_offset >= file_bytes ||
+        e.l1_size * 8ull > file_bytes - e.l1_offset) {
       log_error ("%s: ERROR snapshot %u has an invalid L1 table (0x%" PRIx64 ", %u entries)",
-                lay->name, i, l1off, l1size);
+                lay->name, i, e.l1_offset, e.l1_size);
       w->res->corruptions++;
     }
-    else if ((r = walk_l1 (w, l1off, l1size, false)) < 0)
+    else if ((r = walk_l1 (w, e.l1_offset, e.l1_size, i + 1)) < 0)
       return r;
-    off += (40 + extra + idlen + namelen + 7) & ~7ull;
+    off += e.length;
   }
   if (off > start)
-    add_ref (w, start, off - start, true, "snapshot table");
+    add_ref (w, start, off - start, OWNER_ACTIVE, "snapshot table");
   return 0;
 }
 
@@ -184,11 +201,11 @@ static int walk_refcount_structures (struct walk *w)
   struct q2_image *img = w->img;
   uint64_t i, b;
 
-  add_ref (w, lay->reftable_offset, lay->reftable_clusters << lay->cluster_bits, true,
-           "refcount table");
+  add_ref (w, lay->reftable_offset, lay->reftable_clusters << lay->cluster_bits,
+           OWNER_ACTIVE, "refcount table");
   for (i = 0; i < img->m.reftable.size; i++)
     if ((b = table_get (&img->m.reftable, i) & REFT_OFFSET_MASK))
-      add_ref (w, b, lay->cluster_size, true, "refcount block");
+      add_ref (w, b, lay->cluster_size, OWNER_ACTIVE, "refcount block");
   return 0;
 }
 
@@ -278,8 +295,11 @@ static int compare_refcounts (struct walk *w)
                  lay->name, c, rc, want);
       w->res->leaks++;
     }
-    if (want && !w->active[c])
+    if (want && w->owner && w->owner[c] != OWNER_ACTIVE) {
       w->res->snapshot_only_clusters++;
+      if (w->owner[c] != OWNER_SNAPSHOTS)
+        w->res->snapshot_alone[w->owner[c] - 1] += w->lay->cluster_size;
+    }
   }
   return 0;
 }
@@ -311,12 +331,28 @@ static int host_bytes_in_free (struct walk *w, uint64_t *total)
   }
 }
 
+static int walk_all (struct walk *w)
+{
+  struct q2_image *img = w->img;
+  int r;
+
+  LOCK_FOR_SCOPE (&img->m.lock);
+  add_ref (w, 0, w->lay->cluster_size, OWNER_ACTIVE, "header");
+  if ((r = walk_l1 (w, w->lay->l1_offset, img->m.l1.size, OWNER_ACTIVE)) < 0 ||
+      (r = walk_snapshots (w)) < 0 ||
+      (r = walk_refcount_structures (w)) < 0 ||
+      (r = compare_refcounts (w)) < 0)
+    return r;
+  return check_copied (w);
+}
+
 int check_image (struct q2_image *img, struct q2_check *res, q2_progress_fn progress,
                  void *opaque)
 {
   const struct layout *lay = &img->m.lay;
   struct walk w = { .img = img, .lay = lay, .res = res, .progress = progress,
                     .opaque = opaque };
+  uint32_t nsnap = lay->nb_snapshots;
   uint64_t size;
   int r;
 
@@ -326,28 +362,29 @@ int check_image (struct q2_image *img, struct q2_check *res, q2_progress_fn prog
   w.nclusters = layout_clusters (lay, size);
   w.total = img->m.l1.size;
   w.refs = calloc (w.nclusters + 1, sizeof *w.refs);
-  w.active = calloc (w.nclusters + 1, 1);
-  if (!w.refs || !w.active) {
+  if (nsnap) {
+    w.owner = calloc (w.nclusters + 1, sizeof *w.owner);
+    res->snapshot_alone = calloc (nsnap, sizeof *res->snapshot_alone);
+  }
+  if (!w.refs || (nsnap && (!w.owner || !res->snapshot_alone))) {
     free (w.refs);
-    free (w.active);
+    free (w.owner);
+    check_free (res);
     return -ENOMEM;
   }
   res->total_clusters = layout_clusters (lay, lay->virtual_size);
-  mutex_lock (&img->m.lock);
-  add_ref (&w, 0, lay->cluster_size, true, "header");
-  r = walk_l1 (&w, lay->l1_offset, img->m.l1.size, true);
-  if (r == 0)
-    r = walk_snapshots (&w);
-  if (r == 0)
-    r = walk_refcount_structures (&w);
-  if (r == 0)
-    r = compare_refcounts (&w);
-  if (r == 0)
-    r = check_copied (&w);
-  mutex_unlock (&img->m.lock);
+  r = walk_all (&w);
   if (r == 0)
     r = host_bytes_in_free (&w, &res->reclaimable_bytes);
   free (w.refs);
-  free (w.active);
+  free (w.owner);
+  if (r < 0)
+    check_free (res);
   return r;
+}
+
+void check_free (struct q2_check *res)
+{
+  free (res->snapshot_alone);
+  res->snapshot_alone = NULL;
 }

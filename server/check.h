@@ -11,5 +11,7 @@ struct q2_image;
 
 int check_image (struct q2_image *img, struct q2_check *res, q2_progress_fn progress,
                  void *opaque);
+/* What check_image allocated in res. */
+void check_free (struct q2_check *res);
 
 #endif

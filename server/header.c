@@ -84,18 +84,22 @@ static int refuse_features (struct layout *lay, const uint8_t *buf,
               "not supported yet", lay->name);
     return -ENOTSUP;
   }
-  if ((lay->incompat & INCOMPAT_CORRUPT) && !readonly) {
-    log_error ("%s: the image is marked corrupt; repair it with qemu-img check -r all, "
-              "or serve it with readonly=true to read what is left", lay->name);
-    return -EINVAL;
-  }
-  if ((lay->incompat & INCOMPAT_DIRTY) && !readonly) {
-    log_error ("%s: the image has the dirty bit set (lazy refcounts were not written "
-              "back); run qemu-img check -r all to repair it, or serve it with "
-              "readonly=true", lay->name);
+  if (!readonly && header_write_refusal (lay)) {
+    log_error ("%s: %s", lay->name, header_write_refusal (lay));
     return -EINVAL;
   }
   return 0;
+}
+
+const char *header_write_refusal (const struct layout *lay)
+{
+  if (lay->incompat & INCOMPAT_CORRUPT)
+    return "the image is marked corrupt; repair it with qemu-img check -r all, "
+      "or serve it with readonly=true to read what is left";
+  if (lay->incompat & INCOMPAT_DIRTY)
+    return "the image has the dirty bit set (lazy refcounts were not written "
+      "back); run qemu-img check -r all to repair it, or serve it with readonly=true";
+  return NULL;
 }
 
 static int parse_v3_fields (struct layout *lay, const uint8_t *buf, uint64_t buflen)

@@ -24,6 +24,10 @@ struct header_extras {
  */
 int header_parse (struct layout *lay, const uint8_t *buf, uint64_t buflen,
                   uint64_t file_size, bool readonly, struct header_extras *ex);
+/* Why an image header_parse accepted read-only cannot be opened for
+ * writing (marked corrupt or dirty), as a sentence; NULL: it can.
+ */
+const char *header_write_refusal (const struct layout *lay);
 
 /* Each of these is one write of 12 bytes inside the first sector. */
 int header_write_reftable (struct hostfile *hf, uint64_t offset, uint32_t clusters);

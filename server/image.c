@@ -20,6 +20,7 @@
 #include "commit.h"
 #include "compact.h"
 #include "copied.h"
+#include "corrupt.h"
 #include "cow.h"
 #include "discard.h"
 #include "engine.h"
@@ -30,6 +31,7 @@
 #include "map.h"
 #include "read.h"
 #include "request.h"
+#include "snapshot.h"
 
 #define HEADER_READ_MAX (2u << 20)   /* the largest cluster holds the header */
 
@@ -96,8 +98,7 @@ static const struct backing_ops backing_qcow2 = {
   .map_status = backing_qcow2_map,
 };
 
-static int read_header (struct q2_image *img, char **backing_name, char *backing_fmt,
-                        size_t fmtlen)
+static int read_header (struct q2_image *img)
 {
   struct layout *lay = &img->m.lay;
   struct header_extras ex;
@@ -118,9 +119,9 @@ static int read_header (struct q2_image *img, char **backing_name, char *backing
   if ((r = header_parse (lay, buf, n, size, img->readonly, &ex)) < 0)
     return r;
   if (ex.backing_offset && ex.backing_len) {
-    if (!(*backing_name = strndup ((char *) buf + ex.backing_offset, ex.backing_len)))
+    if (!(img->backing_name = strndup ((char *) buf + ex.backing_offset, ex.backing_len)))
       return -ENOMEM;
-    snprintf (backing_fmt, fmtlen, "%s", ex.backing_format);
+    snprintf (img->backing_format, sizeof img->backing_format, "%s", ex.backing_format);
   }
   return 0;
 }
@@ -173,8 +174,6 @@ static int image_open (const struct q2_options *o, int depth,
                        const struct backing_chain *above, struct q2_image **imgp)
 {
   struct backing_chain link = { .above = above };
-  CLEANUP_FREE char *backing_name = NULL;
-  char backing_fmt[32] = "";
   struct q2_image *img;
   struct meta *m;
   struct stat st;
@@ -201,7 +200,7 @@ static int image_open (const struct q2_options *o, int depth,
   }
   m->lay.name = m->hf.name;
   if ((!o->force_share && (r = hostlock_take (&m->hf, !o->readonly)) < 0) ||
-      (r = read_header (img, &backing_name, backing_fmt, sizeof backing_fmt)) < 0 ||
+      (r = read_header (img)) < 0 ||
       (r = table_load (&m->l1, &m->hf, &m->lay, "L1 table", m->lay.l1_offset,
                        m->lay.l1_entries)) < 0 ||
       (r = table_load (&m->reftable, &m->hf, &m->lay, "refcount table",
@@ -222,8 +221,8 @@ static int image_open (const struct q2_options *o, int depth,
   link.dev = st.st_dev;
   link.ino = st.st_ino;
   link.name = m->lay.name;
-  if ((r = open_backing (img, &link, o->backing, backing_name, backing_fmt, depth,
-                         o->force_share)) < 0)
+  if ((r = open_backing (img, &link, o->backing, img->backing_name, img->backing_format,
+                         depth, o->force_share)) < 0)
     goto fail;
   if (!img->readonly && (r = header_clear_autoclear (&m->hf, &m->lay)) < 0)
     goto fail;
@@ -271,6 +270,7 @@ int q2_close (struct q2_image *img)
   copied_free (img->copied);
   compact_free (img->compact);
   host_close (&m->hf);
+  free (img->backing_name);
   rangelock_destroy (&img->guest_lock);
   mutex_destroy (&m->lock);
   free (img);
@@ -427,6 +427,79 @@ int q2_check (struct q2_image *img, struct q2_check *res, q2_progress_fn progres
               void *opaque)
 {
   return check_image (img, res, progress, opaque);
+}
+
+void q2_check_free (struct q2_check *res)
+{
+  check_free (res);
+}
+
+void q2_header_info (const struct q2_image *img, struct q2_header_info *h)
+{
+  const struct layout *lay = &img->m.lay;
+
+  memset (h, 0, sizeof *h);
+  h->version = lay->version;
+  h->refcount_bits = 1u << lay->refcount_order;
+  h->compression = lay->compression_type == COMPRESSION_ZSTD ? "zstd" : "zlib";
+  h->lazy_refcounts = !!(lay->compat & COMPAT_LAZY_REFCOUNTS);
+  h->corrupt = !!(lay->incompat & INCOMPAT_CORRUPT);
+  h->dirty = !!(lay->incompat & INCOMPAT_DIRTY);
+  h->bitmaps = !!(lay->autoclear & AUTOCLEAR_BITMAPS);
+  h->backing_file = img->backing_name;
+  h->backing_format = img->backing_format[0] ? img->backing_format : NULL;
+  h->backing_path = img->backing ? backing_path (img->backing) : NULL;
+  h->write_refusal = header_write_refusal (lay);
+}
+
+void q2_snapshots_free (struct q2_snapshot *list, uint32_t n)
+{
+  uint32_t i;
+
+  for (i = 0; list && i < n; i++) {
+    free (list[i].id);
+    free (list[i].name);
+  }
+  free (list);
+}
+
+int q2_snapshots (struct q2_image *img, struct q2_snapshot **list)
+{
+  const struct layout *lay = &img->m.lay;
+  uint64_t off = lay->snapshots_offset;
+  struct snapshot_entry e;
+  struct q2_snapshot *l;
+  uint32_t i;
+  int r = 0;
+
+  *list = NULL;
+  if (!lay->nb_snapshots)
+    return 0;
+  if (!(l = calloc (lay->nb_snapshots, sizeof *l)))
+    return -ENOMEM;
+  LOCK_FOR_SCOPE (&img->m.lock);
+  for (i = 0; i < lay->nb_snapshots && r == 0; i++, off += e.length) {
+    if (off >= lay->file_end) {
+      r = corrupt_error (lay, "snapshot %u of the snapshot table at 0x%" PRIx64
+                         " is past the end of the file", i, lay->snapshots_offset);
+      break;
+    }
+    if ((r = snapshot_entry_read (img, off, &e)) < 0 ||
+        (r = snapshot_entry_names (img, off, &e, &l[i].id, &l[i].name)) < 0)
+      break;
+    l[i].vm_state_size = e.vm_state_size;
+    l[i].date_sec = e.date_sec;
+    l[i].date_nsec = e.date_nsec;
+    l[i].vm_clock_nsec = e.vm_clock_nsec;
+    l[i].has_icount = e.has_icount;
+    l[i].icount = e.icount;
+  }
+  if (r < 0) {
+    q2_snapshots_free (l, lay->nb_snapshots);
+    return r;
+  }
+  *list = l;
+  return 0;
 }
 
 int q2_compact (struct q2_image *img, bool dry_run, q2_progress_fn progress,

@@ -16,7 +16,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "qcow2reclaim.h"
+#include "tool.h"
 
 static const char usage[] =
   "usage: qcow2reclaim info [-U] [--output=human|json] IMAGE\n"
@@ -38,9 +38,7 @@ static const char usage[] =
   "-U, --force-share  read an image another program has open for writing,\n"
   "         without its lock (as qemu-img -U); what is shown may be stale\n";
 
-static bool json;
-static bool dry_run;
-static bool force_share;
+struct tool_options opt;
 
 /* Progress on a terminal only, so scripts and logs stay clean. */
 static void progress (void *opaque, uint64_t done, uint64_t total)
@@ -54,9 +52,9 @@ static void progress (void *opaque, uint64_t done, uint64_t total)
   }
 }
 
-static int open_image (const char *file, bool writable, struct q2_image **img)
+int tool_open (const char *file, bool writable, struct q2_image **img)
 {
-  struct q2_options o = { .file = file, .readonly = !writable, .force_share = force_share,
+  struct q2_options o = { .file = file, .readonly = !writable, .force_share = opt.force_share,
                           .compact = Q2_COMPACT_OFF };
   int r = q2_open (&o, img);
 
@@ -64,7 +62,7 @@ static int open_image (const char *file, bool writable, struct q2_image **img)
   if (r == -EAGAIN && !writable)
     fprintf (stderr, "qcow2reclaim: %s: to read it anyway, without the lock, use -U "
              "(--force-share); what it shows may then be stale\n", file);
-  if (r == 0 && force_share)
+  if (r == 0 && opt.force_share)
     fprintf (stderr, "qcow2reclaim: %s: read without the image lock (-U): if another "
              "program is writing it, these figures may be stale\n", file);
   return r;
@@ -90,9 +88,9 @@ static void compact_progress (void *opaque, uint64_t done, uint64_t total)
 static int cmd_compact (struct q2_image *img)
 {
   struct q2_compact_result c;
-  bool tty = isatty (2) && !dry_run;
+  bool tty = isatty (2) && !opt.dry_run;
   uint64_t pinned;
-  int r = q2_compact (img, dry_run, tty ? compact_progress : NULL, NULL, &c);
+  int r = q2_compact (img, opt.dry_run, tty ? compact_progress : NULL, NULL, &c);
 
   if (tty)
     fprintf (stderr, "\r%50s\r", "");
@@ -102,7 +100,7 @@ static int cmd_compact (struct q2_image *img)
     return 1;
   }
   pinned = c.pinned_compressed + c.pinned_shared + c.pinned_snapshot + c.pinned_unreferenced;
-  if (json) {
+  if (opt.json) {
     printf ("{\n  \"filename\": \"%s\",\n  \"dry-run\": %s,\n"
             "  \"length-before\": %" PRIu64 ",\n  \"length-after\": %" PRIu64 ",\n"
             "  \"reachable-length\": %" PRIu64 ",\n  \"used\": %" PRIu64 ",\n"
@@ -111,14 +109,14 @@ static int cmd_compact (struct q2_image *img)
             "  \"free-bytes-punched\": %" PRIu64 ",\n"
             "  \"pinned\": { \"compressed\": %" PRIu64 ", \"shared\": %" PRIu64
             ", \"snapshot\": %" PRIu64 ", \"unreferenced\": %" PRIu64 " }\n}\n",
-            q2_file_name (img), dry_run ? "true" : "false", c.length_before,
+            q2_file_name (img), opt.dry_run ? "true" : "false", c.length_before,
             c.length_after, c.reachable, c.used, c.bound, c.target, c.clusters_moved,
             c.bytes_moved, c.free_bytes_punched, c.pinned_compressed, c.pinned_shared,
             c.pinned_snapshot, c.pinned_unreferenced);
   }
   else {
     printf ("image: %s\n", q2_file_name (img));
-    if (dry_run)
+    if (opt.dry_run)
       printf ("length: %.1f MiB now, %.1f MiB reachable (data %.1f MiB, target %.1f MiB)\n"
               "free space the host still holds: %.1f MiB\n",
               mib (c.length_before), mib (c.reachable), mib (c.used), mib (c.target),
@@ -135,10 +133,10 @@ static int cmd_compact (struct q2_image *img)
               mib (pinned), mib (c.pinned_compressed), mib (c.pinned_shared),
               mib (c.pinned_snapshot), mib (c.pinned_unreferenced));
   }
-  return (dry_run ? c.reachable : c.length_after) > c.bound ? 2 : 0;
+  return (opt.dry_run ? c.reachable : c.length_after) > c.bound ? 2 : 0;
 }
 
-static int run_check (struct q2_image *img, struct q2_check *res)
+int tool_check (struct q2_image *img, struct q2_check *res)
 {
   bool tty = isatty (2);
   int r = q2_check (img, res, tty ? progress : NULL, NULL);
@@ -151,83 +149,11 @@ static int run_check (struct q2_image *img, struct q2_check *res)
   return r;
 }
 
-static double pct (uint64_t a, uint64_t b)
-{
-  return b ? 100.0 * a / b : 0;
-}
-
-static int cmd_info (struct q2_image *img)
-{
-  struct q2_compact_result k;
-  struct q2_check c;
-  struct stat st;
-  uint64_t cs = q2_cluster_size (img), fsize, pinned;
-  int r;
-
-  if (run_check (img, &c) < 0 || q2_file_size (img, &fsize) < 0 ||
-      stat (q2_file_name (img), &st) < 0)
-    return 1;
-  /* What compaction could reach, and what stays: a plan, nothing moved. */
-  if ((r = q2_compact (img, true, NULL, NULL, &k)) < 0) {
-    fprintf (stderr, "qcow2reclaim: %s: cannot plan compaction: %s\n", q2_file_name (img),
-             strerror (-r));
-    return 1;
-  }
-  pinned = k.pinned_compressed + k.pinned_shared + k.pinned_snapshot + k.pinned_unreferenced;
-  uint64_t host = (uint64_t) st.st_blocks * 512, snap = c.snapshot_only_clusters * cs;
-  if (json) {
-    printf ("{\n  \"filename\": \"%s\",\n  \"format-version\": %u,\n"
-            "  \"cluster-size\": %" PRIu64 ",\n  \"virtual-size\": %" PRIu64 ",\n"
-            "  \"file-size\": %" PRIu64 ",\n  \"host-allocated\": %" PRIu64 ",\n"
-            "  \"allocated-clusters\": %" PRIu64 ",\n  \"total-clusters\": %" PRIu64 ",\n"
-            "  \"compressed-clusters\": %" PRIu64 ",\n  \"fragmented-clusters\": %" PRIu64 ",\n"
-            "  \"image-end-offset\": %" PRIu64 ",\n  \"snapshots\": %u,\n"
-            "  \"snapshot-held\": %" PRIu64 ",\n  \"reclaimable\": %" PRIu64 ",\n"
-            "  \"compactable-length\": %" PRIu64 ",\n"
-            "  \"pinned\": { \"compressed\": %" PRIu64 ", \"shared\": %" PRIu64
-            ", \"snapshot\": %" PRIu64 ", \"unreferenced\": %" PRIu64 " },\n"
-            "  \"corruptions\": %" PRIu64 ",\n  \"leaks\": %" PRIu64 "\n}\n",
-            q2_file_name (img), q2_format_version (img), cs, q2_virtual_size (img),
-            fsize, host, c.allocated_clusters, c.total_clusters, c.compressed_clusters,
-            c.fragmented_clusters, c.image_end_offset, q2_snapshot_count (img), snap,
-            c.reclaimable_bytes, k.reachable < fsize ? k.reachable : fsize,
-            k.pinned_compressed, k.pinned_shared, k.pinned_snapshot, k.pinned_unreferenced,
-            c.corruptions, c.leaks);
-    return 0;
-  }
-  printf ("image: %s\n", q2_file_name (img));
-  printf ("format: qcow2 version %u, cluster size %" PRIu64 "\n", q2_format_version (img), cs);
-  printf ("virtual size: %" PRIu64 " bytes\n", q2_virtual_size (img));
-  printf ("file size: %" PRIu64 " bytes\n", fsize);
-  printf ("allocated on the host: %" PRIu64 " bytes\n", host);
-  printf ("allocated clusters: %" PRIu64 "/%" PRIu64 " = %.2f%% (%.2f%% fragmented, "
-          "%.2f%% compressed)\n", c.allocated_clusters, c.total_clusters,
-          pct (c.allocated_clusters, c.total_clusters),
-          pct (c.fragmented_clusters, c.allocated_clusters),
-          pct (c.compressed_clusters, c.allocated_clusters));
-  printf ("image end offset: %" PRIu64 "\n", c.image_end_offset);
-  printf ("internal snapshots: %u, holding %" PRIu64 " bytes only they use\n",
-          q2_snapshot_count (img), snap);
-  printf ("reclaimable: %" PRIu64 " bytes (host space in unused clusters and past the end)\n",
-          c.reclaimable_bytes);
-  printf ("compaction: the file could be %" PRIu64 " bytes long (now %" PRIu64 ")\n",
-          k.reachable < fsize ? k.reachable : fsize, fsize);
-  if (pinned)
-    printf ("  cannot move, past the target: %" PRIu64 " bytes (compressed %" PRIu64
-            ", shared with snapshots %" PRIu64 ", snapshots' own %" PRIu64
-            ", referenced by nothing %" PRIu64 ")\n", pinned, k.pinned_compressed,
-            k.pinned_shared, k.pinned_snapshot, k.pinned_unreferenced);
-  if (c.corruptions || c.leaks)
-    printf ("consistency: %" PRIu64 " corruptions, %" PRIu64 " leaked clusters "
-            "(see qcow2reclaim check)\n", c.corruptions, c.leaks);
-  return 0;
-}
-
 static int print_map (void *opaque, const struct q2_map_entry *e)
 {
   bool *first = opaque;
 
-  if (json) {
+  if (opt.json) {
     printf ("%s{ \"start\": %" PRIu64 ", \"length\": %" PRIu64 ", \"depth\": %d, "
             "\"present\": %s, \"zero\": %s, \"data\": %s",
             *first ? "[" : ",\n", e->start, e->length, e->depth,
@@ -249,10 +175,10 @@ static int cmd_map (struct q2_image *img)
   bool first = true;
   int r;
 
-  if (!json)
+  if (!opt.json)
     printf ("%-16s%-16s%-16s%s\n", "Offset", "Length", "Mapped to", "File");
   r = q2_map (img, print_map, &first);
-  if (json)
+  if (opt.json)
     printf ("%s]\n", first ? "[" : "");
   return r < 0 ? 1 : 0;
 }
@@ -261,9 +187,10 @@ static int cmd_check (struct q2_image *img)
 {
   struct q2_check c;
 
-  if (run_check (img, &c) < 0)
+  if (tool_check (img, &c) < 0)
     return 1;
-  if (json)
+  q2_check_free (&c);
+  if (opt.json)
     printf ("{\n  \"filename\": \"%s\",\n  \"check-errors\": 0,\n  \"corruptions\": %"
             PRIu64 ",\n  \"leaks\": %" PRIu64 ",\n  \"allocated-clusters\": %" PRIu64
             ",\n  \"total-clusters\": %" PRIu64 ",\n  \"image-end-offset\": %" PRIu64 "\n}\n",
@@ -282,9 +209,9 @@ static int cmd_check (struct q2_image *img)
     printf ("%" PRIu64 "/%" PRIu64 " = %.2f%% allocated, %.2f%% fragmented, "
             "%.2f%% compressed clusters\nImage end offset: %" PRIu64 "\n",
             c.allocated_clusters, c.total_clusters,
-            pct (c.allocated_clusters, c.total_clusters),
-            pct (c.fragmented_clusters, c.allocated_clusters),
-            pct (c.compressed_clusters, c.allocated_clusters), c.image_end_offset);
+            percent (c.allocated_clusters, c.total_clusters),
+            percent (c.fragmented_clusters, c.allocated_clusters),
+            percent (c.compressed_clusters, c.allocated_clusters), c.image_end_offset);
   }
   return c.corruptions ? 2 : c.leaks ? 3 : 0;
 }
@@ -306,12 +233,12 @@ int main (int argc, char **argv)
 
   while ((c = getopt_long (argc, argv, "ho:U", opts, NULL)) != -1) {
     switch (c) {
-    case 'j': json = true; break;
-    case 'n': dry_run = true; break;
-    case 'U': force_share = true; break;
+    case 'j': opt.json = true; break;
+    case 'n': opt.dry_run = true; break;
+    case 'U': opt.force_share = true; break;
     case 'o':
       if (strcmp (optarg, "json") == 0)
-        json = true;
+        opt.json = true;
       else if (strcmp (optarg, "human") != 0) {
         fprintf (stderr, "qcow2reclaim: --output=%s: expected human or json\n", optarg);
         return 1;
@@ -322,7 +249,7 @@ int main (int argc, char **argv)
     default: fputs (usage, stderr); return 1;
     }
   }
-  if (argc - optind != 2) {
+  if (argc - optind < 2) {
     fputs (usage, stderr);
     return 1;
   }
@@ -332,19 +259,24 @@ int main (int argc, char **argv)
     fprintf (stderr, "qcow2reclaim: unknown command '%s'\n%s", cmd, usage);
     return 1;
   }
-  if (dry_run && strcmp (cmd, "compact")) {
+  if (opt.dry_run && strcmp (cmd, "compact")) {
     fprintf (stderr, "qcow2reclaim: --dry-run goes with compact only\n");
     return 1;
   }
-  if (force_share && strcmp (cmd, "compact") == 0 && !dry_run) {
+  if (opt.force_share && strcmp (cmd, "compact") == 0 && !opt.dry_run) {
     fprintf (stderr, "qcow2reclaim: -U (--force-share) reads only: compact changes the "
              "image, and needs it to itself (use --dry-run to only plan)\n");
     return 1;
   }
-  if (open_image (argv[optind + 1], strcmp (cmd, "compact") == 0 && !dry_run, &img) < 0)
+  if (strcmp (cmd, "info") == 0)
+    return cmd_info (argc - optind - 1, argv + optind + 1);
+  if (argc - optind != 2) {
+    fputs (usage, stderr);
     return 1;
-  r = strcmp (cmd, "info") == 0 ? cmd_info (img)
-    : strcmp (cmd, "map") == 0 ? cmd_map (img)
+  }
+  if (tool_open (argv[optind + 1], strcmp (cmd, "compact") == 0 && !opt.dry_run, &img) < 0)
+    return 1;
+  r = strcmp (cmd, "map") == 0 ? cmd_map (img)
     : strcmp (cmd, "compact") == 0 ? cmd_compact (img) : cmd_check (img);
   q2_close (img);
   return r;

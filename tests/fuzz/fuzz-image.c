@@ -137,6 +137,7 @@ static int consistent (void)
   q2_close (img);
   if (r < 0)
     return -1;
+  q2_check_free (&res);
   return res.corruptions == 0;
 }
 

@@ -1,0 +1,285 @@
+/* SPDX-License-Identifier: BSD-3-Clause */
+/* qcow2reclaim info: first what qemu-img info shows, in its words, then
+ * what reclaiming space needs besides: the space snapshots hold, what the
+ * host could get back, and the length compaction could reach.
+ */
+#include <config.h>
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+
+#include "tool.h"
+
+struct facts {
+  struct q2_image *img;
+  struct q2_header_info h;
+  struct q2_check c;
+  struct q2_compact_result k;
+  struct q2_snapshot *snaps;
+  uint32_t nsnaps;
+  uint64_t file_size;
+  uint64_t host;              /* bytes the host file takes on disk */
+  uint64_t compactable;       /* the length compaction could reach */
+  uint64_t pinned;            /* past the target, and unable to move */
+};
+
+static void release (struct facts *f)
+{
+  q2_check_free (&f->c);
+  q2_snapshots_free (f->snaps, f->nsnaps);
+}
+
+static int gather (struct q2_image *img, struct facts *f)
+{
+  const char *name = q2_file_name (img);
+  struct stat st;
+  int r;
+
+  memset (f, 0, sizeof *f);
+  f->img = img;
+  q2_header_info (img, &f->h);
+  if (tool_check (img, &f->c) < 0)
+    return -1;
+  if ((r = q2_file_size (img, &f->file_size)) < 0 || stat (name, &st) < 0) {
+    fprintf (stderr, "qcow2reclaim: %s: cannot get the file's size: %s\n", name,
+             strerror (r < 0 ? -r : errno));
+    return -1;
+  }
+  f->host = (uint64_t) st.st_blocks * 512;
+  f->nsnaps = q2_snapshot_count (img);
+  if ((r = q2_snapshots (img, &f->snaps)) < 0) {
+    fprintf (stderr, "qcow2reclaim: %s: cannot read the snapshot table: %s\n", name,
+             strerror (-r));
+    return -1;
+  }
+  /* What compaction could reach, and what stays: a plan, nothing moved. */
+  if ((r = q2_compact (img, true, NULL, NULL, &f->k)) < 0) {
+    fprintf (stderr, "qcow2reclaim: %s: cannot plan compaction: %s\n", name, strerror (-r));
+    return -1;
+  }
+  f->compactable = f->k.reachable < f->file_size ? f->k.reachable : f->file_size;
+  f->pinned = f->k.pinned_compressed + f->k.pinned_shared + f->k.pinned_snapshot +
+    f->k.pinned_unreferenced;
+  return 0;
+}
+
+static const char *yes_no (bool b)
+{
+  return b ? "true" : "false";
+}
+
+/* "12 MiB (12582912 bytes)" */
+static void print_size_bytes (const char *label, uint64_t bytes)
+{
+  char h[HUMAN_SIZE_LEN];
+
+  printf ("%s%s (%" PRIu64 " bytes)\n", label, human_size (bytes, h), bytes);
+}
+
+static void print_snapshot_row (const struct q2_snapshot *s)
+{
+  char size[HUMAN_SIZE_LEN], date[32] = "", clock[48], icount[24] = "";
+  time_t t = s->date_sec;
+  struct tm tm;
+  uint64_t secs = s->vm_clock_nsec / 1000000000;
+
+  if (localtime_r (&t, &tm))
+    strftime (date, sizeof date, "%Y-%m-%d %H:%M:%S", &tm);
+  snprintf (clock, sizeof clock, "%02" PRIu64 ":%02u:%02u.%03u", secs / 3600,
+            (unsigned) (secs / 60 % 60), (unsigned) (secs % 60),
+            (unsigned) (s->vm_clock_nsec / 1000000 % 1000));
+  if (s->has_icount)
+    snprintf (icount, sizeof icount, "%" PRIu64, s->icount);
+  printf ("%-9s %-16s %8s%20s%13s%11s\n", s->id, s->name, human_size (s->vm_state_size, size),
+          date, clock, icount);
+}
+
+/* The lines qemu-img info prints, as it prints them. */
+static void print_qemu_part (const struct facts *f)
+{
+  const struct q2_header_info *h = &f->h;
+  char buf[HUMAN_SIZE_LEN];
+  uint32_t i;
+
+  printf ("image: %s\nfile format: qcow2\n", q2_file_name (f->img));
+  print_size_bytes ("virtual size: ", q2_virtual_size (f->img));
+  printf ("disk size: %s\ncluster_size: %u\n", human_size (f->host, buf),
+          q2_cluster_size (f->img));
+  if (h->dirty)
+    printf ("cleanly shut down: no\n");
+  if (h->backing_file) {
+    printf ("backing file: %s", h->backing_file);
+    if (h->backing_path && strcmp (h->backing_path, h->backing_file))
+      printf (" (actual path: %s)", h->backing_path);
+    printf ("\n");
+  }
+  if (h->backing_format)
+    printf ("backing file format: %s\n", h->backing_format);
+  if (f->nsnaps) {
+    printf ("Snapshot list:\n%-9s %-16s %8s%20s%13s%11s\n", "ID", "TAG", "VM SIZE", "DATE",
+            "VM CLOCK", "ICOUNT");
+    for (i = 0; i < f->nsnaps; i++)
+      print_snapshot_row (&f->snaps[i]);
+  }
+  printf ("Format specific information:\n    compat: %s\n    compression type: %s\n",
+          h->version >= 3 ? "1.1" : "0.10", h->compression);
+  if (h->version >= 3)
+    printf ("    lazy refcounts: %s\n", yes_no (h->lazy_refcounts));
+  printf ("    refcount bits: %u\n", h->refcount_bits);
+  if (h->version >= 3)
+    printf ("    corrupt: %s\n    extended l2: false\n", yes_no (h->corrupt));
+}
+
+static void print_reclaim_part (const struct facts *f)
+{
+  const struct q2_check *c = &f->c;
+  uint64_t cs = q2_cluster_size (f->img);
+  uint32_t i;
+
+  printf ("Reclaim information:\n");
+  print_size_bytes ("    file length: ", f->file_size);
+  printf ("    allocated clusters: %" PRIu64 "/%" PRIu64 " = %.2f%% (%.2f%% fragmented, "
+          "%.2f%% compressed)\n", c->allocated_clusters, c->total_clusters,
+          percent (c->allocated_clusters, c->total_clusters),
+          percent (c->fragmented_clusters, c->allocated_clusters),
+          percent (c->compressed_clusters, c->allocated_clusters));
+  printf ("    image end offset: %" PRIu64 "\n", c->image_end_offset);
+  if (f->nsnaps) {
+    print_size_bytes ("    held by snapshots only: ", c->snapshot_only_clusters * cs);
+    for (i = 0; i < f->nsnaps; i++) {
+      printf ("        snapshot %s (%s) alone: ", f->snaps[i].id, f->snaps[i].name);
+      print_size_bytes ("", c->snapshot_alone[i]);
+    }
+  }
+  print_size_bytes ("    reclaimable: ", c->reclaimable_bytes);
+  print_size_bytes ("    compaction could reach: ", f->compactable);
+  if (f->pinned) {
+    print_size_bytes ("    cannot move, past the target: ", f->pinned);
+    printf ("        compressed %" PRIu64 ", shared with snapshots %" PRIu64
+            ", snapshots' own %" PRIu64 ", referenced by nothing %" PRIu64 " bytes\n",
+            f->k.pinned_compressed, f->k.pinned_shared, f->k.pinned_snapshot,
+            f->k.pinned_unreferenced);
+  }
+  if (f->h.write_refusal)
+    printf ("    plugin: serves it read-only only: %s\n", f->h.write_refusal);
+  else
+    printf ("    plugin: serves it for reading and writing\n");
+  if (c->corruptions || c->leaks)
+    printf ("    consistency: %" PRIu64 " corruptions, %" PRIu64 " leaked clusters "
+            "(see qcow2reclaim check)\n", c->corruptions, c->leaks);
+}
+
+static void print_json_snapshots (const struct facts *f)
+{
+  uint32_t i;
+
+  printf ("  \"snapshots\": [");
+  for (i = 0; i < f->nsnaps; i++) {
+    const struct q2_snapshot *s = &f->snaps[i];
+    printf ("%s\n    { \"id\": ", i ? "," : "");
+    json_string (s->id);
+    printf (", \"name\": ");
+    json_string (s->name);
+    printf (", \"vm-state-size\": %" PRIu64 ", \"date-sec\": %u, \"date-nsec\": %u, "
+            "\"vm-clock-sec\": %" PRIu64 ", \"vm-clock-nsec\": %" PRIu64,
+            s->vm_state_size, s->date_sec, s->date_nsec, s->vm_clock_nsec / 1000000000,
+            s->vm_clock_nsec % 1000000000);
+    if (s->has_icount)
+      printf (", \"icount\": %" PRIu64, s->icount);
+    printf (", \"held-alone\": %" PRIu64 " }", f->c.snapshot_alone[i]);
+  }
+  printf ("%s],\n", f->nsnaps ? "\n  " : "");
+}
+
+static void print_json_format_specific (const struct q2_header_info *h)
+{
+  printf ("  \"format-specific\": { \"type\": \"qcow2\", \"data\": { \"compat\": \"%s\", "
+          "\"compression-type\": \"%s\", ", h->version >= 3 ? "1.1" : "0.10",
+          h->compression);
+  if (h->version >= 3)
+    printf ("\"lazy-refcounts\": %s, ", yes_no (h->lazy_refcounts));
+  printf ("\"refcount-bits\": %u", h->refcount_bits);
+  if (h->version >= 3)
+    printf (", \"corrupt\": %s, \"extended-l2\": false", yes_no (h->corrupt));
+  printf (" } },\n");
+}
+
+/* qemu-img info's members first, with its names, then ours. */
+static void print_json (const struct facts *f)
+{
+  const struct q2_header_info *h = &f->h;
+  const struct q2_check *c = &f->c;
+  uint64_t cs = q2_cluster_size (f->img);
+
+  printf ("{\n  \"filename\": ");
+  json_string (q2_file_name (f->img));
+  printf (",\n  \"format\": \"qcow2\",\n  \"virtual-size\": %" PRIu64 ",\n"
+          "  \"actual-size\": %" PRIu64 ",\n  \"cluster-size\": %" PRIu64 ",\n",
+          q2_virtual_size (f->img), f->host, cs);
+  if (h->backing_file) {
+    printf ("  \"backing-filename\": ");
+    json_string (h->backing_file);
+    printf (",\n  \"full-backing-filename\": ");
+    json_string (h->backing_path);
+    printf (",\n");
+  }
+  if (h->backing_format) {
+    printf ("  \"backing-filename-format\": ");
+    json_string (h->backing_format);
+    printf (",\n");
+  }
+  print_json_snapshots (f);
+  print_json_format_specific (h);
+  printf ("  \"dirty-flag\": %s,\n", yes_no (h->dirty));
+  printf ("  \"format-version\": %u,\n  \"file-size\": %" PRIu64 ",\n"
+          "  \"host-allocated\": %" PRIu64 ",\n"
+          "  \"allocated-clusters\": %" PRIu64 ",\n  \"total-clusters\": %" PRIu64 ",\n"
+          "  \"compressed-clusters\": %" PRIu64 ",\n  \"fragmented-clusters\": %" PRIu64 ",\n"
+          "  \"image-end-offset\": %" PRIu64 ",\n"
+          "  \"snapshot-held\": %" PRIu64 ",\n  \"reclaimable\": %" PRIu64 ",\n"
+          "  \"compactable-length\": %" PRIu64 ",\n"
+          "  \"pinned\": { \"compressed\": %" PRIu64 ", \"shared\": %" PRIu64
+          ", \"snapshot\": %" PRIu64 ", \"unreferenced\": %" PRIu64 " },\n",
+          h->version, f->file_size, f->host, c->allocated_clusters, c->total_clusters,
+          c->compressed_clusters, c->fragmented_clusters, c->image_end_offset,
+          c->snapshot_only_clusters * cs, c->reclaimable_bytes, f->compactable,
+          f->k.pinned_compressed, f->k.pinned_shared, f->k.pinned_snapshot,
+          f->k.pinned_unreferenced);
+  printf ("  \"plugin\": { \"writable\": %s, \"refusal\": ", yes_no (!h->write_refusal));
+  json_string (h->write_refusal);
+  printf (" },\n  \"corruptions\": %" PRIu64 ",\n  \"leaks\": %" PRIu64 "\n}", c->corruptions,
+          c->leaks);
+}
+
+static int info_one (const char *file)
+{
+  struct q2_image *img;
+  struct facts f;
+  int r;
+
+  if (tool_open (file, false, &img) < 0)
+    return 1;
+  r = gather (img, &f);
+  if (r == 0 && opt.json) {
+    print_json (&f);
+    printf ("\n");
+  }
+  else if (r == 0) {
+    print_qemu_part (&f);
+    print_reclaim_part (&f);
+  }
+  release (&f);
+  q2_close (img);
+  return r < 0 ? 1 : 0;
+}
+
+int cmd_info (int nfiles, char **files)
+{
+  (void) nfiles;
+  return info_one (files[0]);
+}
