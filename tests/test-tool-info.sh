@@ -126,3 +126,57 @@ qemu-img create -q -f qcow2 -o extended_l2=on ext.qcow2 16M
 set +e; "$TOOL" info ext.qcow2 >out 2>&1; rc=$?; set -e
 [ $rc -eq 1 ] && grep -q 'extended L2' out || { cat out; fail "extended L2: info did not refuse it, saying why"; }
 echo "ok: refused: $(head -1 out)"
+
+# Several images at once: each in full, one after the other (an array in
+# JSON), or one line each with --summary; an image that fails does not
+# stop the others, and makes the exit status 1.
+cp plain.qcow2 leak.qcow2
+free_off=$(( ($(stat -c %s leak.qcow2) + 65535) / 65536 * 65536 ))
+truncate -s $((free_off + 65536)) leak.qcow2
+"$PYTHON" "$PATCH" refcount leak.qcow2 "$free_off" 1 >/dev/null
+"$TOOL" info plain.qcow2 snap.qcow2 >two.out
+[ "$(grep '^image: ' two.out)" = "image: plain.qcow2
+image: snap.qcow2" ] || { cat two.out; fail "info of two images does not show both, in order"; }
+{ "$TOOL" info plain.qcow2; echo; "$TOOL" info snap.qcow2; } | diff -u - two.out ||
+    fail "info of two images is not the two infos, a blank line apart"
+"$TOOL" info --output=json plain.qcow2 snap.qcow2 >two.json
+"$TOOL" info --output=json plain.qcow2 >p.json
+"$TOOL" info --output=json snap.qcow2 >s.json
+"$PYTHON" -c 'import json,sys; a = json.load(open("two.json")); sys.exit(a != [json.load(open("p.json")), json.load(open("s.json"))])' ||
+    fail "info --output=json of two images is not the array of their objects"
+echo "ok: info of several images, in full"
+
+set +e
+"$TOOL" info --summary plain.qcow2 snap.qcow2 leak.qcow2 ext.qcow2 missing.qcow2 >sum.out 2>sum.err
+rc=$?
+"$TOOL" info --summary --output=json plain.qcow2 snap.qcow2 leak.qcow2 ext.qcow2 missing.qcow2 >sum.json 2>/dev/null
+jrc=$?
+set -e
+cat sum.out
+[ $rc -eq 1 ] && [ $jrc -eq 1 ] || fail "--summary with failing images exited $rc and $jrc, want 1"
+[ "$(wc -l <sum.out)" -eq 6 ] || fail "--summary of five images is not a header and five lines"
+[ "$(awk 'NR > 1 { print $NF ":" $(NF - 1) }' sum.out | tr '\n' ' ')" = \
+  "plain.qcow2:ok snap.qcow2:ok leak.qcow2:leaks ext.qcow2:refused missing.qcow2:failed " ] ||
+    fail "--summary does not give each image its state"
+grep -q 'extended L2' sum.err && grep -q 'missing.qcow2' sum.err ||
+    { cat sum.err; fail "--summary did not say why two images failed"; }
+# The human sizes of a line are qemu-img's for the same bytes.
+virt=$(qemu-img info plain.qcow2 | sed -n 's/^virtual size: \(.*\) (.*/\1/p')
+[ "$(awk '$NF == "snap.qcow2" { print $1, $2 }' sum.out)" = "$virt" ] ||
+    fail "--summary's virtual size is not '$virt' as qemu-img says"
+TOOL=$TOOL "$PYTHON" - sum.json <<'PY' || fail "--summary --output=json disagrees with info --output=json"
+import json, os, subprocess, sys
+rows = json.load(open(sys.argv[1]))
+assert [r["filename"] for r in rows] == ["plain.qcow2", "snap.qcow2", "leak.qcow2",
+                                         "ext.qcow2", "missing.qcow2"], rows
+assert [r["state"] for r in rows] == ["ok", "ok", "leaks", "refused", "failed"], rows
+assert "extended L2" in rows[3]["error"], rows[3]
+for r in rows[:3]:
+    full = json.loads(subprocess.run([os.environ["TOOL"], "info", "--output=json",
+                                      r["filename"]], capture_output=True, check=True).stdout)
+    for k in ("virtual-size", "file-size", "actual-size", "reclaimable",
+              "compactable-length", "snapshot-held", "corruptions", "leaks"):
+        assert r[k] == full[k], (r["filename"], k, r[k], full[k])
+    assert r["snapshot-count"] == len(full["snapshots"])
+PY
+echo "ok: info --summary, one line each, in both forms"

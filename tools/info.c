@@ -28,6 +28,31 @@ struct facts {
   uint64_t pinned;            /* past the target, and unable to move */
 };
 
+/* The engine's last error, for the summary line of an image that failed
+ * (it is on stderr too).
+ */
+static char last_error[1024];
+/* What the check finds, cluster by cluster, is check's to say: info
+ * gives the totals.
+ */
+static bool checking;
+
+static void logger (int level, const char *msg)
+{
+  if (level > 1)
+    return;
+  if (level == 0)
+    snprintf (last_error, sizeof last_error, "%s", msg);
+  if (!checking)
+    fprintf (stderr, "qcow2reclaim: %s\n", msg);
+}
+
+static const char *open_failure (int err)
+{
+  return err == -EAGAIN ? "in-use"
+    : err == -EINVAL || err == -ENOTSUP || err == -ELOOP ? "refused" : "failed";
+}
+
 static void release (struct facts *f)
 {
   q2_check_free (&f->c);
@@ -43,7 +68,10 @@ static int gather (struct q2_image *img, struct facts *f)
   memset (f, 0, sizeof *f);
   f->img = img;
   q2_header_info (img, &f->h);
-  if (tool_check (img, &f->c) < 0)
+  checking = true;
+  r = tool_check (img, &f->c);
+  checking = false;
+  if (r < 0)
     return -1;
   if ((r = q2_file_size (img, &f->file_size)) < 0 || stat (name, &st) < 0) {
     fprintf (stderr, "qcow2reclaim: %s: cannot get the file's size: %s\n", name,
@@ -256,19 +284,88 @@ static void print_json (const struct facts *f)
           c->leaks);
 }
 
-static int info_one (const char *file)
+/* One word for the summary: what needs a look first. */
+static const char *state (const struct facts *f)
+{
+  if (f->c.corruptions)
+    return "errors";
+  if (f->h.write_refusal)
+    return "read-only";
+  if (f->c.leaks)
+    return "leaks";
+  return "ok";
+}
+
+#define SUMMARY_FMT "%-8s %-8s %-8s %-8s %-8s %-5s %-9s %s\n"
+
+static void print_summary_header (void)
+{
+  if (!opt.json)
+    printf (SUMMARY_FMT, "VIRTUAL", "LENGTH", "ON DISK", "RECLAIM", "COMPACT", "SNAPS",
+            "STATE", "IMAGE");
+}
+
+static void print_summary (const char *file, const struct facts *f, const char *failed)
+{
+  char v[HUMAN_SIZE_LEN], l[HUMAN_SIZE_LEN], d[HUMAN_SIZE_LEN], r[HUMAN_SIZE_LEN],
+    k[HUMAN_SIZE_LEN], sn[16];
+
+  if (failed && !opt.json)
+    printf (SUMMARY_FMT, "-", "-", "-", "-", "-", "-", failed, file);
+  else if (!opt.json) {
+    snprintf (sn, sizeof sn, "%u", f->nsnaps);
+    printf (SUMMARY_FMT, human_size (q2_virtual_size (f->img), v),
+            human_size (f->file_size, l), human_size (f->host, d),
+            human_size (f->c.reclaimable_bytes, r), human_size (f->compactable, k), sn,
+            state (f), file);
+  }
+  else {
+    printf ("{ \"filename\": ");
+    json_string (file);
+    if (failed) {
+      printf (", \"state\": \"%s\", \"error\": ", failed);
+      json_string (last_error[0] ? last_error : NULL);
+      printf (" }");
+      return;
+    }
+    printf (", \"virtual-size\": %" PRIu64 ", \"file-size\": %" PRIu64
+            ", \"actual-size\": %" PRIu64 ", \"reclaimable\": %" PRIu64
+            ", \"compactable-length\": %" PRIu64 ", \"snapshot-count\": %u"
+            ", \"snapshot-held\": %" PRIu64 ", \"corruptions\": %" PRIu64
+            ", \"leaks\": %" PRIu64 ", \"plugin-writable\": %s, \"state\": \"%s\" }",
+            q2_virtual_size (f->img), f->file_size, f->host, f->c.reclaimable_bytes,
+            f->compactable, f->nsnaps,
+            f->c.snapshot_only_clusters * q2_cluster_size (f->img), f->c.corruptions,
+            f->c.leaks, yes_no (!f->h.write_refusal), state (f));
+  }
+}
+
+/* sep goes before anything printed; *printed says something was. */
+static int info_one (const char *file, bool summary, const char *sep, bool *printed)
 {
   struct q2_image *img;
   struct facts f;
   int r;
 
-  if (tool_open (file, false, &img) < 0)
+  last_error[0] = '\0';
+  *printed = false;
+  if ((r = tool_open (file, false, &img)) < 0) {
+    if (summary) {
+      printf ("%s", sep);
+      print_summary (file, NULL, open_failure (r));
+      *printed = true;
+    }
     return 1;
-  r = gather (img, &f);
-  if (r == 0 && opt.json) {
-    print_json (&f);
-    printf ("\n");
   }
+  r = gather (img, &f);
+  if (summary || r == 0) {
+    printf ("%s", sep);
+    *printed = true;
+  }
+  if (summary)
+    print_summary (file, &f, r < 0 ? "failed" : NULL);
+  else if (r == 0 && opt.json)
+    print_json (&f);
   else if (r == 0) {
     print_qemu_part (&f);
     print_reclaim_part (&f);
@@ -278,8 +375,27 @@ static int info_one (const char *file)
   return r < 0 ? 1 : 0;
 }
 
-int cmd_info (int nfiles, char **files)
+int cmd_info (int nfiles, char **files, bool summary)
 {
-  (void) nfiles;
-  return info_one (files[0]);
+  /* JSON: an object for one image, an array for several or a summary. */
+  bool array = opt.json && (nfiles > 1 || summary);
+  bool printed;
+  int i, shown = 0, rc = 0;
+
+  q2_set_logger (logger);
+  if (summary)
+    print_summary_header ();
+  if (array)
+    printf ("[");
+  for (i = 0; i < nfiles; i++) {
+    const char *sep = !shown ? (array ? "\n" : "")
+      : opt.json ? ",\n" : summary ? "" : "\n";
+    rc |= info_one (files[i], summary, sep, &printed);
+    shown += printed;
+  }
+  if (array)
+    printf ("\n]");
+  if (opt.json && (array || shown))
+    printf ("\n");
+  return rc;
 }

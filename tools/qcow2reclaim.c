@@ -19,14 +19,15 @@
 #include "tool.h"
 
 static const char usage[] =
-  "usage: qcow2reclaim info [-U] [--output=human|json] IMAGE\n"
+  "usage: qcow2reclaim info [-U] [--summary] [--output=human|json] IMAGE...\n"
   "       qcow2reclaim map [-U] [--output=human|json] IMAGE\n"
   "       qcow2reclaim check [-U] [--output=human|json] IMAGE\n"
   "       qcow2reclaim compact [--dry-run [-U]] [--output=human|json] IMAGE\n"
   "       qcow2reclaim --help | --version\n"
   "\n"
-  "info     sizes, allocation, space held by snapshots, space reclaimable,\n"
-  "         fragmentation, the length compaction could reach and what keeps it longer\n"
+  "info     what qemu-img info shows, then the space each snapshot holds alone,\n"
+  "         the space reclaimable and the length compaction could reach; with\n"
+  "         --summary, one line for each image\n"
   "map      where each guest range lives (as qemu-img map)\n"
   "check    rebuild refcounts from every table and compare; exit 0 clean,\n"
   "         1 check failed, 2 corruptions, 3 leaks only (as qemu-img check)\n"
@@ -223,11 +224,13 @@ int main (int argc, char **argv)
     { "dry-run", no_argument, NULL, 'n' },
     { "output", required_argument, NULL, 'o' },
     { "force-share", no_argument, NULL, 'U' },
+    { "summary", no_argument, NULL, 's' },
     { "help", no_argument, NULL, 'h' },
     { "version", no_argument, NULL, 'V' },
     { NULL, 0, NULL, 0 },
   };
   struct q2_image *img;
+  bool summary = false;
   const char *cmd;
   int c, r;
 
@@ -236,6 +239,7 @@ int main (int argc, char **argv)
     case 'j': opt.json = true; break;
     case 'n': opt.dry_run = true; break;
     case 'U': opt.force_share = true; break;
+    case 's': summary = true; break;
     case 'o':
       if (strcmp (optarg, "json") == 0)
         opt.json = true;
@@ -259,6 +263,10 @@ int main (int argc, char **argv)
     fprintf (stderr, "qcow2reclaim: unknown command '%s'\n%s", cmd, usage);
     return 1;
   }
+  if (summary && strcmp (cmd, "info")) {
+    fprintf (stderr, "qcow2reclaim: --summary goes with info only\n");
+    return 1;
+  }
   if (opt.dry_run && strcmp (cmd, "compact")) {
     fprintf (stderr, "qcow2reclaim: --dry-run goes with compact only\n");
     return 1;
@@ -269,7 +277,7 @@ int main (int argc, char **argv)
     return 1;
   }
   if (strcmp (cmd, "info") == 0)
-    return cmd_info (argc - optind - 1, argv + optind + 1);
+    return cmd_info (argc - optind - 1, argv + optind + 1, summary);
   if (argc - optind != 2) {
     fputs (usage, stderr);
     return 1;

@@ -34,6 +34,7 @@ double percent (uint64_t part, uint64_t whole);
 /* s as a JSON string, quoted and escaped; null for NULL. */
 void json_string (const char *s);
 
-int cmd_info (int nfiles, char **files);
+/* Several images one after the other, or one line each (summary). */
+int cmd_info (int nfiles, char **files, bool summary);
 
 #endif
