@@ -33,6 +33,7 @@ struct walk {
   struct q2_check *res;
   uint32_t *refs;             /* references found, per host cluster */
   uint32_t *owner;            /* OWNER_*, per host cluster; NULL without snapshots */
+  uint8_t *block_bad;         /* per refcount table entry: its block cannot be read */
   uint64_t nclusters;
   uint64_t next_contiguous;   /* for fragmentation, as qemu-img counts it */
   q2_progress_fn progress;
@@ -195,18 +196,85 @@ static int walk_snapshots (struct walk *w)
   return 0;
 }
 
+/* A refcount table entry that cannot name a block: reserved bits, not a
+ * cluster, or past the end of the file.  Its counts read as 0, as QEMU
+ * reads them.
+ */
+static bool bad_block_entry (const struct walk *w, uint64_t e)
+{
+  uint64_t off = e & REFT_OFFSET_MASK;
+
+  return e & ~REFT_OFFSET_MASK || off & (w->lay->cluster_size - 1) ||
+    (off && (off >> w->lay->cluster_bits) >= w->nclusters);
+}
+
 static int walk_refcount_structures (struct walk *w)
+{
+  const struct layout *lay = w->lay;
+  struct q2_image *img = w->img;
+  uint64_t i, e, b;
+
+  add_ref (w, lay->reftable_offset, lay->reftable_clusters << lay->cluster_bits,
+           OWNER_ACTIVE, "refcount table");
+  for (i = 0; i < img->m.reftable.size; i++) {
+    e = table_get (&img->m.reftable, i);
+    b = e & REFT_OFFSET_MASK;
+    if (bad_block_entry (w, e)) {
+      if (b >> lay->cluster_bits >= w->nclusters && !(b & (lay->cluster_size - 1)))
+        log_error ("%s: ERROR refcount block %" PRIu64 " at host offset 0x%" PRIx64
+                   " is past the end of the file", lay->name, i, b);
+      else
+        log_error ("%s: ERROR refcount block %" PRIu64 ": the refcount table entry 0x%"
+                   PRIx64 " is not a valid cluster offset", lay->name, i, e);
+      w->res->corruptions++;
+      w->block_bad[i] = 1;
+    }
+    else if (b)
+      add_ref (w, b, lay->cluster_size, OWNER_ACTIVE, "refcount block");
+  }
+  return 0;
+}
+
+/* A refcount block's cluster holds counts and nothing else: a second
+ * reference to it (another entry, other metadata, data) is corruption.
+ */
+static void check_blocks_unshared (struct walk *w)
 {
   const struct layout *lay = w->lay;
   struct q2_image *img = w->img;
   uint64_t i, b;
 
-  add_ref (w, lay->reftable_offset, lay->reftable_clusters << lay->cluster_bits,
-           OWNER_ACTIVE, "refcount table");
-  for (i = 0; i < img->m.reftable.size; i++)
-    if ((b = table_get (&img->m.reftable, i) & REFT_OFFSET_MASK))
-      add_ref (w, b, lay->cluster_size, OWNER_ACTIVE, "refcount block");
-  return 0;
+  for (i = 0; i < img->m.reftable.size; i++) {
+    b = table_get (&img->m.reftable, i) & REFT_OFFSET_MASK;
+    if (!b || w->block_bad[i] || w->refs[b >> lay->cluster_bits] == 1)
+      continue;
+    log_error ("%s: ERROR refcount block %" PRIu64 " at host offset 0x%" PRIx64
+               " is referenced %" PRIu32 " times, by other metadata or data too",
+               lay->name, i, b, w->refs[b >> lay->cluster_bits]);
+    w->res->corruptions++;
+  }
+}
+
+/* The stored count of cluster c (inside the file); 0 under a block that
+ * cannot be read, which counts as one corruption, said once.
+ */
+static int stored_count (struct walk *w, uint64_t c, uint64_t *rc)
+{
+  struct q2_image *img = w->img;
+  uint64_t idx = c >> w->lay->rb_bits;
+  int r;
+
+  *rc = 0;
+  if (!refcount_covered (&img->m, c) || w->block_bad[idx])
+    return 0;
+  if ((r = refcount_get (&img->m, c, rc)) == -EIO) {
+    /* Said by the engine: a block over other metadata. */
+    w->res->corruptions++;
+    w->block_bad[idx] = 1;
+    *rc = 0;
+    return 0;
+  }
+  return r;
 }
 
 /* COPIED must say exactly "refcount is 1" in the active tables. */
@@ -224,7 +292,7 @@ static int check_copied (struct walk *w)
     uint64_t e = table_get (&img->m.l1, i), l2 = e & L1E_OFFSET_MASK;
     if (!l2 || (l2 >> lay->cluster_bits) >= w->nclusters)
       continue;
-    if ((r = refcount_get (&img->m, l2 >> lay->cluster_bits, &rc)) < 0)
+    if ((r = stored_count (w, l2 >> lay->cluster_bits, &rc)) < 0)
       break;
     if (!!(e & QCOW_OFLAG_COPIED) != (rc == 1)) {
       log_error ("%s: ERROR OFLAG_COPIED L2 table at 0x%" PRIx64 ": refcount=%" PRIu64,
@@ -237,7 +305,7 @@ static int check_copied (struct walk *w)
       uint64_t d = be64_get (t + j * 8), off = d & L2E_OFFSET_MASK;
       if (!off || (d & QCOW_OFLAG_COMPRESSED) || (off >> lay->cluster_bits) >= w->nclusters)
         continue;
-      if ((r = refcount_get (&img->m, off >> lay->cluster_bits, &rc)) < 0)
+      if ((r = stored_count (w, off >> lay->cluster_bits, &rc)) < 0)
         break;
       if (!!(d & QCOW_OFLAG_COPIED) != (rc == 1)) {
         log_error ("%s: ERROR OFLAG_COPIED data cluster at 0x%" PRIx64 ": refcount=%" PRIu64,
@@ -259,31 +327,27 @@ static uint64_t next_referenced (const struct walk *w, uint64_t c, uint64_t limi
   return limit;
 }
 
+/* Inside the file only, as qemu-img compares them: a count past its end
+ * names no space, and a reference there is already an error.
+ */
 static int compare_refcounts (struct walk *w)
 {
   const struct layout *lay = w->lay;
   struct q2_image *img = w->img;
   uint64_t covered = img->m.reftable.size << lay->rb_bits, c, rc;
-  uint64_t end = covered > w->nclusters ? covered : w->nclusters;
   int r;
 
-  for (c = 0; c < end; c++) {
-    uint64_t want = c < w->nclusters ? w->refs[c] : 0;
-    if (c < covered) {
-      if (!(table_get (&img->m.reftable, c >> lay->rb_bits) & REFT_OFFSET_MASK)) {
-        rc = 0;
-        if (!want) {
-          /* Skip the absent block, but not a reference further into it. */
-          c = next_referenced (w, c + 1, (c | ((1ull << lay->rb_bits) - 1)) + 1) - 1;
-          continue;
-        }
-      }
-      else if ((r = refcount_get (&img->m, c, &rc)) < 0)
-        return r;
+  for (c = 0; c < w->nclusters; c++) {
+    uint64_t want = w->refs[c];
+    if (c < covered && !want &&
+        !(table_get (&img->m.reftable, c >> lay->rb_bits) & REFT_OFFSET_MASK)) {
+      /* Skip the absent block, but not a reference further into it. */
+      c = next_referenced (w, c + 1, (c | ((1ull << lay->rb_bits) - 1)) + 1) - 1;
+      continue;
     }
-    else
-      rc = 0;
-    if (want)
+    if ((r = stored_count (w, c, &rc)) < 0)
+      return r;
+    if (want || rc)
       w->res->image_end_offset = (c + 1) << lay->cluster_bits;
     if (rc < want) {
       log_error ("%s: ERROR cluster %" PRIu64 " refcount=%" PRIu64 " reference=%" PRIu64,
@@ -340,8 +404,10 @@ static int walk_all (struct walk *w)
   add_ref (w, 0, w->lay->cluster_size, OWNER_ACTIVE, "header");
   if ((r = walk_l1 (w, w->lay->l1_offset, img->m.l1.size, OWNER_ACTIVE)) < 0 ||
       (r = walk_snapshots (w)) < 0 ||
-      (r = walk_refcount_structures (w)) < 0 ||
-      (r = compare_refcounts (w)) < 0)
+      (r = walk_refcount_structures (w)) < 0)
+    return r;
+  check_blocks_unshared (w);
+  if ((r = compare_refcounts (w)) < 0)
     return r;
   return check_copied (w);
 }
@@ -362,12 +428,14 @@ int check_image (struct q2_image *img, struct q2_check *res, q2_progress_fn prog
   w.nclusters = layout_clusters (lay, size);
   w.total = img->m.l1.size;
   w.refs = calloc (w.nclusters + 1, sizeof *w.refs);
+  w.block_bad = calloc (img->m.reftable.size + 1, 1);
   if (nsnap) {
     w.owner = calloc (w.nclusters + 1, sizeof *w.owner);
     res->snapshot_alone = calloc (nsnap, sizeof *res->snapshot_alone);
   }
-  if (!w.refs || (nsnap && (!w.owner || !res->snapshot_alone))) {
+  if (!w.refs || !w.block_bad || (nsnap && (!w.owner || !res->snapshot_alone))) {
     free (w.refs);
+    free (w.block_bad);
     free (w.owner);
     check_free (res);
     return -ENOMEM;
@@ -377,6 +445,7 @@ int check_image (struct q2_image *img, struct q2_check *res, q2_progress_fn prog
   if (r == 0)
     r = host_bytes_in_free (&w, &res->reclaimable_bytes);
   free (w.refs);
+  free (w.block_bad);
   free (w.owner);
   if (r < 0)
     check_free (res);

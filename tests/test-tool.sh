@@ -68,12 +68,52 @@ truncate -s $((free_off + 131072)) leak.qcow2   # qemu-img looks only inside the
 set +e; "$TOOL" check leak.qcow2 >out 2>&1; rc=$?; qemu-img check leak.qcow2 >/dev/null 2>&1; qrc=$?; set -e
 [ $rc -eq 3 ] && [ $qrc -eq 3 ] || { cat out; fail "leak: exit $rc (qemu-img $qrc), want 3"; }
 echo "ok: leak found (exit 3), as qemu-img check"
+cp leak.qcow2 leakonly.qcow2
 data_off=$("$PYTHON" "$PATCH" l2 leak.qcow2 0 --json | "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["host_offset"])')
 "$PYTHON" "$PATCH" refcount leak.qcow2 "$data_off" 0 >/dev/null
 set +e; "$TOOL" check leak.qcow2 >out 2>&1; rc=$?; qemu-img check leak.qcow2 >/dev/null 2>&1; qrc=$?; set -e
 [ $rc -eq 2 ] && [ $qrc -eq 2 ] || { cat out; fail "corruption: exit $rc (qemu-img $qrc), want 2"; }
 grep -q "ERROR cluster" out || fail "corruption: no ERROR line"
 echo "ok: corruption found (exit 2), as qemu-img check"
+
+# Damage around the end of the file and in the refcount table is
+# reported as qemu-img check reports it: the same summary on stdout and
+# the same exit status, with the check going to its end.
+same_check() {
+    local name=$1 img=$2 want=$3 rc qrc
+    set +e
+    qemu-img check "$img" >q.out 2>/dev/null; qrc=$?
+    "$TOOL" check "$img" >t.out 2>t.err; rc=$?
+    set -e
+    [ $qrc -eq "$want" ] || fail "$name: qemu-img check exits $qrc, the test wants $want"
+    [ $rc -eq "$want" ] || { cat t.out t.err; fail "$name: check exits $rc, qemu-img check $want"; }
+    diff -u q.out t.out || fail "$name: check says otherwise than qemu-img check"
+    echo "ok: $name: exit $rc and the summary of qemu-img check"
+}
+same_check leak-inside-the-file leakonly.qcow2 3
+same_check leak-and-corruption leak.qcow2 2
+cp plain.qcow2 countpast.qcow2
+"$PYTHON" "$PATCH" refcount countpast.qcow2 $(( $(stat -c %s countpast.qcow2) + 5 * 65536 )) 1 >/dev/null
+same_check count-past-the-end countpast.qcow2 0
+cp plain.qcow2 cut.qcow2
+truncate -s 1M cut.qcow2
+same_check references-past-the-end cut.qcow2 2
+grep -q 'Leaked' t.err && fail "cut: counts past the end reported as leaks"
+cp plain.qcow2 rbpast.qcow2
+"$PYTHON" "$PATCH" refcount-table rbpast.qcow2 1 0x1000000 >/dev/null
+same_check refcount-block-past-the-end rbpast.qcow2 2
+grep -q 'ERROR refcount block 1 .*past the end of the file' t.err ||
+    { cat t.err; fail "rbpast: the block past the end is not named"; }
+cp plain.qcow2 rb0past.qcow2
+"$PYTHON" "$PATCH" refcount-table rb0past.qcow2 0 0x1000000 >/dev/null
+same_check first-refcount-block-past-the-end rb0past.qcow2 2
+cp plain.qcow2 rbodd.qcow2
+"$PYTHON" "$PATCH" refcount-table rbodd.qcow2 1 0x50200 >/dev/null
+same_check refcount-block-unaligned rbodd.qcow2 2
+l1=$("$PYTHON" "$PATCH" header plain.qcow2 l1_table_offset)
+cp plain.qcow2 rbl1.qcow2
+"$PYTHON" "$PATCH" refcount-table rbl1.qcow2 1 "$l1" >/dev/null
+same_check refcount-block-on-the-L1-table rbl1.qcow2 2
 
 # Reclaimable space: a cluster freed on disk but not punched counts.
 [ "$("$TOOL" info --output=json plain.qcow2 | sed -n 's/.*"reclaimable": \([0-9]*\).*/\1/p')" -eq 0 ] ||

@@ -201,11 +201,11 @@ static int cmd_check (struct q2_image *img)
     if (!c.corruptions && !c.leaks)
       printf ("No errors were found on the image.\n");
     if (c.corruptions)
-      printf ("%" PRIu64 " errors were found on the image.\n"
+      printf ("\n%" PRIu64 " errors were found on the image.\n"
               "Data may be corrupted, or further writes to the image may corrupt it.\n",
               c.corruptions);
     if (c.leaks)
-      printf ("%" PRIu64 " leaked clusters were found on the image.\n"
+      printf ("\n%" PRIu64 " leaked clusters were found on the image.\n"
               "This means waste of disk space, but no harm to data.\n", c.leaks);
     printf ("%" PRIu64 "/%" PRIu64 " = %.2f%% allocated, %.2f%% fragmented, "
             "%.2f%% compressed clusters\nImage end offset: %" PRIu64 "\n",
