@@ -1,8 +1,9 @@
 /* SPDX-License-Identifier: BSD-3-Clause */
 /* Consistency check: every reference in the image (header, L1 tables of the
  * active layer and of each internal snapshot, L2 tables, data and
- * compressed clusters, refcount table and blocks, snapshot table) is counted
- * and compared with the stored refcounts, as `qemu-img check` does.
+ * compressed clusters, refcount table and blocks, snapshot table, persistent
+ * bitmaps) is counted and compared with the stored refcounts, as `qemu-img
+ * check` does.
  */
 #include <config.h>
 
@@ -194,6 +195,83 @@ static int walk_snapshots (struct walk *w)
   if (off > start)
     add_ref (w, start, off - start, OWNER_ACTIVE, "snapshot table");
   return 0;
+}
+
+/* QEMU's bounds: a directory of at most 64 MiB, a bitmap table of at
+ * most 2^27 entries.
+ */
+#define BITMAP_DIR_MAX (64ull << 20)
+#define BITMAP_TABLE_MAX (1ull << 27)
+
+/* One bitmap's table, a cluster at a time, and the data clusters it names. */
+static int walk_bitmap_table (struct walk *w, uint64_t off, uint64_t entries)
+{
+  const struct layout *lay = w->lay;
+  uint64_t per = lay->cluster_size / 8, i, j, n, e;
+  uint8_t *t;
+  int r = 0;
+
+  add_ref (w, off, entries * 8, OWNER_ACTIVE, "bitmap table");
+  if (!(t = malloc (lay->cluster_size)))
+    return -ENOMEM;
+  for (i = 0; i < entries && r == 0; i += per) {
+    n = entries - i < per ? entries - i : per;
+    if ((r = host_pread (&w->img->m.hf, t, n * 8, off + i * 8)) < 0)
+      break;
+    for (j = 0; j < n; j++)
+      if ((e = be64_get (t + j * 8) & BITMAP_TABLE_OFFSET_MASK))
+        add_ref (w, e, lay->cluster_size, OWNER_ACTIVE, "bitmap data cluster");
+  }
+  free (t);
+  return r;
+}
+
+/* Persistent bitmaps (only when their autoclear bit is set): the
+ * directory, each bitmap's table and its data clusters, as qemu-img
+ * check counts them.
+ */
+static int walk_bitmaps (struct walk *w)
+{
+  const struct layout *lay = w->lay;
+  uint64_t size = lay->bitmap_dir_size, off = lay->bitmap_dir_offset, pos, toff;
+  uint32_t i, tsize, extra, namelen;
+  uint8_t *dir;
+  int r;
+
+  if (!lay->nb_bitmaps)
+    return 0;
+  if (size > BITMAP_DIR_MAX || size < BITMAP_ENTRY_FIXED || off & (lay->cluster_size - 1) ||
+      (off >> lay->cluster_bits) >= w->nclusters) {
+    log_error ("%s: ERROR the bitmap directory (0x%" PRIx64 ", %" PRIu64 " bytes) is "
+               "not inside the file", lay->name, off, size);
+    w->res->corruptions++;
+    return 0;
+  }
+  add_ref (w, off, size, OWNER_ACTIVE, "bitmap directory");
+  if (!(dir = malloc (size)))
+    return -ENOMEM;
+  if ((r = host_pread (&w->img->m.hf, dir, size, off)) < 0)
+    goto out;
+  for (i = 0, pos = 0; i < lay->nb_bitmaps && r == 0; i++) {
+    if (pos + BITMAP_ENTRY_FIXED > size)
+      break;
+    toff = be64_get (dir + pos);
+    tsize = be32_get (dir + pos + 8);
+    namelen = be16_get (dir + pos + 18);
+    extra = be32_get (dir + pos + 20);
+    if (tsize > BITMAP_TABLE_MAX || toff & (lay->cluster_size - 1) ||
+        (tsize && (toff >> lay->cluster_bits) >= w->nclusters)) {
+      log_error ("%s: ERROR bitmap %u has an invalid table (0x%" PRIx64 ", %u entries)",
+                 lay->name, i, toff, tsize);
+      w->res->corruptions++;
+    }
+    else if (tsize)
+      r = walk_bitmap_table (w, toff, tsize);
+    pos += (BITMAP_ENTRY_FIXED + (uint64_t) extra + namelen + 7) & ~7ull;
+  }
+out:
+  free (dir);
+  return r;
 }
 
 /* A refcount table entry that cannot name a block: reserved bits, not a
@@ -404,6 +482,7 @@ static int walk_all (struct walk *w)
   add_ref (w, 0, w->lay->cluster_size, OWNER_ACTIVE, "header");
   if ((r = walk_l1 (w, w->lay->l1_offset, img->m.l1.size, OWNER_ACTIVE)) < 0 ||
       (r = walk_snapshots (w)) < 0 ||
+      (r = walk_bitmaps (w)) < 0 ||
       (r = walk_refcount_structures (w)) < 0)
     return r;
   check_blocks_unshared (w);

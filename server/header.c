@@ -56,6 +56,13 @@ static int parse_extensions (struct layout *lay, const uint8_t *buf,
       memcpy (ex->backing_format, buf + off + 8, n);
       ex->backing_format[n] = '\0';
     }
+    /* Without its autoclear bit, the extension is stale: QEMU ignores it. */
+    if (t == HDR_EXT_BITMAPS && l >= BITMAPS_EXT_LENGTH &&
+        (lay->autoclear & AUTOCLEAR_BITMAPS)) {
+      lay->nb_bitmaps = be32_get (buf + off + 8);
+      lay->bitmap_dir_size = be64_get (buf + off + 16);
+      lay->bitmap_dir_offset = be64_get (buf + off + 24);
+    }
     off += 8 + ((l + 7) & ~7u);
   }
   return 0;
@@ -353,5 +360,6 @@ int header_clear_autoclear (struct hostfile *hf, struct layout *lay)
               " (persistent bitmaps are no longer valid after writes)",
               lay->name, lay->autoclear);
   lay->autoclear = 0;
+  lay->nb_bitmaps = 0;        /* their clusters are leaks from now on, for QEMU too */
   return 0;
 }
