@@ -45,6 +45,11 @@ struct q2_options {
    * program may be writing the image, so what is read may be stale.
    */
   bool force_share;
+  /* For q2_repair only: writable, accepting an image marked corrupt or
+   * dirty, and keeping the autoclear bits (a repair changes no guest data,
+   * so persistent bitmaps stay valid).  Guest writes are refused.
+   */
+  bool repair;
   const char *backing;      /* NULL: the image's own; "none": refuse backing files */
   size_t cache_size;        /* bytes of L2 tables and refcount blocks to keep, 0 = default */
   enum q2_discard_mode discard;
@@ -139,6 +144,24 @@ int q2_check (struct q2_image *img, struct q2_check *res, q2_progress_fn progres
               void *opaque);
 /* Frees what a successful q2_check allocated in res. */
 void q2_check_free (struct q2_check *res);
+
+/* Repairs, as qemu-img check -r does (qcow2reclaim check -r). */
+enum q2_repair_mode {
+  Q2_REPAIR_LEAKS = 1,      /* counts above the references */
+  Q2_REPAIR_ALL,            /* and counts below them, and COPIED flags */
+};
+struct q2_repair_result {
+  uint64_t leaks_fixed, corruptions_fixed;
+  struct q2_check after;    /* the check of the repaired image (q2_check_free it) */
+};
+/* The image must have been opened with repair.  Damage a count cannot mend
+ * (table entries, refcount blocks, a cluster used as two things) is refused
+ * with -EINVAL, said, before anything changes.  The counts are written
+ * back and synced before the COPIED flags that rely on them, and the dirty
+ * and corrupt marks are cleared, synced, once nothing is left wrong.
+ */
+int q2_repair (struct q2_image *img, enum q2_repair_mode mode,
+               struct q2_repair_result *res, q2_progress_fn progress, void *opaque);
 
 /* What a compaction found and did (qcow2reclaim compact). */
 struct q2_compact_result {

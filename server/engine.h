@@ -34,6 +34,7 @@ struct q2_image {
   struct rangelock guest_lock;
 
   bool readonly;
+  bool repair;                /* opened for q2_repair: no guest writes */
   char *backing_name;         /* as the header names it; NULL: none */
   char backing_format[32];    /* as the header names it; empty: none */
   enum q2_discard_mode discard;

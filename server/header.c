@@ -101,11 +101,12 @@ static int refuse_features (struct layout *lay, const uint8_t *buf,
 const char *header_write_refusal (const struct layout *lay)
 {
   if (lay->incompat & INCOMPAT_CORRUPT)
-    return "the image is marked corrupt; repair it with qemu-img check -r all, "
-      "or serve it with readonly=true to read what is left";
+    return "the image is marked corrupt; repair it with qcow2reclaim check -r all "
+      "(or qemu-img check -r all), or serve it with readonly=true to read what is left";
   if (lay->incompat & INCOMPAT_DIRTY)
     return "the image has the dirty bit set (lazy refcounts were not written "
-      "back); run qemu-img check -r all to repair it, or serve it with readonly=true";
+      "back); run qcow2reclaim check -r all (or qemu-img check -r all) to repair it, "
+      "or serve it with readonly=true";
   return NULL;
 }
 
@@ -361,5 +362,25 @@ int header_clear_autoclear (struct hostfile *hf, struct layout *lay)
               lay->name, lay->autoclear);
   lay->autoclear = 0;
   lay->nb_bitmaps = 0;        /* their clusters are leaks from now on, for QEMU too */
+  return 0;
+}
+
+int header_clear_incompat (struct hostfile *hf, struct layout *lay, uint64_t bits)
+{
+  uint8_t b[8];
+  int r;
+
+  if (lay->version < 3 || !(lay->incompat & bits))
+    return 0;
+  be64_put (b, lay->incompat & ~bits);
+  r = host_pwrite (hf, b, sizeof b, HDR_INCOMPAT);
+  if (r == 0)
+    r = host_sync (hf);
+  if (r < 0) {
+    log_error ("%s: cannot clear incompatible feature bits 0x%" PRIx64 ": %s", lay->name,
+               lay->incompat & bits, strerror (-r));
+    return r;
+  }
+  lay->incompat &= ~bits;
   return 0;
 }

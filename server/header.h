@@ -46,5 +46,9 @@ int header_switch_table (struct hostfile *hf, const struct layout *lay,
                          enum header_table which, uint64_t new_offset,
                          uint64_t old_offset, uint32_t size, bool *unsure);
 int header_clear_autoclear (struct hostfile *hf, struct layout *lay);
+/* Clears incompatible feature bits (the dirty and corrupt marks a repair
+ * takes away), one write inside the first sector, synced.
+ */
+int header_clear_incompat (struct hostfile *hf, struct layout *lay, uint64_t bits);
 
 #endif

@@ -116,7 +116,8 @@ static int read_header (struct q2_image *img)
     log_error ("%s: cannot read the header: %s", lay->name, strerror (-r));
     return r;
   }
-  if ((r = header_parse (lay, buf, n, size, img->readonly, &ex)) < 0)
+  /* A repair is what takes the corrupt and dirty marks away. */
+  if ((r = header_parse (lay, buf, n, size, img->readonly || img->repair, &ex)) < 0)
     return r;
   if (ex.backing_offset && ex.backing_len) {
     if (!(img->backing_name = strndup ((char *) buf + ex.backing_offset, ex.backing_len)))
@@ -192,6 +193,7 @@ static int image_open (const struct q2_options *o, int depth,
   rangelock_init (&img->guest_lock);
   alloc_init (&img->alloc, m);
   img->readonly = o->readonly;
+  img->repair = o->repair && !o->readonly;
   img->discard = o->discard;
   img->detect_zeroes = o->detect_zeroes;
   if ((r = host_open (&m->hf, o->file, o->readonly)) < 0) {
@@ -207,7 +209,8 @@ static int image_open (const struct q2_options *o, int depth,
                        m->lay.reftable_offset, layout_reftable_entries (&m->lay))) < 0 ||
       (r = build_overlap (img)) < 0 ||
       (r = copied_new (&img->copied)) < 0 ||
-      (r = compact_new (&img->compact, o->compact == Q2_COMPACT_AUTO, o->compact_rate,
+      (r = compact_new (&img->compact, o->compact == Q2_COMPACT_AUTO && !img->repair,
+                        o->compact_rate,
                         o->compact_notify, o->compact_opaque)) < 0)
     goto fail;
   r = cache_init (&m->cache, &m->hf, &m->lay, &m->lock,
@@ -224,7 +227,7 @@ static int image_open (const struct q2_options *o, int depth,
   if ((r = open_backing (img, &link, o->backing, img->backing_name, img->backing_format,
                          depth, o->force_share)) < 0)
     goto fail;
-  if (!img->readonly && (r = header_clear_autoclear (&m->hf, &m->lay)) < 0)
+  if (!img->readonly && !img->repair && (r = header_clear_autoclear (&m->hf, &m->lay)) < 0)
     goto fail;
   *imgp = img;
   return 0;
@@ -343,7 +346,7 @@ int q2_write (struct q2_image *img, const void *buf, uint64_t count,
   bool apply_frees;
   int r;
 
-  if (img->readonly)
+  if (img->readonly || img->repair)
     return -EROFS;
   if ((r = request_check (img, count, offset)) < 0 || (r = refuse_changes (img)) < 0)
     return r;
@@ -367,6 +370,8 @@ int q2_zero (struct q2_image *img, uint64_t count, uint64_t offset, unsigned fla
   bool kept, apply_frees;
   int r = img->readonly ? 0 : refuse_changes (img);
 
+  if (img->repair)
+    return -EROFS;
   if (r < 0)
     return r;
   r = discard_zero (img, count, offset, flags & ~Q2_FUA, &kept, &apply_frees);
@@ -383,6 +388,8 @@ int q2_discard (struct q2_image *img, uint64_t count, uint64_t offset, unsigned 
   bool kept;
   int r = img->readonly ? 0 : refuse_changes (img);
 
+  if (img->repair)
+    return -EROFS;
   if (r < 0)
     return r;
   r = discard_range (img, count, offset, &kept);
@@ -432,6 +439,38 @@ int q2_check (struct q2_image *img, struct q2_check *res, q2_progress_fn progres
 void q2_check_free (struct q2_check *res)
 {
   check_free (res);
+}
+
+int q2_repair (struct q2_image *img, enum q2_repair_mode mode,
+               struct q2_repair_result *res, q2_progress_fn progress, void *opaque)
+{
+  struct layout *lay = &img->m.lay;
+  bool synced;
+  int r;
+
+  memset (res, 0, sizeof *res);
+  if (!img->repair) {
+    log_error ("%s: a repair needs the image opened for it", lay->name);
+    return -EINVAL;
+  }
+  if ((r = refuse_changes (img)) < 0 ||
+      (r = check_repair (img, mode, &res->leaks_fixed, &res->corruptions_fixed,
+                         progress, opaque)) < 0)
+    return r;
+  /* What the commit sequence does after any change: empty refcount blocks
+   * go, and the free end of the file is cut.
+   */
+  mutex_lock (&img->m.lock);
+  r = commit_run (img, &synced);
+  mutex_unlock (&img->m.lock);
+  if (r == 0)
+    r = check_image (img, &res->after, NULL, NULL);
+  /* Only with every count right on disk may the marks go. */
+  if (r == 0 && res->after.corruptions == 0)
+    r = header_clear_incompat (&img->m.hf, lay, INCOMPAT_DIRTY | INCOMPAT_CORRUPT);
+  if (r < 0)
+    check_free (&res->after);
+  return r;
 }
 
 void q2_header_info (const struct q2_image *img, struct q2_header_info *h)
@@ -507,7 +546,7 @@ int q2_compact (struct q2_image *img, bool dry_run, q2_progress_fn progress,
 {
   int r;
 
-  if (img->readonly && !dry_run)
+  if ((img->readonly || img->repair) && !dry_run)
     return -EROFS;
   if (!img->readonly && (r = refuse_changes (img)) < 0)
     return r;

@@ -1,8 +1,8 @@
 /* SPDX-License-Identifier: BSD-3-Clause */
 /* qcow2reclaim: info, map, check and compact on the engine the nbdkit
  * plugin uses.  The image is opened read-only, with the shared locks
- * qemu-img takes (none with -U), except by compact, which takes the
- * writer's locks.
+ * qemu-img takes (none with -U), except by compact and check -r, which
+ * take the writer's locks.
  */
 #include <config.h>
 
@@ -21,7 +21,7 @@
 static const char usage[] =
   "usage: qcow2reclaim info [-U] [--summary] [--output=human|json] IMAGE...\n"
   "       qcow2reclaim map [-U] [--output=human|json] IMAGE\n"
-  "       qcow2reclaim check [-U] [--output=human|json] IMAGE\n"
+  "       qcow2reclaim check [-U | -r leaks|all] [--output=human|json] IMAGE\n"
   "       qcow2reclaim compact [--dry-run [-U]] [--output=human|json] IMAGE\n"
   "       qcow2reclaim --help | --version\n"
   "\n"
@@ -30,7 +30,9 @@ static const char usage[] =
   "         --summary, one line for each image\n"
   "map      where each guest range lives (as qemu-img map)\n"
   "check    rebuild refcounts from every table and compare; exit 0 clean,\n"
-  "         1 check failed, 2 corruptions, 3 leaks only (as qemu-img check)\n"
+  "         1 check failed, 2 corruptions, 3 leaks only (as qemu-img check);\n"
+  "         -r leaks frees leaked clusters, -r all also raises counts that are\n"
+  "         too low and mends COPIED flags (the image must not be in use)\n"
   "compact  move the clusters at the end of the file into free ones below and cut\n"
   "         the file, in place (the image must not be in use); --dry-run says the\n"
   "         length it would reach and what keeps it longer; exit 0 done, 1 failed,\n"
@@ -56,7 +58,7 @@ static void progress (void *opaque, uint64_t done, uint64_t total)
 int tool_open (const char *file, bool writable, struct q2_image **img)
 {
   struct q2_options o = { .file = file, .readonly = !writable, .force_share = opt.force_share,
-                          .compact = Q2_COMPACT_OFF };
+                          .repair = writable && opt.repair, .compact = Q2_COMPACT_OFF };
   int r = q2_open (&o, img);
 
   /* -EAGAIN: the lock, whose message the engine has given. */
@@ -184,37 +186,81 @@ static int cmd_map (struct q2_image *img)
   return r < 0 ? 1 : 0;
 }
 
+static void print_check (struct q2_image *img, const struct q2_check *c,
+                         const struct q2_repair_result *fixed)
+{
+  if (opt.json) {
+    printf ("{\n  \"filename\": ");
+    json_string (q2_file_name (img));
+    printf (",\n  \"check-errors\": 0,\n  \"corruptions\": %" PRIu64 ",\n  \"leaks\": %"
+            PRIu64 ",\n", c->corruptions, c->leaks);
+    if (fixed)
+      printf ("  \"leaks-fixed\": %" PRIu64 ",\n  \"corruptions-fixed\": %" PRIu64 ",\n",
+              fixed->leaks_fixed, fixed->corruptions_fixed);
+    printf ("  \"allocated-clusters\": %" PRIu64 ",\n  \"total-clusters\": %" PRIu64
+            ",\n  \"image-end-offset\": %" PRIu64 "\n}\n", c->allocated_clusters,
+            c->total_clusters, c->image_end_offset);
+    return;
+  }
+  if (fixed && (fixed->leaks_fixed || fixed->corruptions_fixed))
+    printf ("The following inconsistencies were found and repaired:\n\n"
+            "    %" PRIu64 " leaked clusters\n    %" PRIu64 " corruptions\n\n"
+            "Double checking the fixed image now...\n",
+            fixed->leaks_fixed, fixed->corruptions_fixed);
+  if (!c->corruptions && !c->leaks)
+    printf ("No errors were found on the image.\n");
+  if (c->corruptions)
+    printf ("\n%" PRIu64 " errors were found on the image.\n"
+            "Data may be corrupted, or further writes to the image may corrupt it.\n",
+            c->corruptions);
+  if (c->leaks)
+    printf ("\n%" PRIu64 " leaked clusters were found on the image.\n"
+            "This means waste of disk space, but no harm to data.\n", c->leaks);
+  printf ("%" PRIu64 "/%" PRIu64 " = %.2f%% allocated, %.2f%% fragmented, "
+          "%.2f%% compressed clusters\nImage end offset: %" PRIu64 "\n",
+          c->allocated_clusters, c->total_clusters,
+          percent (c->allocated_clusters, c->total_clusters),
+          percent (c->fragmented_clusters, c->allocated_clusters),
+          percent (c->compressed_clusters, c->allocated_clusters), c->image_end_offset);
+}
+
+static int exit_status (const struct q2_check *c)
+{
+  return c->corruptions ? 2 : c->leaks ? 3 : 0;
+}
+
+/* check -r: the repair, then what the check of the repaired image says. */
+static int cmd_repair (struct q2_image *img)
+{
+  struct q2_repair_result res;
+  bool tty = isatty (2);
+  int r = q2_repair (img, opt.repair, &res, tty ? progress : NULL, NULL);
+
+  if (tty)
+    fprintf (stderr, "\r                    \r");
+  if (r < 0) {
+    if (r != -EINVAL)
+      fprintf (stderr, "qcow2reclaim: %s: the repair could not complete: %s\n",
+               q2_file_name (img), strerror (-r));
+    return 1;
+  }
+  print_check (img, &res.after, &res);
+  r = exit_status (&res.after);
+  q2_check_free (&res.after);
+  return r;
+}
+
 static int cmd_check (struct q2_image *img)
 {
   struct q2_check c;
 
+  if (opt.repair)
+    return cmd_repair (img);
   if (tool_check (img, &c) < 0)
     return 1;
   q2_check_free (&c);
-  if (opt.json)
-    printf ("{\n  \"filename\": \"%s\",\n  \"check-errors\": 0,\n  \"corruptions\": %"
-            PRIu64 ",\n  \"leaks\": %" PRIu64 ",\n  \"allocated-clusters\": %" PRIu64
-            ",\n  \"total-clusters\": %" PRIu64 ",\n  \"image-end-offset\": %" PRIu64 "\n}\n",
-            q2_file_name (img), c.corruptions, c.leaks, c.allocated_clusters,
-            c.total_clusters, c.image_end_offset);
-  else {
-    if (!c.corruptions && !c.leaks)
-      printf ("No errors were found on the image.\n");
-    if (c.corruptions)
-      printf ("\n%" PRIu64 " errors were found on the image.\n"
-              "Data may be corrupted, or further writes to the image may corrupt it.\n",
-              c.corruptions);
-    if (c.leaks)
-      printf ("\n%" PRIu64 " leaked clusters were found on the image.\n"
-              "This means waste of disk space, but no harm to data.\n", c.leaks);
-    printf ("%" PRIu64 "/%" PRIu64 " = %.2f%% allocated, %.2f%% fragmented, "
-            "%.2f%% compressed clusters\nImage end offset: %" PRIu64 "\n",
-            c.allocated_clusters, c.total_clusters,
-            percent (c.allocated_clusters, c.total_clusters),
-            percent (c.fragmented_clusters, c.allocated_clusters),
-            percent (c.compressed_clusters, c.allocated_clusters), c.image_end_offset);
-  }
-  return c.corruptions ? 2 : c.leaks ? 3 : 0;
+  print_check (img, &c, NULL);
+  return exit_status (&c);
 }
 
 int main (int argc, char **argv)
@@ -225,6 +271,7 @@ int main (int argc, char **argv)
     { "output", required_argument, NULL, 'o' },
     { "force-share", no_argument, NULL, 'U' },
     { "summary", no_argument, NULL, 's' },
+    { "repair", required_argument, NULL, 'r' },
     { "help", no_argument, NULL, 'h' },
     { "version", no_argument, NULL, 'V' },
     { NULL, 0, NULL, 0 },
@@ -234,12 +281,22 @@ int main (int argc, char **argv)
   const char *cmd;
   int c, r;
 
-  while ((c = getopt_long (argc, argv, "ho:U", opts, NULL)) != -1) {
+  while ((c = getopt_long (argc, argv, "ho:Ur:", opts, NULL)) != -1) {
     switch (c) {
     case 'j': opt.json = true; break;
     case 'n': opt.dry_run = true; break;
     case 'U': opt.force_share = true; break;
     case 's': summary = true; break;
+    case 'r':
+      if (strcmp (optarg, "leaks") == 0)
+        opt.repair = Q2_REPAIR_LEAKS;
+      else if (strcmp (optarg, "all") == 0)
+        opt.repair = Q2_REPAIR_ALL;
+      else {
+        fprintf (stderr, "qcow2reclaim: -r %s: expected leaks or all\n", optarg);
+        return 1;
+      }
+      break;
     case 'o':
       if (strcmp (optarg, "json") == 0)
         opt.json = true;
@@ -267,6 +324,15 @@ int main (int argc, char **argv)
     fprintf (stderr, "qcow2reclaim: --summary goes with info only\n");
     return 1;
   }
+  if (opt.repair && strcmp (cmd, "check")) {
+    fprintf (stderr, "qcow2reclaim: -r goes with check only\n");
+    return 1;
+  }
+  if (opt.repair && opt.force_share) {
+    fprintf (stderr, "qcow2reclaim: -U (--force-share) reads only: a repair needs the "
+             "image to itself\n");
+    return 1;
+  }
   if (opt.dry_run && strcmp (cmd, "compact")) {
     fprintf (stderr, "qcow2reclaim: --dry-run goes with compact only\n");
     return 1;
@@ -282,7 +348,8 @@ int main (int argc, char **argv)
     fputs (usage, stderr);
     return 1;
   }
-  if (tool_open (argv[optind + 1], strcmp (cmd, "compact") == 0 && !opt.dry_run, &img) < 0)
+  if (tool_open (argv[optind + 1],
+                 (strcmp (cmd, "compact") == 0 && !opt.dry_run) || opt.repair, &img) < 0)
     return 1;
   r = strcmp (cmd, "map") == 0 ? cmd_map (img)
     : strcmp (cmd, "compact") == 0 ? cmd_compact (img) : cmd_check (img);

@@ -15,6 +15,7 @@ struct tool_options {
   bool json;                  /* --output=json */
   bool dry_run;               /* compact --dry-run */
   bool force_share;           /* -U */
+  enum q2_repair_mode repair; /* check -r; 0: none */
 };
 extern struct tool_options opt;
 
