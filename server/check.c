@@ -524,23 +524,23 @@ static uint64_t next_referenced (const struct walk *w, uint64_t c, uint64_t limi
   return limit;
 }
 
-/* A leak mended: the count comes down to the references, through the
- * allocator (a count that reaches 0 frees the cluster), and the host space
- * of a freed cluster is given back once that is on disk.
+/* A leak mended: the count comes down to the references at once (a leaked
+ * count may be near 2^64), and when nothing references the cluster, its
+ * last count goes through the allocator, which frees it; its host space is
+ * given back once that is on disk.
  */
-static int fix_leak (struct walk *w, uint64_t c, uint64_t rc, uint64_t want)
+static int fix_leak (struct walk *w, uint64_t c, uint64_t want)
 {
   struct q2_image *img = w->img;
   uint64_t off = c << w->lay->cluster_bits;
-  enum meta_kind kind = overlap_kind (&w->lay->meta, c);
-  bool freed = false;
-  int r = 0;
+  bool freed;
+  int r;
 
-  for (; rc > want && r == 0; rc--)
-    r = alloc_release (&img->alloc, off, kind, &freed);
-  if (r == 0 && freed)
-    r = u64_vector_append (&w->freed, off);
-  return r;
+  if ((r = refcount_set (&img->m, c, want ? want : 1)) < 0 || want)
+    return r;
+  if ((r = alloc_release (&img->alloc, off, overlap_kind (&w->lay->meta, c), &freed)) < 0)
+    return r;
+  return freed ? u64_vector_append (&w->freed, off) : 0;
 }
 
 /* What the second pass of a repair does with a mismatch: fixes it (1),
@@ -556,7 +556,7 @@ static int fix_count (struct walk *w, uint64_t c, uint64_t rc, uint64_t want)
   log_notice ("%s: Repairing cluster %" PRIu64 " refcount=%" PRIu64 " reference=%" PRIu64,
               lay->name, c, rc, want);
   if (rc > want) {
-    if ((r = fix_leak (w, c, rc, want)) < 0)
+    if ((r = fix_leak (w, c, want)) < 0)
       return r;
     w->leaks_fixed++;
   }

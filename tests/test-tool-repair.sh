@@ -64,6 +64,18 @@ check_clean leak-mid.qcow2
     fail "leak-in-the-middle: the freed cluster still holds host space"
 echo "ok: a leak in the middle: repaired and punched"
 
+# A leaked count near 2^64 (64-bit refcounts) is mended at once, not one
+# decrement at a time (the fuzzer's repair-leak-huge-count.qcow2).
+qemu-img create -q -f qcow2 -o refcount_bits=64 wide.qcow2 64M
+qemu-io -f qcow2 -c 'write -P 3 0 1M' wide.qcow2 >/dev/null
+"$PYTHON" "$PATCH" refcount wide.qcow2 "$(host_offset wide.qcow2 0)" $(((1 << 62) + 1)) >/dev/null
+cp wide.qcow2 wide.qcow2.before
+timeout $((20 * SLOW)) "$TOOL" check -r leaks wide.qcow2 >out 2>err ||
+    { cat out err; fail "a leak of 2^62 was not repaired within $((20 * SLOW)) s"; }
+check_clean wide.qcow2
+qemu-img compare -q wide.qcow2.before wide.qcow2 || fail "wide: the repair changed what the guest reads"
+echo "ok: a leaked count of 2^62 repaired at once"
+
 # JSON: qemu-img check's members, and what was fixed.
 cp base.qcow2 leak-json.qcow2
 size=$(stat -c %s leak-json.qcow2)
