@@ -145,6 +145,15 @@ for cmd in info check; do
 done
 echo "ok: --output=human|json on every command"
 
+# A file name is a JSON string, escaped, whatever it holds.
+cp plain.qcow2 'we"i\rd.qcow2'
+for cmd in info check "compact --dry-run"; do
+    "$TOOL" $cmd --output=json 'we"i\rd.qcow2' |
+        "$PYTHON" -c 'import json,sys; sys.exit(json.load(sys.stdin)["filename"] != sys.argv[1])' 'we"i\rd.qcow2' ||
+        fail "$cmd --output=json does not give the file name as a JSON string"
+done
+echo "ok: file names escaped in JSON"
+
 # No progress noise when stderr is not a terminal.
 "$TOOL" check plain.qcow2 2>err >/dev/null
 [ ! -s err ] || fail "check printed to a non-terminal stderr: $(cat err)"

@@ -104,7 +104,9 @@ static int cmd_compact (struct q2_image *img)
   }
   pinned = c.pinned_compressed + c.pinned_shared + c.pinned_snapshot + c.pinned_unreferenced;
   if (opt.json) {
-    printf ("{\n  \"filename\": \"%s\",\n  \"dry-run\": %s,\n"
+    printf ("{\n  \"filename\": ");
+    json_string (q2_file_name (img));
+    printf (",\n  \"dry-run\": %s,\n"
             "  \"length-before\": %" PRIu64 ",\n  \"length-after\": %" PRIu64 ",\n"
             "  \"reachable-length\": %" PRIu64 ",\n  \"used\": %" PRIu64 ",\n"
             "  \"bound\": %" PRIu64 ",\n  \"target\": %" PRIu64 ",\n"
@@ -112,7 +114,7 @@ static int cmd_compact (struct q2_image *img)
             "  \"free-bytes-punched\": %" PRIu64 ",\n"
             "  \"pinned\": { \"compressed\": %" PRIu64 ", \"shared\": %" PRIu64
             ", \"snapshot\": %" PRIu64 ", \"unreferenced\": %" PRIu64 " }\n}\n",
-            q2_file_name (img), opt.dry_run ? "true" : "false", c.length_before,
+            opt.dry_run ? "true" : "false", c.length_before,
             c.length_after, c.reachable, c.used, c.bound, c.target, c.clusters_moved,
             c.bytes_moved, c.free_bytes_punched, c.pinned_compressed, c.pinned_shared,
             c.pinned_snapshot, c.pinned_unreferenced);
