@@ -54,6 +54,14 @@
 #define HDR_EXT_BACKING_FORMAT  0xe2792acau
 #define HDR_EXT_FEATURE_TABLE   0x6803f857u
 #define HDR_EXT_DATA_FILE       0x44415441u
+#define HDR_EXT_BITMAPS         0x23852875u
+
+/* Persistent bitmaps: the extension's fields, a directory entry's fixed
+ * part, and where a bitmap table entry keeps its data cluster.
+ */
+#define BITMAPS_EXT_LENGTH      24
+#define BITMAP_ENTRY_FIXED      24
+#define BITMAP_TABLE_OFFSET_MASK 0x00fffffffffffe00ull
 
 /* L1 and L2 entries. */
 #define L1E_OFFSET_MASK   0x00fffffffffffe00ull

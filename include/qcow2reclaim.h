@@ -41,6 +41,15 @@ enum q2_compact_mode {
 struct q2_options {
   const char *file;
   bool readonly;
+  /* Read-only, without taking the image lock (qemu-img's -U): another
+   * program may be writing the image, so what is read may be stale.
+   */
+  bool force_share;
+  /* For q2_repair only: writable, accepting an image marked corrupt or
+   * dirty, and keeping the autoclear bits (a repair changes no guest data,
+   * so persistent bitmaps stay valid).  Guest writes are refused.
+   */
+  bool repair;
   const char *backing;      /* NULL: the image's own; "none": refuse backing files */
   const char *data_file;    /* NULL: the external data file the image names */
   size_t cache_size;        /* bytes of L2 tables and refcount blocks to keep, 0 = default */
@@ -146,10 +155,35 @@ struct q2_check {
   uint64_t image_end_offset;    /* end of the last referenced cluster */
   uint64_t snapshot_only_clusters;  /* referenced only by internal snapshots */
   uint64_t reclaimable_bytes;   /* host space in unreferenced clusters and past the end */
+  /* Per internal snapshot, in the table's order (q2_snapshot_count of
+   * them, NULL without any): bytes in clusters no other snapshot and not
+   * the active layer references, which deleting it would free.
+   */
+  uint64_t *snapshot_alone;
 };
 typedef void (*q2_progress_fn) (void *opaque, uint64_t done, uint64_t total);
 int q2_check (struct q2_image *img, struct q2_check *res, q2_progress_fn progress,
               void *opaque);
+/* Frees what a successful q2_check allocated in res. */
+void q2_check_free (struct q2_check *res);
+
+/* Repairs, as qemu-img check -r does (qcow2reclaim check -r). */
+enum q2_repair_mode {
+  Q2_REPAIR_LEAKS = 1,      /* counts above the references */
+  Q2_REPAIR_ALL,            /* and counts below them, and COPIED flags */
+};
+struct q2_repair_result {
+  uint64_t leaks_fixed, corruptions_fixed;
+  struct q2_check after;    /* the check of the repaired image (q2_check_free it) */
+};
+/* The image must have been opened with repair.  Damage a count cannot mend
+ * (table entries, refcount blocks, a cluster used as two things) is refused
+ * with -EINVAL, said, before anything changes.  The counts are written
+ * back and synced before the COPIED flags that rely on them, and the dirty
+ * and corrupt marks are cleared, synced, once nothing is left wrong.
+ */
+int q2_repair (struct q2_image *img, enum q2_repair_mode mode,
+               struct q2_repair_result *res, q2_progress_fn progress, void *opaque);
 
 /* What a compaction found and did (qcow2reclaim compact). */
 struct q2_compact_result {
@@ -187,5 +221,37 @@ const char *q2_file_name (const struct q2_image *img);
 uint32_t q2_format_version (const struct q2_image *img);
 uint32_t q2_snapshot_count (const struct q2_image *img);
 int q2_file_size (struct q2_image *img, uint64_t *size);
+
+/* What the header says, as qemu-img info shows it (qcow2reclaim info).
+ * The strings belong to the image.
+ */
+struct q2_header_info {
+  uint32_t version;
+  uint32_t refcount_bits;
+  const char *compression;      /* "zlib" or "zstd", as qemu-img names them */
+  bool lazy_refcounts, corrupt, dirty;
+  bool bitmaps;                 /* the autoclear bit of persistent bitmaps */
+  const char *backing_file;     /* as the header names it; NULL: none */
+  const char *backing_format;   /* NULL: the header names none */
+  const char *backing_path;     /* the file opened for it; NULL: none */
+  /* Why the plugin would serve the image read-only only (marked corrupt or
+   * dirty), as a sentence; NULL: it would serve it for writing.
+   */
+  const char *write_refusal;
+};
+void q2_header_info (const struct q2_image *img, struct q2_header_info *info);
+
+/* An internal snapshot, as the snapshot table has it. */
+struct q2_snapshot {
+  char *id, *name;
+  uint64_t vm_state_size;       /* bytes of saved VM state */
+  uint32_t date_sec, date_nsec; /* when it was taken, since the epoch */
+  uint64_t vm_clock_nsec;       /* the guest's clock then */
+  bool has_icount;
+  uint64_t icount;              /* instructions executed, under record/replay */
+};
+/* The snapshots in the table's order, q2_snapshot_count of them. */
+int q2_snapshots (struct q2_image *img, struct q2_snapshot **list);
+void q2_snapshots_free (struct q2_snapshot *list, uint32_t n);
 
 #endif /* QCOW2RECLAIM_H */

@@ -41,11 +41,14 @@ static int is_free (struct alloc *a, uint64_t cluster, bool *freep)
   return r;
 }
 
-/* Scans from the hint; past the last refcount block everything is free. */
+/* Scans from the hint (or the floor); past the last refcount block
+ * everything is free.
+ */
 static int find_run (struct alloc *a, uint64_t want, uint64_t *start, uint64_t *len)
 {
-  uint64_t c = a->free_hint, run = 0;
-  bool seen_free = false, f;
+  bool from_hint = a->free_hint >= a->floor;
+  uint64_t c = from_hint ? a->free_hint : a->floor, run = 0;
+  bool seen_free = !from_hint, f;
   int r;
 
   for (;;) {
@@ -217,6 +220,18 @@ int alloc_contiguous (struct alloc *a, uint64_t n, uint64_t *offset)
 int alloc_clusters (struct alloc *a, uint64_t max, uint64_t *offset, uint64_t *got)
 {
   return alloc_run (a, max, false, offset, got);
+}
+
+int alloc_set_count (struct alloc *a, uint64_t cluster, uint64_t value)
+{
+  int r;
+
+  assert (mutex_held (&a->m->lock));
+  if (a->m->failed)
+    return -EIO;
+  while ((r = ensure_block (a, cluster)) == -EAGAIN)
+    ;
+  return r < 0 ? r : refcount_set (a->m, cluster, value);
 }
 
 int alloc_release (struct alloc *a, uint64_t offset, enum meta_kind kind, bool *freed)

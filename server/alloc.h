@@ -27,6 +27,10 @@ struct alloc {
    * active entry that needs COPIED (copied.h takes them).
    */
   struct u64_vector fell_to_one;
+  /* While a repair raises counts: no cluster below this is handed out,
+   * since counts there may still be lower than the references.
+   */
+  uint64_t floor;
   bool shrink_wanted;         /* clusters were freed since the last shrink */
   uint64_t clusters_freed;
   uint64_t refblocks_freed;
@@ -39,6 +43,10 @@ void alloc_free (struct alloc *a);
 int alloc_contiguous (struct alloc *a, uint64_t n, uint64_t *offset);
 /* Claims between 1 and max contiguous clusters at the lowest free place. */
 int alloc_clusters (struct alloc *a, uint64_t max, uint64_t *offset, uint64_t *got);
+/* Sets the count of cluster to value, giving it a refcount block first if
+ * it has none: for a repair, which knows the references.
+ */
+int alloc_set_count (struct alloc *a, uint64_t cluster, uint64_t value);
 /* Drops one reference now: only for references that are not on disk.
  * kind says what the cluster holds: a reference of one kind never drops
  * another's count, whatever a corrupt entry says.  *freed (may be NULL)

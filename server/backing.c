@@ -24,6 +24,7 @@ struct backing {
   void *qcow2;                /* the qcow2 image's handle, or NULL for raw */
   struct hostfile raw;
   uint64_t size;
+  char *path;                 /* the file opened */
 };
 
 /* Relative names are relative to the folder of the image naming them. */
@@ -67,13 +68,14 @@ static int probe_format (const char *path, char *fmt, size_t len)
   return r;
 }
 
-static int open_raw (struct backing *b, const char *image, const char *path)
+static int open_raw (struct backing *b, const char *image, const char *path,
+                     bool force_share)
 {
   int r = host_open (&b->raw, path, true);
 
   if (r < 0)
     log_error ("%s: cannot open backing file %s: %s", image, path, strerror (-r));
-  if (r == 0)
+  if (r == 0 && !force_share)
     r = hostlock_take (&b->raw, false);
   if (r == 0)
     r = host_size (&b->raw, &b->size);
@@ -104,7 +106,7 @@ static int check_loop (const struct backing_chain *chain, const char *path)
 }
 
 int backing_open (const struct backing_ops *ops, const struct backing_chain *chain,
-                  const char *name, const char *format, int depth,
+                  const char *name, const char *format, int depth, bool force_share,
                   struct backing **bp)
 {
   const char *image = chain->name;
@@ -135,9 +137,9 @@ int backing_open (const struct backing_ops *ops, const struct backing_chain *cha
     goto fail;
   }
   if (strcmp (fmt, "qcow2") == 0)
-    r = ops->open (path, depth + 1, chain, &b->qcow2);
+    r = ops->open (path, depth + 1, force_share, chain, &b->qcow2);
   else if (strcmp (fmt, "raw") == 0)
-    r = open_raw (b, image, path);
+    r = open_raw (b, image, path, force_share);
   else {
     log_error ("%s: backing file %s has format \"%s\"; only qcow2 and raw are supported",
                image, path, fmt);
@@ -149,7 +151,7 @@ int backing_open (const struct backing_ops *ops, const struct backing_chain *cha
   }
   if (b->qcow2)
     b->size = ops->size (b->qcow2);
-  free (path);
+  b->path = path;
   *bp = b;
   return 0;
 fail:
@@ -165,7 +167,13 @@ void backing_close (struct backing *b)
   if (b->qcow2)
     b->ops->close (b->qcow2);
   host_close (&b->raw);
+  free (b->path);
   free (b);
+}
+
+const char *backing_path (const struct backing *b)
+{
+  return b->path;
 }
 
 int backing_read (struct backing *b, void *buf, uint64_t len, uint64_t off)

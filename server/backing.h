@@ -8,6 +8,7 @@
 #ifndef Q2_BACKING_H
 #define Q2_BACKING_H
 
+#include <stdbool.h>
 #include <stdint.h>
 #include <sys/types.h>
 
@@ -25,9 +26,11 @@ struct backing_chain {
 };
 
 struct backing_ops {
-  /* Opens the qcow2 image at path, depth images below the top, read-only. */
-  int (*open) (const char *path, int depth, const struct backing_chain *chain,
-               void **handle);
+  /* Opens the qcow2 image at path, depth images below the top, read-only;
+   * force_share: without the image lock, as the top was opened.
+   */
+  int (*open) (const char *path, int depth, bool force_share,
+               const struct backing_chain *chain, void **handle);
   void (*close) (void *handle);
   uint64_t (*size) (void *handle);
   int (*read) (void *handle, void *buf, uint64_t len, uint64_t offset);
@@ -39,12 +42,15 @@ struct backing_ops {
 
 /* Opens the backing file name (as the image at the head of chain names
  * it; relative to that image's folder) of the given format (NULL: probe).
- * depth counts the images above the new one.
+ * depth counts the images above the new one.  force_share takes no lock on
+ * it (the top was opened with force_share: everything is read as it is).
  */
 int backing_open (const struct backing_ops *ops, const struct backing_chain *chain,
-                  const char *name, const char *format, int depth,
+                  const char *name, const char *format, int depth, bool force_share,
                   struct backing **bp);
 void backing_close (struct backing *b);
+/* The file opened (the name resolved against the image's folder). */
+const char *backing_path (const struct backing *b);
 
 /* Reads len bytes at guest offset off; past the backing file's end: zeros. */
 int backing_read (struct backing *b, void *buf, uint64_t len, uint64_t off);

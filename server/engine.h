@@ -52,6 +52,9 @@ struct q2_image {
   struct rangelock guest_lock;
 
   bool readonly;
+  bool repair;                /* opened for q2_repair: no guest writes */
+  char *backing_name;         /* as the header names it; NULL: none */
+  char backing_format[32];    /* as the header names it; empty: none */
   enum q2_discard_mode discard;
   enum q2_detect_zeroes detect_zeroes;
 

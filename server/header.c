@@ -60,6 +60,13 @@ static int parse_extensions (struct layout *lay, const uint8_t *buf,
       ex->data_file_offset = off + 8;
       ex->data_file_len = l;
     }
+    /* Without its autoclear bit, the extension is stale: QEMU ignores it. */
+    if (t == HDR_EXT_BITMAPS && l >= BITMAPS_EXT_LENGTH &&
+        (lay->autoclear & AUTOCLEAR_BITMAPS)) {
+      lay->nb_bitmaps = be32_get (buf + off + 8);
+      lay->bitmap_dir_size = be64_get (buf + off + 16);
+      lay->bitmap_dir_offset = be64_get (buf + off + 24);
+    }
     off += 8 + ((l + 7) & ~7u);
   }
   return 0;
@@ -83,18 +90,23 @@ static int refuse_features (struct layout *lay, const uint8_t *buf,
               "not supported yet; convert it with qemu-img convert -O qcow2", lay->name);
     return -ENOTSUP;
   }
-  if ((lay->incompat & INCOMPAT_CORRUPT) && !readonly) {
-    log_error ("%s: the image is marked corrupt; repair it with qemu-img check -r all, "
-              "or serve it with readonly=true to read what is left", lay->name);
-    return -EINVAL;
-  }
-  if ((lay->incompat & INCOMPAT_DIRTY) && !readonly) {
-    log_error ("%s: the image has the dirty bit set (lazy refcounts were not written "
-              "back); run qemu-img check -r all to repair it, or serve it with "
-              "readonly=true", lay->name);
+  if (!readonly && header_write_refusal (lay)) {
+    log_error ("%s: %s", lay->name, header_write_refusal (lay));
     return -EINVAL;
   }
   return 0;
+}
+
+const char *header_write_refusal (const struct layout *lay)
+{
+  if (lay->incompat & INCOMPAT_CORRUPT)
+    return "the image is marked corrupt; repair it with qcow2reclaim check -r all "
+      "(or qemu-img check -r all), or serve it with readonly=true to read what is left";
+  if (lay->incompat & INCOMPAT_DIRTY)
+    return "the image has the dirty bit set (lazy refcounts were not written "
+      "back); run qcow2reclaim check -r all (or qemu-img check -r all) to repair it, "
+      "or serve it with readonly=true";
+  return NULL;
 }
 
 static int parse_v3_fields (struct layout *lay, const uint8_t *buf, uint64_t buflen)
@@ -361,5 +373,26 @@ int header_clear_autoclear (struct hostfile *hf, struct layout *lay)
               " (persistent bitmaps are no longer valid after writes)",
               lay->name, lay->autoclear & ~keep);
   lay->autoclear = keep;
+  lay->nb_bitmaps = 0;        /* their clusters are leaks from now on, for QEMU too */
+  return 0;
+}
+
+int header_clear_incompat (struct hostfile *hf, struct layout *lay, uint64_t bits)
+{
+  uint8_t b[8];
+  int r;
+
+  if (lay->version < 3 || !(lay->incompat & bits))
+    return 0;
+  be64_put (b, lay->incompat & ~bits);
+  r = host_pwrite (hf, b, sizeof b, HDR_INCOMPAT);
+  if (r == 0)
+    r = host_sync (hf);
+  if (r < 0) {
+    log_error ("%s: cannot clear incompatible feature bits 0x%" PRIx64 ": %s", lay->name,
+               lay->incompat & bits, strerror (-r));
+    return r;
+  }
+  lay->incompat &= ~bits;
   return 0;
 }

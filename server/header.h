@@ -26,6 +26,10 @@ struct header_extras {
  */
 int header_parse (struct layout *lay, const uint8_t *buf, uint64_t buflen,
                   uint64_t file_size, bool readonly, struct header_extras *ex);
+/* Why an image header_parse accepted read-only cannot be opened for
+ * writing (marked corrupt or dirty), as a sentence; NULL: it can.
+ */
+const char *header_write_refusal (const struct layout *lay);
 
 /* Each of these is one write of 12 bytes inside the first sector. */
 int header_write_reftable (struct hostfile *hf, uint64_t offset, uint32_t clusters);
@@ -44,5 +48,9 @@ int header_switch_table (struct hostfile *hf, const struct layout *lay,
                          enum header_table which, uint64_t new_offset,
                          uint64_t old_offset, uint32_t size, bool *unsure);
 int header_clear_autoclear (struct hostfile *hf, struct layout *lay);
+/* Clears incompatible feature bits (the dirty and corrupt marks a repair
+ * takes away), one write inside the first sector, synced.
+ */
+int header_clear_incompat (struct hostfile *hf, struct layout *lay, uint64_t bits);
 
 #endif

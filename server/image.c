@@ -21,6 +21,7 @@
 #include "compact.h"
 #include "punch.h"
 #include "copied.h"
+#include "corrupt.h"
 #include "cow.h"
 #include "discard.h"
 #include "engine.h"
@@ -32,6 +33,7 @@
 #include "read.h"
 #include "request.h"
 #include "shrink.h"
+#include "snapshot.h"
 
 #define HEADER_READ_MAX (2u << 20)   /* the largest cluster holds the header */
 
@@ -50,10 +52,10 @@ void q2_set_logger (q2_log_fn fn)
 }
 
 /* A qcow2 backing file is an image of its own, opened read-only. */
-static int backing_qcow2_open (const char *path, int depth,
+static int backing_qcow2_open (const char *path, int depth, bool force_share,
                                const struct backing_chain *chain, void **handle)
 {
-  struct q2_options o = { .file = path, .readonly = true,
+  struct q2_options o = { .file = path, .readonly = true, .force_share = force_share,
                           .cache_size = Q2_DEFAULT_CACHE_SIZE / 4 };
   struct q2_image *img;
   int r = image_open (&o, depth, chain, &img);
@@ -98,8 +100,7 @@ static const struct backing_ops backing_qcow2 = {
   .map_status = backing_qcow2_map,
 };
 
-static int read_header (struct q2_image *img, char **backing_name, char *backing_fmt,
-                        size_t fmtlen, char **data_name)
+static int read_header (struct q2_image *img, char **data_name)
 {
   struct layout *lay = &img->m.lay;
   struct header_extras ex;
@@ -117,12 +118,13 @@ static int read_header (struct q2_image *img, char **backing_name, char *backing
     log_error ("%s: cannot read the header: %s", lay->name, strerror (-r));
     return r;
   }
-  if ((r = header_parse (lay, buf, n, size, img->readonly, &ex)) < 0)
+  /* A repair is what takes the corrupt and dirty marks away. */
+  if ((r = header_parse (lay, buf, n, size, img->readonly || img->repair, &ex)) < 0)
     return r;
   if (ex.backing_offset && ex.backing_len) {
-    if (!(*backing_name = strndup ((char *) buf + ex.backing_offset, ex.backing_len)))
+    if (!(img->backing_name = strndup ((char *) buf + ex.backing_offset, ex.backing_len)))
       return -ENOMEM;
-    snprintf (backing_fmt, fmtlen, "%s", ex.backing_format);
+    snprintf (img->backing_format, sizeof img->backing_format, "%s", ex.backing_format);
   }
   if (lay->data_file && ex.data_file_offset &&
       !(*data_name = strndup ((char *) buf + ex.data_file_offset, ex.data_file_len)))
@@ -196,7 +198,7 @@ static int open_data_file (struct q2_image *img, const struct q2_options *o,
     return r;
   }
   img->data = &img->data_hf;
-  return hostlock_take (&img->data_hf, !o->readonly);
+  return o->force_share ? 0 : hostlock_take (&img->data_hf, !o->readonly);
 }
 
 /* backing=none refuses images that need a backing file; backing=FILE
@@ -206,7 +208,7 @@ static int open_data_file (struct q2_image *img, const struct q2_options *o,
  */
 static int open_backing (struct q2_image *img, const struct backing_chain *chain,
                          const char *override, const char *name, const char *fmt,
-                         int depth)
+                         int depth, bool force_share)
 {
   if (override && strcmp (override, "none") == 0) {
     if (!name)
@@ -221,11 +223,12 @@ static int open_backing (struct q2_image *img, const struct backing_chain *chain
     return -EINVAL;
   }
   if (override)
-    return backing_open (&backing_qcow2, chain, override, NULL, depth, &img->backing);
+    return backing_open (&backing_qcow2, chain, override, NULL, depth, force_share,
+                         &img->backing);
   if (!name)
     return 0;
   return backing_open (&backing_qcow2, chain, name, fmt[0] ? fmt : NULL, depth,
-                       &img->backing);
+                       force_share, &img->backing);
 }
 
 /* A device is as long as the volume: the image ends after its last
@@ -250,15 +253,18 @@ static int image_open (const struct q2_options *o, int depth,
                        const struct backing_chain *above, struct q2_image **imgp)
 {
   struct backing_chain link = { .above = above };
-  CLEANUP_FREE char *backing_name = NULL;
   CLEANUP_FREE char *data_name = NULL;
-  char backing_fmt[32] = "";
   struct q2_image *img;
   struct meta *m;
   struct stat st;
   int r;
 
   *imgp = NULL;
+  if (o->force_share && !o->readonly) {
+    log_error ("%s: force-share goes with read-only only: writing without the "
+               "image lock could collide with another program", o->file);
+    return -EINVAL;
+  }
   if (!(img = calloc (1, sizeof *img)))
     return -ENOMEM;
   m = &img->m;
@@ -266,6 +272,7 @@ static int image_open (const struct q2_options *o, int depth,
   rangelock_init (&img->guest_lock);
   alloc_init (&img->alloc, m);
   img->readonly = o->readonly;
+  img->repair = o->repair && !o->readonly;
   img->discard = o->discard;
   img->detect_zeroes = o->detect_zeroes;
   if ((r = host_open (&m->hf, o->file, o->readonly)) < 0) {
@@ -277,9 +284,8 @@ static int image_open (const struct q2_options *o, int depth,
     goto fail;
   }
   m->lay.name = m->hf.name;
-  if ((r = hostlock_take (&m->hf, !o->readonly)) < 0 ||
-      (r = read_header (img, &backing_name, backing_fmt, sizeof backing_fmt,
-                        &data_name)) < 0 ||
+  if ((!o->force_share && (r = hostlock_take (&m->hf, !o->readonly)) < 0) ||
+      (r = read_header (img, &data_name)) < 0 ||
       (r = open_data_file (img, o, data_name)) < 0 ||
       (r = table_load (&m->l1, &m->hf, &m->lay, "L1 table", m->lay.l1_offset,
                        m->lay.l1_entries)) < 0 ||
@@ -287,7 +293,8 @@ static int image_open (const struct q2_options *o, int depth,
                        m->lay.reftable_offset, layout_reftable_entries (&m->lay))) < 0 ||
       (r = build_overlap (img)) < 0 ||
       (r = copied_new (&img->copied)) < 0 ||
-      (r = compact_new (&img->compact, o->compact == Q2_COMPACT_AUTO, o->compact_rate,
+      (r = compact_new (&img->compact, o->compact == Q2_COMPACT_AUTO && !img->repair,
+                        o->compact_rate,
                         o->compact_notify, o->compact_opaque)) < 0)
     goto fail;
   r = cache_init (&m->cache, &m->hf, &m->lay, &m->lock,
@@ -303,7 +310,8 @@ static int image_open (const struct q2_options *o, int depth,
   link.dev = st.st_dev;
   link.ino = st.st_ino;
   link.name = m->lay.name;
-  if ((r = open_backing (img, &link, o->backing, backing_name, backing_fmt, depth)) < 0)
+  if ((r = open_backing (img, &link, o->backing, img->backing_name, img->backing_format,
+                         depth, o->force_share)) < 0)
     goto fail;
   /* The raw file could not read as the guest disk where the backing file
    * shows through; QEMU refuses the pair too.
@@ -314,7 +322,7 @@ static int image_open (const struct q2_options *o, int depth,
     r = -EINVAL;
     goto fail;
   }
-  if (!img->readonly && (r = header_clear_autoclear (&m->hf, &m->lay)) < 0)
+  if (!img->readonly && !img->repair && (r = header_clear_autoclear (&m->hf, &m->lay)) < 0)
     goto fail;
   *imgp = img;
   return 0;
@@ -367,6 +375,7 @@ int q2_close (struct q2_image *img)
   compact_free (img->compact);
   host_close (&img->data_hf);
   host_close (&m->hf);
+  free (img->backing_name);
   rangelock_destroy (&img->guest_lock);
   mutex_destroy (&m->lock);
   free (img);
@@ -439,7 +448,7 @@ int q2_write (struct q2_image *img, const void *buf, uint64_t count,
   bool apply_frees;
   int r;
 
-  if (img->readonly)
+  if (img->readonly || img->repair)
     return -EROFS;
   if ((r = request_check (img, count, offset)) < 0 || (r = refuse_changes (img)) < 0)
     return r;
@@ -463,6 +472,8 @@ int q2_zero (struct q2_image *img, uint64_t count, uint64_t offset, unsigned fla
   bool kept, apply_frees;
   int r = img->readonly ? 0 : refuse_changes (img);
 
+  if (img->repair)
+    return -EROFS;
   if (r < 0)
     return r;
   r = discard_zero (img, count, offset, flags & ~Q2_FUA, &kept, &apply_frees);
@@ -479,6 +490,8 @@ int q2_discard (struct q2_image *img, uint64_t count, uint64_t offset, unsigned 
   bool kept;
   int r = img->readonly ? 0 : refuse_changes (img);
 
+  if (img->repair)
+    return -EROFS;
   if (r < 0)
     return r;
   r = discard_range (img, count, offset, &kept);
@@ -527,12 +540,117 @@ int q2_check (struct q2_image *img, struct q2_check *res, q2_progress_fn progres
   return check_image (img, res, progress, opaque);
 }
 
+void q2_check_free (struct q2_check *res)
+{
+  check_free (res);
+}
+
+int q2_repair (struct q2_image *img, enum q2_repair_mode mode,
+               struct q2_repair_result *res, q2_progress_fn progress, void *opaque)
+{
+  struct layout *lay = &img->m.lay;
+  bool synced;
+  int r;
+
+  memset (res, 0, sizeof *res);
+  if (!img->repair) {
+    log_error ("%s: a repair needs the image opened for it", lay->name);
+    return -EINVAL;
+  }
+  if ((r = refuse_changes (img)) < 0 ||
+      (r = check_repair (img, mode, &res->leaks_fixed, &res->corruptions_fixed,
+                         progress, opaque)) < 0)
+    return r;
+  /* What the commit sequence does after any change: empty refcount blocks
+   * go, and the free end of the file is cut.
+   */
+  mutex_lock (&img->m.lock);
+  r = commit_run (img, &synced);
+  mutex_unlock (&img->m.lock);
+  if (r == 0)
+    r = check_image (img, &res->after, NULL, NULL);
+  /* Only with every count right on disk may the marks go. */
+  if (r == 0 && res->after.corruptions == 0)
+    r = header_clear_incompat (&img->m.hf, lay, INCOMPAT_DIRTY | INCOMPAT_CORRUPT);
+  if (r < 0)
+    check_free (&res->after);
+  return r;
+}
+
+void q2_header_info (const struct q2_image *img, struct q2_header_info *h)
+{
+  const struct layout *lay = &img->m.lay;
+
+  memset (h, 0, sizeof *h);
+  h->version = lay->version;
+  h->refcount_bits = 1u << lay->refcount_order;
+  h->compression = lay->compression_type == COMPRESSION_ZSTD ? "zstd" : "zlib";
+  h->lazy_refcounts = !!(lay->compat & COMPAT_LAZY_REFCOUNTS);
+  h->corrupt = !!(lay->incompat & INCOMPAT_CORRUPT);
+  h->dirty = !!(lay->incompat & INCOMPAT_DIRTY);
+  h->bitmaps = !!(lay->autoclear & AUTOCLEAR_BITMAPS);
+  h->backing_file = img->backing_name;
+  h->backing_format = img->backing_format[0] ? img->backing_format : NULL;
+  h->backing_path = img->backing ? backing_path (img->backing) : NULL;
+  h->write_refusal = header_write_refusal (lay);
+}
+
+void q2_snapshots_free (struct q2_snapshot *list, uint32_t n)
+{
+  uint32_t i;
+
+  for (i = 0; list && i < n; i++) {
+    free (list[i].id);
+    free (list[i].name);
+  }
+  free (list);
+}
+
+int q2_snapshots (struct q2_image *img, struct q2_snapshot **list)
+{
+  const struct layout *lay = &img->m.lay;
+  uint64_t off = lay->snapshots_offset;
+  struct snapshot_entry e;
+  struct q2_snapshot *l;
+  uint32_t i;
+  int r = 0;
+
+  *list = NULL;
+  if (!lay->nb_snapshots)
+    return 0;
+  if (!(l = calloc (lay->nb_snapshots, sizeof *l)))
+    return -ENOMEM;
+  LOCK_FOR_SCOPE (&img->m.lock);
+  for (i = 0; i < lay->nb_snapshots && r == 0; i++, off += e.length) {
+    if (off >= lay->file_end) {
+      r = corrupt_error (lay, "snapshot %u of the snapshot table at 0x%" PRIx64
+                         " is past the end of the file", i, lay->snapshots_offset);
+      break;
+    }
+    if ((r = snapshot_entry_read (img, off, &e)) < 0 ||
+        (r = snapshot_entry_names (img, off, &e, &l[i].id, &l[i].name)) < 0)
+      break;
+    l[i].vm_state_size = e.vm_state_size;
+    l[i].date_sec = e.date_sec;
+    l[i].date_nsec = e.date_nsec;
+    l[i].vm_clock_nsec = e.vm_clock_nsec;
+    l[i].has_icount = e.has_icount;
+    l[i].icount = e.icount;
+  }
+  if (r < 0) {
+    q2_snapshots_free (l, lay->nb_snapshots);
+    return r;
+  }
+  *list = l;
+  return 0;
+}
+
 int q2_compact (struct q2_image *img, bool dry_run, q2_progress_fn progress,
                 void *opaque, struct q2_compact_result *res)
 {
   int r;
 
-  if (img->readonly && !dry_run)
+  if ((img->readonly || img->repair) && !dry_run)
     return -EROFS;
   if (!img->readonly && (r = refuse_changes (img)) < 0)
     return r;

@@ -35,6 +35,11 @@ struct layout {
   uint64_t csize_mask, coffset_mask;
   uint32_t nb_snapshots;
   uint64_t snapshots_offset;
+  /* The persistent bitmaps' directory, when the autoclear bit says the
+   * extension is valid (0 bitmaps otherwise): only counted, never changed.
+   */
+  uint32_t nb_bitmaps;
+  uint64_t bitmap_dir_offset, bitmap_dir_size;
 
   uint64_t l1_offset;
   uint64_t l1_entries;

@@ -20,11 +20,72 @@
  */
 #define ENTRY_FIXED 40
 
+/* The extra data QEMU writes: the 64-bit VM state size, the disk size,
+ * and the instruction count (-1: none).
+ */
+#define EXTRA_VM_STATE 0
+#define EXTRA_ICOUNT 16
+
+int snapshot_entry_read (struct q2_image *img, uint64_t off, struct snapshot_entry *e)
+{
+  uint8_t h[ENTRY_FIXED + EXTRA_ICOUNT + 8] = { 0 };
+  int r;
+
+  if ((r = host_pread (&img->m.hf, h, sizeof h, off)) < 0)
+    return r;
+  e->l1_offset = be64_get (h);
+  e->l1_size = be32_get (h + 8);
+  e->id_len = be16_get (h + 12);
+  e->name_len = be16_get (h + 14);
+  e->date_sec = be32_get (h + 16);
+  e->date_nsec = be32_get (h + 20);
+  e->vm_clock_nsec = be64_get (h + 24);
+  e->vm_state_size = be32_get (h + 32);
+  e->extra_len = be32_get (h + 36);
+  if (e->extra_len >= EXTRA_VM_STATE + 8)
+    e->vm_state_size = be64_get (h + ENTRY_FIXED + EXTRA_VM_STATE);
+  e->icount = e->extra_len >= EXTRA_ICOUNT + 8 ? be64_get (h + ENTRY_FIXED + EXTRA_ICOUNT)
+    : UINT64_MAX;
+  e->has_icount = e->icount != UINT64_MAX;
+  e->length = (ENTRY_FIXED + (uint64_t) e->extra_len + e->id_len + e->name_len + 7) & ~7ull;
+  return 0;
+}
+
+static int read_string (struct q2_image *img, uint64_t off, uint16_t len, char **s)
+{
+  int r;
+
+  if (!(*s = calloc (1, len + 1u)))
+    return -ENOMEM;
+  if (len && (r = host_pread (&img->m.hf, *s, len, off)) < 0) {
+    free (*s);
+    *s = NULL;
+    return r;
+  }
+  return 0;
+}
+
+int snapshot_entry_names (struct q2_image *img, uint64_t off,
+                          const struct snapshot_entry *e, char **id, char **name)
+{
+  uint64_t id_off = off + ENTRY_FIXED + e->extra_len;
+  int r;
+
+  *name = NULL;
+  if ((r = read_string (img, id_off, e->id_len, id)) < 0)
+    return r;
+  if ((r = read_string (img, id_off + e->id_len, e->name_len, name)) < 0) {
+    free (*id);
+    *id = NULL;
+  }
+  return r;
+}
+
 int snapshot_table_bytes (struct q2_image *img, uint64_t *bytes)
 {
   const struct layout *lay = &img->m.lay;
   uint64_t off = lay->snapshots_offset;
-  uint8_t h[ENTRY_FIXED];
+  struct snapshot_entry e;
   uint32_t i;
   int r;
 
@@ -33,9 +94,9 @@ int snapshot_table_bytes (struct q2_image *img, uint64_t *bytes)
     if (off + ENTRY_FIXED > lay->file_end)
       return corrupt_error (lay, "snapshot %u of the snapshot table at 0x%" PRIx64
                             " is past the end of the file", i, lay->snapshots_offset);
-    if ((r = host_pread (&img->m.hf, h, sizeof h, off)) < 0)
+    if ((r = snapshot_entry_read (img, off, &e)) < 0)
       return r;
-    off += (ENTRY_FIXED + be32_get (h + 36) + be16_get (h + 12) + be16_get (h + 14) + 7) & ~7ull;
+    off += e.length;
   }
   *bytes = off - lay->snapshots_offset;
   return 0;

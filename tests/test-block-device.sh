@@ -44,7 +44,7 @@ qemu-img create -q -f qcow2 "$TMP/empty.qcow2" 256M
 qemu-img convert -O qcow2 "$TMP/empty.qcow2" "$DEV"
 "$TOOL" check "$DEV" >"$TMP/check.out" || { cat "$TMP/check.out" >&2; fail "qcow2reclaim check $DEV failed on a fresh image"; }
 "$TOOL" info "$DEV" >"$TMP/info.out" || { cat "$TMP/info.out" >&2; fail "qcow2reclaim info $DEV failed"; }
-grep -q "^block device: $((512 * MiB)) bytes" "$TMP/info.out" ||
+grep -q "^ *block device: $((512 * MiB)) bytes" "$TMP/info.out" ||
     { cat "$TMP/info.out" >&2; fail "qcow2reclaim info does not give the device's size"; }
 
 # ---- 2. served: written, mostly trimmed ----------------------------------------
@@ -120,8 +120,8 @@ qemu-io -f qcow2 -r -c "read -q -P 0 0 $((100 * MiB))" -c "read -q -P 0 $((108 *
 grep -q "^Image end offset: $end\$" "$TMP/check.out" ||
     { cat "$TMP/check.out" >&2; fail "qcow2reclaim check gives another image end offset than the stats ($end)"; }
 "$TOOL" info "$DEV" >"$TMP/info.out"
-grep -q "^block device: $((512 * MiB)) bytes; the image ends at $end\$" "$TMP/info.out" &&
-    grep -q "^lvreduce size: $lvr bytes" "$TMP/info.out" ||
+grep -q "^ *block device: $((512 * MiB)) bytes; the image ends at $end\$" "$TMP/info.out" &&
+    grep -q "^ *lvreduce size: $lvr bytes" "$TMP/info.out" ||
     { cat "$TMP/info.out" >&2; fail "qcow2reclaim info does not show the image's end $end and lvreduce size $lvr"; }
 q=$(qemu-img map "$DEV")
 t=$("$TOOL" map "$DEV")

@@ -41,7 +41,7 @@ compacts() {
     local name=$1 img=$2 pinned_ok=${3:-} before after bound pinned reach rc=0
     qemu-img convert -O raw "$img" "$name.before.raw"
     before=$(length "$img")
-    "$TOOL" compact --json "$img" >"$name.json" 2>"$name.err" || rc=$?
+    "$TOOL" compact --output=json "$img" >"$name.json" 2>"$name.err" || rc=$?
     after=$(length "$img")
     bound=$(json_field "$name.json" bound)
     pinned=$(sed -n 's/.*"pinned": {\(.*\)}.*/\1/p' "$name.json" | grep -o '[0-9][0-9]*' |
@@ -131,7 +131,7 @@ qemu-img convert -q -c -O qcow2 comp.raw comp.qcow2
 qemu-io -f qcow2 -c 'discard 0 40M' comp.qcow2 >/dev/null
 qemu-img convert -O raw comp.qcow2 comp.before.raw
 rc=0
-"$TOOL" compact --json comp.qcow2 >comp.json || rc=$?
+"$TOOL" compact --output=json comp.qcow2 >comp.json || rc=$?
 pinned=$(json_field comp.json compressed)
 [ "${pinned:-0}" -gt 0 ] || { cat comp.json >&2; fail "compressed: no compressed clusters reported as pinned"; }
 if [ "$(json_field comp.json length-after)" -gt "$(json_field comp.json bound)" ]; then
@@ -150,9 +150,9 @@ sum=$(md5sum <dry.qcow2)
 "$TOOL" compact --dry-run dry.qcow2 >dry.out
 [ "$(md5sum <dry.qcow2)" = "$sum" ] || fail "--dry-run changed the image"
 grep -q "reachable" dry.out || { cat dry.out >&2; fail "--dry-run does not say the length it would reach"; }
-"$TOOL" compact --dry-run --json dry.qcow2 >dry.json
+"$TOOL" compact --dry-run --output=json dry.qcow2 >dry.json
 reach=$(json_field dry.json reachable-length)
-"$TOOL" compact --json dry.qcow2 >real.json
+"$TOOL" compact --output=json dry.qcow2 >real.json
 [ "$(length dry.qcow2)" -le "$reach" ] ||
     fail "--dry-run promised $reach bytes, compact reached $(length dry.qcow2)"
 echo "ok: --dry-run: unchanged image, promised $reach bytes, compact reached $(length dry.qcow2)"
@@ -172,11 +172,11 @@ qemu-img create -q -f qcow2 hold.qcow2 256M
 qemu-io -f qcow2 -c 'write -P 3 0 64M' -c 'discard 0 48M' hold.qcow2 >/dev/null
 cp --sparse=never hold.qcow2 dense.qcow2
 cp --sparse=never hold.qcow2 served.qcow2
-rec=$("$TOOL" info --json dense.qcow2 | sed -n 's/.*"reclaimable": \([0-9]*\).*/\1/p')
+rec=$("$TOOL" info --output=json dense.qcow2 | sed -n 's/.*"reclaimable": \([0-9]*\).*/\1/p')
 [ "$rec" -ge $((40 << 20)) ] || fail "a non-sparse copy: info calls only $rec bytes reclaimable"
-"$TOOL" compact --json dense.qcow2 >dense.json
+"$TOOL" compact --output=json dense.qcow2 >dense.json
 punched=$(json_field dense.json free-bytes-punched)
-rec2=$("$TOOL" info --json dense.qcow2 | sed -n 's/.*"reclaimable": \([0-9]*\).*/\1/p')
+rec2=$("$TOOL" info --output=json dense.qcow2 | sed -n 's/.*"reclaimable": \([0-9]*\).*/\1/p')
 [ "$punched" -ge $((40 << 20)) ] && [ "$rec2" -lt $((1 << 20)) ] ||
     fail "a non-sparse copy: compact punched $punched bytes, info still calls $rec2 reclaimable"
 check_clean dense.qcow2

@@ -64,7 +64,7 @@ quick_start() {
     fi
     grep -q '4194304 *0 *data' "$dir/out" || { cat "$dir/out" >&2; fail "quick start: nbdinfo --map does not show the 4 MiB written"; }
     grep -q 'No errors were found' "$dir/out" || { cat "$dir/out" >&2; fail "quick start: qemu-img check did not pass"; }
-    grep -q '^reclaimable: ' "$dir/out" || { cat "$dir/out" >&2; fail "quick start: qcow2reclaim info printed nothing"; }
+    grep -q '^ *reclaimable: ' "$dir/out" || { cat "$dir/out" >&2; fail "quick start: qcow2reclaim info printed nothing"; }
     ! _running "$(cat "$dir/disk.pid")" || fail "quick start: nbdkit still runs after the stop command"
     echo "ok: quick start: the commands work as written"
 }
@@ -124,9 +124,9 @@ same() {
     [ -n "$(shown "$1")" ] || fail "examples: README.md shows no $1 output"
     while IFS= read -r line; do
         case $line in
-            "allocated on the host: "*)
-                label=${line%%:*}
-                grep -q "^$label: [0-9]* bytes\$" "$2" || missing="$missing
+            "disk size: "*)
+                # What the host's filesystem allocates varies with it.
+                grep -q "^disk size: " "$2" || missing="$missing
 $line" ;;
             *) grep -qxF "$line" "$2" || missing="$missing
 $line" ;;

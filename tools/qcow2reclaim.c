@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: BSD-3-Clause */
 /* qcow2reclaim: info, map, check and compact on the engine the nbdkit
  * plugin uses.  The image is opened read-only, with the shared locks
- * qemu-img takes, except by compact, which takes the writer's locks.
+ * qemu-img takes (none with -U), except by compact and check -r, which
+ * take the writer's locks.
  */
 #include <config.h>
 
@@ -15,27 +16,32 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "qcow2reclaim.h"
+#include "tool.h"
 
 static const char usage[] =
-  "usage: qcow2reclaim info [--json] IMAGE\n"
-  "       qcow2reclaim map [--output=human|json] IMAGE\n"
-  "       qcow2reclaim check [--json] IMAGE\n"
-  "       qcow2reclaim compact [--dry-run] [--json] IMAGE\n"
+  "usage: qcow2reclaim info [-U] [--summary] [--output=human|json] IMAGE...\n"
+  "       qcow2reclaim map [-U] [--output=human|json] IMAGE\n"
+  "       qcow2reclaim check [-U | -r leaks|all] [--output=human|json] IMAGE\n"
+  "       qcow2reclaim compact [--dry-run [-U]] [--output=human|json] IMAGE\n"
   "       qcow2reclaim --help | --version\n"
   "\n"
-  "info     sizes, allocation, space held by snapshots, space reclaimable,\n"
-  "         fragmentation, the length compaction could reach and what keeps it longer\n"
+  "info     what qemu-img info shows, then the space each snapshot holds alone,\n"
+  "         the space reclaimable and the length compaction could reach; with\n"
+  "         --summary, one line for each image\n"
   "map      where each guest range lives (as qemu-img map)\n"
   "check    rebuild refcounts from every table and compare; exit 0 clean,\n"
-  "         1 check failed, 2 corruptions, 3 leaks only (as qemu-img check)\n"
+  "         1 check failed, 2 corruptions, 3 leaks only (as qemu-img check);\n"
+  "         -r leaks frees leaked clusters, -r all also raises counts that are\n"
+  "         too low and mends COPIED flags (the image must not be in use)\n"
   "compact  move the clusters at the end of the file into free ones below and cut\n"
   "         the file, in place (the image must not be in use); --dry-run says the\n"
   "         length it would reach and what keeps it longer; exit 0 done, 1 failed,\n"
-  "         2 done but clusters that cannot move keep it past the bound\n";
+  "         2 done but clusters that cannot move keep it past the bound\n"
+  "\n"
+  "-U, --force-share  read an image another program has open for writing,\n"
+  "         without its lock (as qemu-img -U); what is shown may be stale\n";
 
-static bool json;
-static bool dry_run;
+struct tool_options opt;
 
 /* Progress on a terminal only, so scripts and logs stay clean. */
 static void progress (void *opaque, uint64_t done, uint64_t total)
@@ -49,11 +55,20 @@ static void progress (void *opaque, uint64_t done, uint64_t total)
   }
 }
 
-static int open_image (const char *file, bool writable, struct q2_image **img)
+int tool_open (const char *file, bool writable, struct q2_image **img)
 {
-  struct q2_options o = { .file = file, .readonly = !writable, .compact = Q2_COMPACT_OFF };
+  struct q2_options o = { .file = file, .readonly = !writable, .force_share = opt.force_share,
+                          .repair = writable && opt.repair, .compact = Q2_COMPACT_OFF };
+  int r = q2_open (&o, img);
 
-  return q2_open (&o, img);
+  /* -EAGAIN: the lock, whose message the engine has given. */
+  if (r == -EAGAIN && !writable)
+    fprintf (stderr, "qcow2reclaim: %s: to read it anyway, without the lock, use -U "
+             "(--force-share); what it shows may then be stale\n", file);
+  if (r == 0 && opt.force_share)
+    fprintf (stderr, "qcow2reclaim: %s: read without the image lock (-U): if another "
+             "program is writing it, these figures may be stale\n", file);
+  return r;
 }
 
 static double mib (uint64_t bytes)
@@ -76,9 +91,9 @@ static void compact_progress (void *opaque, uint64_t done, uint64_t total)
 static int cmd_compact (struct q2_image *img)
 {
   struct q2_compact_result c;
-  bool tty = isatty (2) && !dry_run;
+  bool tty = isatty (2) && !opt.dry_run;
   uint64_t pinned;
-  int r = q2_compact (img, dry_run, tty ? compact_progress : NULL, NULL, &c);
+  int r = q2_compact (img, opt.dry_run, tty ? compact_progress : NULL, NULL, &c);
 
   if (tty)
     fprintf (stderr, "\r%50s\r", "");
@@ -88,8 +103,10 @@ static int cmd_compact (struct q2_image *img)
     return 1;
   }
   pinned = c.pinned_compressed + c.pinned_shared + c.pinned_snapshot + c.pinned_unreferenced;
-  if (json) {
-    printf ("{\n  \"filename\": \"%s\",\n  \"dry-run\": %s,\n"
+  if (opt.json) {
+    printf ("{\n  \"filename\": ");
+    json_string (q2_file_name (img));
+    printf (",\n  \"dry-run\": %s,\n"
             "  \"length-before\": %" PRIu64 ",\n  \"length-after\": %" PRIu64 ",\n"
             "  \"reachable-length\": %" PRIu64 ",\n  \"used\": %" PRIu64 ",\n"
             "  \"bound\": %" PRIu64 ",\n  \"target\": %" PRIu64 ",\n"
@@ -97,14 +114,14 @@ static int cmd_compact (struct q2_image *img)
             "  \"free-bytes-punched\": %" PRIu64 ",\n"
             "  \"pinned\": { \"compressed\": %" PRIu64 ", \"shared\": %" PRIu64
             ", \"snapshot\": %" PRIu64 ", \"unreferenced\": %" PRIu64 " }\n}\n",
-            q2_file_name (img), dry_run ? "true" : "false", c.length_before,
+            opt.dry_run ? "true" : "false", c.length_before,
             c.length_after, c.reachable, c.used, c.bound, c.target, c.clusters_moved,
             c.bytes_moved, c.free_bytes_punched, c.pinned_compressed, c.pinned_shared,
             c.pinned_snapshot, c.pinned_unreferenced);
   }
   else {
     printf ("image: %s\n", q2_file_name (img));
-    if (dry_run)
+    if (opt.dry_run)
       printf ("length: %.1f MiB now, %.1f MiB reachable (data %.1f MiB, target %.1f MiB)\n"
               "free space the host still holds: %.1f MiB\n",
               mib (c.length_before), mib (c.reachable), mib (c.used), mib (c.target),
@@ -121,10 +138,10 @@ static int cmd_compact (struct q2_image *img)
               mib (pinned), mib (c.pinned_compressed), mib (c.pinned_shared),
               mib (c.pinned_snapshot), mib (c.pinned_unreferenced));
   }
-  return (dry_run ? c.reachable : c.length_after) > c.bound ? 2 : 0;
+  return (opt.dry_run ? c.reachable : c.length_after) > c.bound ? 2 : 0;
 }
 
-static int run_check (struct q2_image *img, struct q2_check *res)
+int tool_check (struct q2_image *img, struct q2_check *res)
 {
   bool tty = isatty (2);
   int r = q2_check (img, res, tty ? progress : NULL, NULL);
@@ -137,100 +154,11 @@ static int run_check (struct q2_image *img, struct q2_check *res)
   return r;
 }
 
-static double pct (uint64_t a, uint64_t b)
-{
-  return b ? 100.0 * a / b : 0;
-}
-
-/* An image on a block device (issue #13): the volume may be reduced to
- * the size shown, once nothing serves the image, and never below it.
- */
-static void print_device (struct q2_image *img)
-{
-  struct q2_stats s;
-
-  q2_get_stats (img, &s);
-  if (!s.device_size)
-    return;
-  printf ("block device: %" PRIu64 " bytes; the image ends at %" PRIu64 "\n",
-          s.device_size, s.file_length);
-  printf ("lvreduce size: %" PRIu64 " bytes (the image's end rounded up to 4 MiB, "
-          "LVM's default extent; never reduce below it)\n", s.lvreduce_size);
-}
-
-static int cmd_info (struct q2_image *img)
-{
-  struct q2_compact_result k;
-  struct q2_check c;
-  struct stat st;
-  uint64_t cs = q2_cluster_size (img), fsize, pinned;
-  int r;
-
-  if (run_check (img, &c) < 0 || q2_file_size (img, &fsize) < 0 ||
-      stat (q2_file_name (img), &st) < 0)
-    return 1;
-  /* What compaction could reach, and what stays: a plan, nothing moved. */
-  if ((r = q2_compact (img, true, NULL, NULL, &k)) < 0) {
-    fprintf (stderr, "qcow2reclaim: %s: cannot plan compaction: %s\n", q2_file_name (img),
-             strerror (-r));
-    return 1;
-  }
-  pinned = k.pinned_compressed + k.pinned_shared + k.pinned_snapshot + k.pinned_unreferenced;
-  uint64_t host = (uint64_t) st.st_blocks * 512, snap = c.snapshot_only_clusters * cs;
-  if (json) {
-    printf ("{\n  \"filename\": \"%s\",\n  \"format-version\": %u,\n"
-            "  \"cluster-size\": %" PRIu64 ",\n  \"virtual-size\": %" PRIu64 ",\n"
-            "  \"file-size\": %" PRIu64 ",\n  \"host-allocated\": %" PRIu64 ",\n"
-            "  \"allocated-clusters\": %" PRIu64 ",\n  \"total-clusters\": %" PRIu64 ",\n"
-            "  \"compressed-clusters\": %" PRIu64 ",\n  \"fragmented-clusters\": %" PRIu64 ",\n"
-            "  \"image-end-offset\": %" PRIu64 ",\n  \"snapshots\": %u,\n"
-            "  \"snapshot-held\": %" PRIu64 ",\n  \"reclaimable\": %" PRIu64 ",\n"
-            "  \"compactable-length\": %" PRIu64 ",\n"
-            "  \"pinned\": { \"compressed\": %" PRIu64 ", \"shared\": %" PRIu64
-            ", \"snapshot\": %" PRIu64 ", \"unreferenced\": %" PRIu64 " },\n"
-            "  \"corruptions\": %" PRIu64 ",\n  \"leaks\": %" PRIu64 "\n}\n",
-            q2_file_name (img), q2_format_version (img), cs, q2_virtual_size (img),
-            fsize, host, c.allocated_clusters, c.total_clusters, c.compressed_clusters,
-            c.fragmented_clusters, c.image_end_offset, q2_snapshot_count (img), snap,
-            c.reclaimable_bytes, k.reachable < fsize ? k.reachable : fsize,
-            k.pinned_compressed, k.pinned_shared, k.pinned_snapshot, k.pinned_unreferenced,
-            c.corruptions, c.leaks);
-    return 0;
-  }
-  printf ("image: %s\n", q2_file_name (img));
-  printf ("format: qcow2 version %u, cluster size %" PRIu64 "\n", q2_format_version (img), cs);
-  printf ("virtual size: %" PRIu64 " bytes\n", q2_virtual_size (img));
-  printf ("file size: %" PRIu64 " bytes\n", fsize);
-  printf ("allocated on the host: %" PRIu64 " bytes\n", host);
-  printf ("allocated clusters: %" PRIu64 "/%" PRIu64 " = %.2f%% (%.2f%% fragmented, "
-          "%.2f%% compressed)\n", c.allocated_clusters, c.total_clusters,
-          pct (c.allocated_clusters, c.total_clusters),
-          pct (c.fragmented_clusters, c.allocated_clusters),
-          pct (c.compressed_clusters, c.allocated_clusters));
-  printf ("image end offset: %" PRIu64 "\n", c.image_end_offset);
-  printf ("internal snapshots: %u, holding %" PRIu64 " bytes only they use\n",
-          q2_snapshot_count (img), snap);
-  printf ("reclaimable: %" PRIu64 " bytes (host space in unused clusters and past the end)\n",
-          c.reclaimable_bytes);
-  printf ("compaction: the file could be %" PRIu64 " bytes long (now %" PRIu64 ")\n",
-          k.reachable < fsize ? k.reachable : fsize, fsize);
-  print_device (img);
-  if (pinned)
-    printf ("  cannot move, past the target: %" PRIu64 " bytes (compressed %" PRIu64
-            ", shared with snapshots %" PRIu64 ", snapshots' own %" PRIu64
-            ", referenced by nothing %" PRIu64 ")\n", pinned, k.pinned_compressed,
-            k.pinned_shared, k.pinned_snapshot, k.pinned_unreferenced);
-  if (c.corruptions || c.leaks)
-    printf ("consistency: %" PRIu64 " corruptions, %" PRIu64 " leaked clusters "
-            "(see qcow2reclaim check)\n", c.corruptions, c.leaks);
-  return 0;
-}
-
 static int print_map (void *opaque, const struct q2_map_entry *e)
 {
   bool *first = opaque;
 
-  if (json) {
+  if (opt.json) {
     printf ("%s{ \"start\": %" PRIu64 ", \"length\": %" PRIu64 ", \"depth\": %d, "
             "\"present\": %s, \"zero\": %s, \"data\": %s",
             *first ? "[" : ",\n", e->start, e->length, e->depth,
@@ -252,67 +180,128 @@ static int cmd_map (struct q2_image *img)
   bool first = true;
   int r;
 
-  if (!json)
+  if (!opt.json)
     printf ("%-16s%-16s%-16s%s\n", "Offset", "Length", "Mapped to", "File");
   r = q2_map (img, print_map, &first);
-  if (json)
+  if (opt.json)
     printf ("%s]\n", first ? "[" : "");
   return r < 0 ? 1 : 0;
+}
+
+static void print_check (struct q2_image *img, const struct q2_check *c,
+                         const struct q2_repair_result *fixed)
+{
+  if (opt.json) {
+    printf ("{\n  \"filename\": ");
+    json_string (q2_file_name (img));
+    printf (",\n  \"check-errors\": 0,\n  \"corruptions\": %" PRIu64 ",\n  \"leaks\": %"
+            PRIu64 ",\n", c->corruptions, c->leaks);
+    if (fixed)
+      printf ("  \"leaks-fixed\": %" PRIu64 ",\n  \"corruptions-fixed\": %" PRIu64 ",\n",
+              fixed->leaks_fixed, fixed->corruptions_fixed);
+    printf ("  \"allocated-clusters\": %" PRIu64 ",\n  \"total-clusters\": %" PRIu64
+            ",\n  \"image-end-offset\": %" PRIu64 "\n}\n", c->allocated_clusters,
+            c->total_clusters, c->image_end_offset);
+    return;
+  }
+  if (fixed && (fixed->leaks_fixed || fixed->corruptions_fixed))
+    printf ("The following inconsistencies were found and repaired:\n\n"
+            "    %" PRIu64 " leaked clusters\n    %" PRIu64 " corruptions\n\n"
+            "Double checking the fixed image now...\n",
+            fixed->leaks_fixed, fixed->corruptions_fixed);
+  if (!c->corruptions && !c->leaks)
+    printf ("No errors were found on the image.\n");
+  if (c->corruptions)
+    printf ("\n%" PRIu64 " errors were found on the image.\n"
+            "Data may be corrupted, or further writes to the image may corrupt it.\n",
+            c->corruptions);
+  if (c->leaks)
+    printf ("\n%" PRIu64 " leaked clusters were found on the image.\n"
+            "This means waste of disk space, but no harm to data.\n", c->leaks);
+  printf ("%" PRIu64 "/%" PRIu64 " = %.2f%% allocated, %.2f%% fragmented, "
+          "%.2f%% compressed clusters\nImage end offset: %" PRIu64 "\n",
+          c->allocated_clusters, c->total_clusters,
+          percent (c->allocated_clusters, c->total_clusters),
+          percent (c->fragmented_clusters, c->allocated_clusters),
+          percent (c->compressed_clusters, c->allocated_clusters), c->image_end_offset);
+}
+
+static int exit_status (const struct q2_check *c)
+{
+  return c->corruptions ? 2 : c->leaks ? 3 : 0;
+}
+
+/* check -r: the repair, then what the check of the repaired image says. */
+static int cmd_repair (struct q2_image *img)
+{
+  struct q2_repair_result res;
+  bool tty = isatty (2);
+  int r = q2_repair (img, opt.repair, &res, tty ? progress : NULL, NULL);
+
+  if (tty)
+    fprintf (stderr, "\r                    \r");
+  if (r < 0) {
+    if (r != -EINVAL)
+      fprintf (stderr, "qcow2reclaim: %s: the repair could not complete: %s\n",
+               q2_file_name (img), strerror (-r));
+    return 1;
+  }
+  print_check (img, &res.after, &res);
+  r = exit_status (&res.after);
+  q2_check_free (&res.after);
+  return r;
 }
 
 static int cmd_check (struct q2_image *img)
 {
   struct q2_check c;
 
-  if (run_check (img, &c) < 0)
+  if (opt.repair)
+    return cmd_repair (img);
+  if (tool_check (img, &c) < 0)
     return 1;
-  if (json)
-    printf ("{\n  \"filename\": \"%s\",\n  \"check-errors\": 0,\n  \"corruptions\": %"
-            PRIu64 ",\n  \"leaks\": %" PRIu64 ",\n  \"allocated-clusters\": %" PRIu64
-            ",\n  \"total-clusters\": %" PRIu64 ",\n  \"image-end-offset\": %" PRIu64 "\n}\n",
-            q2_file_name (img), c.corruptions, c.leaks, c.allocated_clusters,
-            c.total_clusters, c.image_end_offset);
-  else {
-    if (!c.corruptions && !c.leaks)
-      printf ("No errors were found on the image.\n");
-    if (c.corruptions)
-      printf ("%" PRIu64 " errors were found on the image.\n"
-              "Data may be corrupted, or further writes to the image may corrupt it.\n",
-              c.corruptions);
-    if (c.leaks)
-      printf ("%" PRIu64 " leaked clusters were found on the image.\n"
-              "This means waste of disk space, but no harm to data.\n", c.leaks);
-    printf ("%" PRIu64 "/%" PRIu64 " = %.2f%% allocated, %.2f%% fragmented, "
-            "%.2f%% compressed clusters\nImage end offset: %" PRIu64 "\n",
-            c.allocated_clusters, c.total_clusters,
-            pct (c.allocated_clusters, c.total_clusters),
-            pct (c.fragmented_clusters, c.allocated_clusters),
-            pct (c.compressed_clusters, c.allocated_clusters), c.image_end_offset);
-  }
-  return c.corruptions ? 2 : c.leaks ? 3 : 0;
+  q2_check_free (&c);
+  print_check (img, &c, NULL);
+  return exit_status (&c);
 }
 
 int main (int argc, char **argv)
 {
   static const struct option opts[] = {
-    { "json", no_argument, NULL, 'j' },
+    { "json", no_argument, NULL, 'j' },   /* 0.1's spelling of --output=json */
     { "dry-run", no_argument, NULL, 'n' },
     { "output", required_argument, NULL, 'o' },
+    { "force-share", no_argument, NULL, 'U' },
+    { "summary", no_argument, NULL, 's' },
+    { "repair", required_argument, NULL, 'r' },
     { "help", no_argument, NULL, 'h' },
     { "version", no_argument, NULL, 'V' },
     { NULL, 0, NULL, 0 },
   };
   struct q2_image *img;
+  bool summary = false;
   const char *cmd;
   int c, r;
 
-  while ((c = getopt_long (argc, argv, "ho:", opts, NULL)) != -1) {
+  while ((c = getopt_long (argc, argv, "ho:Ur:", opts, NULL)) != -1) {
     switch (c) {
-    case 'j': json = true; break;
-    case 'n': dry_run = true; break;
+    case 'j': opt.json = true; break;
+    case 'n': opt.dry_run = true; break;
+    case 'U': opt.force_share = true; break;
+    case 's': summary = true; break;
+    case 'r':
+      if (strcmp (optarg, "leaks") == 0)
+        opt.repair = Q2_REPAIR_LEAKS;
+      else if (strcmp (optarg, "all") == 0)
+        opt.repair = Q2_REPAIR_ALL;
+      else {
+        fprintf (stderr, "qcow2reclaim: -r %s: expected leaks or all\n", optarg);
+        return 1;
+      }
+      break;
     case 'o':
       if (strcmp (optarg, "json") == 0)
-        json = true;
+        opt.json = true;
       else if (strcmp (optarg, "human") != 0) {
         fprintf (stderr, "qcow2reclaim: --output=%s: expected human or json\n", optarg);
         return 1;
@@ -323,7 +312,7 @@ int main (int argc, char **argv)
     default: fputs (usage, stderr); return 1;
     }
   }
-  if (argc - optind != 2) {
+  if (argc - optind < 2) {
     fputs (usage, stderr);
     return 1;
   }
@@ -333,14 +322,38 @@ int main (int argc, char **argv)
     fprintf (stderr, "qcow2reclaim: unknown command '%s'\n%s", cmd, usage);
     return 1;
   }
-  if (dry_run && strcmp (cmd, "compact")) {
+  if (summary && strcmp (cmd, "info")) {
+    fprintf (stderr, "qcow2reclaim: --summary goes with info only\n");
+    return 1;
+  }
+  if (opt.repair && strcmp (cmd, "check")) {
+    fprintf (stderr, "qcow2reclaim: -r goes with check only\n");
+    return 1;
+  }
+  if (opt.repair && opt.force_share) {
+    fprintf (stderr, "qcow2reclaim: -U (--force-share) reads only: a repair needs the "
+             "image to itself\n");
+    return 1;
+  }
+  if (opt.dry_run && strcmp (cmd, "compact")) {
     fprintf (stderr, "qcow2reclaim: --dry-run goes with compact only\n");
     return 1;
   }
-  if (open_image (argv[optind + 1], strcmp (cmd, "compact") == 0 && !dry_run, &img) < 0)
+  if (opt.force_share && strcmp (cmd, "compact") == 0 && !opt.dry_run) {
+    fprintf (stderr, "qcow2reclaim: -U (--force-share) reads only: compact changes the "
+             "image, and needs it to itself (use --dry-run to only plan)\n");
     return 1;
-  r = strcmp (cmd, "info") == 0 ? cmd_info (img)
-    : strcmp (cmd, "map") == 0 ? cmd_map (img)
+  }
+  if (strcmp (cmd, "info") == 0)
+    return cmd_info (argc - optind - 1, argv + optind + 1, summary);
+  if (argc - optind != 2) {
+    fputs (usage, stderr);
+    return 1;
+  }
+  if (tool_open (argv[optind + 1],
+                 (strcmp (cmd, "compact") == 0 && !opt.dry_run) || opt.repair, &img) < 0)
+    return 1;
+  r = strcmp (cmd, "map") == 0 ? cmd_map (img)
     : strcmp (cmd, "compact") == 0 ? cmd_compact (img) : cmd_check (img);
   q2_close (img);
   return r;

@@ -12,9 +12,13 @@
  * synchronous, so an input replays the same; the background worker is
  * off, as its timing would not.
  *
+ * A quarter of the inputs are repaired instead, as qcow2reclaim check -r
+ * does (the configuration byte says which, and whether -r all or leaks).
+ *
  * Oracle beyond "no crash": when the engine's own check finds the image
  * consistent before the requests, it must still find no corruption after
- * them (leaks are allowed, DESIGN.md "Invariants").  FUZZ_ORACLE=0 turns
+ * them (leaks are allowed, DESIGN.md "Invariants"); a repair with -r all
+ * that did not refuse must leave no corruption at all.  FUZZ_ORACLE=0 turns
  * this off; FUZZ_VERBOSE=1 shows the engine's log.  To study a finding,
  * FUZZ_OPS=N runs only its first N requests and FUZZ_KEEP=FILE keeps a copy
  * of the image as the requests left it.
@@ -137,6 +141,7 @@ static int consistent (void)
   q2_close (img);
   if (r < 0)
     return -1;
+  q2_check_free (&res);
   return res.corruptions == 0;
 }
 
@@ -240,6 +245,30 @@ static void run_requests (struct q2_image *img, const uint8_t *ops, size_t nops)
   }
 }
 
+static void run_repair (bool all)
+{
+  struct q2_options o = { .file = image_path, .repair = true, .cache_size = 1,
+                          .compact = Q2_COMPACT_OFF };
+  struct q2_repair_result res;
+  struct q2_image *img;
+  int r;
+
+  if (q2_open (&o, &img) < 0)
+    return;
+  r = q2_repair (img, all ? Q2_REPAIR_ALL : Q2_REPAIR_LEAKS, &res, NULL, NULL);
+  q2_close (img);
+  if (verbose)
+    fprintf (stderr, "fuzz-image: repair %s: %d\n", all ? "all" : "leaks", r);
+  if (r < 0)
+    return;
+  q2_check_free (&res.after);
+  if (oracle && all && (res.after.corruptions || consistent () == 0)) {
+    fprintf (stderr, "fuzz-image: check -r all did not refuse the image, yet left "
+             "corruption (rerun with FUZZ_VERBOSE=1 to see which)\n");
+    abort ();
+  }
+}
+
 static void keep_image (void)
 {
   FILE *f = fopen (image_path, "rb");
@@ -278,6 +307,12 @@ int LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
   o.discard = (enum q2_discard_mode) (cfg % 3);
   o.detect_zeroes = (enum q2_detect_zeroes) ((cfg >> 2) % 3);
 
+  if ((cfg & 0xa0) == 0xa0) {
+    run_repair (cfg & 0x10);
+    if (keep_path)
+      keep_image ();
+    return 0;
+  }
   if (oracle)
     before = consistent ();
   if (q2_open (&o, &img) < 0)
