@@ -459,11 +459,14 @@ int q2_write (struct q2_image *img, const void *buf, uint64_t count,
   }
   request_lock (img, &h, count, offset, true);
   r = cow_write (img, buf, count, offset, &apply_frees);
-  if (r == 0 && (flags & Q2_FUA))
-    r = q2_flush (img);
-  else if (r == 0 && apply_frees)
+  if (r == 0 && apply_frees && !(flags & Q2_FUA))
     r = apply_pending (img);
   request_unlock (img, &h);
+  /* Outside the range lock: the flush drains the deferred punches, whose
+   * look at their cluster takes that cluster's range lock.
+   */
+  if (r == 0 && (flags & Q2_FUA))
+    r = q2_flush (img);
   return r;
 }
 

@@ -14,7 +14,8 @@ int punch_start (struct q2_image *img);
 /* Stops taking punches and joins the worker; what is queued stays. */
 void punch_stop (struct q2_image *img);
 /* Runs what is queued in the caller's thread, and waits for the worker's
- * job in progress.  The caller holds no lock.
+ * job in progress.  The caller holds no lock, not even a guest range:
+ * each job takes its cluster's.
  */
 void punch_drain (struct q2_image *img);
 
