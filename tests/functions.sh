@@ -95,6 +95,14 @@ skip() { echo "SKIP: $*"; exit 77; }
 # skip the test unless it succeeds: what a test needs must be there and
 # work, e.g. requires qemu-img --version, requires "$PYTHON" -c 'import nbd'.
 # Under valgrind it runs without memcheck, which is for the test's own work.
+# log_errors LOG: print the server's error lines (nbdkit errors, failed
+# asserts, sanitizer reports) and succeed when there are any.  Notices
+# are nbdkit errors too (nbdkit 1.32 has no notice level), "error: notice:",
+# and are not errors.
+log_errors() {
+    grep -E ' error: |Assertion|Sanitizer' "$1" | grep -v ' error: notice: '
+}
+
 requires() {
     local rc=0
     ( [ -z "${VG_BIN:-}" ] || PATH=${PATH//"$VG_BIN:"/}; "$@" ) </dev/null >/dev/null 2>&1 || rc=$?

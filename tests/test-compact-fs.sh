@@ -66,7 +66,7 @@ run() {
     MOUNTS=$(drop_word "$MNT" $MOUNTS)
     fuse_detach "$FUSE"
     stop_server "$SERVER"
-    grep -E ' error: |Assertion|Sanitizer' "$LOG" >&2 && fail "$mode: errors in the server log"
+    log_errors "$LOG" >&2 && fail "$mode: errors in the server log"
     check_clean "$IMG"
     echo "ok: $mode: kept files intact, qemu-img check clean; $(grep -o 'reclaim totals: .*' "$LOG")"
 }

@@ -136,7 +136,7 @@ EOF
     fuse_detach "$fuse"
     stop_server "$server"
     if [ "$kind" = nbdkit ]; then
-        grep -E ' error: |Assertion|Sanitizer' "$log" >&2 &&
+        log_errors "$log" >&2 &&
             echo "(messages above are from the server log $log)" >&2
         STATS_LINE=$(grep -o 'reclaim totals: .*' "$log" || tr '\n' ' ' <"$stats")
     fi

@@ -138,7 +138,7 @@ teardown() {
     MOUNTS=$(drop_word "$MNT" $MOUNTS)
     fuse_detach "$FUSE"
     stop_server "$SERVER"
-    grep -E ' error: |Assertion|Sanitizer' "$LOG" >&2 &&
+    log_errors "$LOG" >&2 &&
         echo "(messages above are from the server log $LOG)" >&2
     check_clean "$IMG"
 }

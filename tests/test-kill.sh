@@ -108,7 +108,7 @@ for round in $(seq 1 "$KILLS"); do
     if [ $rc -ne 0 ]; then
         failures=$((failures + 1))
         tail -n 3 "$TMP/rounds.log" >&2
-        grep -E ' error: |Assertion|Sanitizer' "$TMP/$name.log" | tail -n 5 >&2 || true
+        log_errors "$TMP/$name.log" | tail -n 5 >&2 || true
         echo "round $round ($name, seed $((SEED * 100000 + round))) failed" >&2
         keep_round $name "$round"
         break

@@ -69,7 +69,7 @@ multiconn_case() {
     touch "$dir/go"
     for pid in $pids; do wait "$pid" || rc=1; done
     if [ $rc -ne 0 ]; then
-        grep -E ' error: |Assertion|Sanitizer' "$log" | head -n 20 >&2 || true
+        log_errors "$log" | head -n 20 >&2 || true
         fail "$name: a writer failed (details above)"
     fi
 
@@ -80,7 +80,7 @@ multiconn_case() {
         fail "$name: a fresh connection does not read what the writers wrote"
 
     stop_server "$server"
-    grep -E ' error: |Assertion|Sanitizer' "$log" >&2 && echo "($name: messages above are from the server log)" >&2
+    log_errors "$log" >&2 && echo "($name: messages above are from the server log)" >&2
     check_clean "$image"
     qemu-img convert -O raw "$image" "$dir/after.raw"
     if ! cmp "$dir/after.raw" "$dir/expected.raw"; then
