@@ -102,10 +102,9 @@ const char *header_write_refusal (const struct layout *lay)
   if (lay->incompat & INCOMPAT_CORRUPT)
     return "the image is marked corrupt; repair it with qcow2reclaim check -r all "
       "(or qemu-img check -r all), or serve it with readonly=true to read what is left";
-  if (lay->incompat & INCOMPAT_DIRTY)
-    return "the image has the dirty bit set (lazy refcounts were not written "
-      "back); run qcow2reclaim check -r all (or qemu-img check -r all) to repair it, "
-      "or serve it with readonly=true";
+  /* The dirty bit is no refusal: opening for writing rebuilds the
+   * refcounts (image.c), as QEMU does.
+   */
   return NULL;
 }
 

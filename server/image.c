@@ -8,6 +8,7 @@
 
 #include <errno.h>
 #include <inttypes.h>
+#include <time.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -249,6 +250,43 @@ static int device_end (struct q2_image *img)
   return 0;
 }
 
+/* The dirty bit: QEMU with lazy refcounts stopped before writing its
+ * refcounts back, so they may be short of the references.  QEMU rebuilds
+ * them when it opens such an image for writing, and so do we, with the
+ * repair of qcow2reclaim check -r all; what it cannot mend keeps the image
+ * refused.
+ */
+static int rebuild_refcounts (struct q2_image *img)
+{
+  const char *name = img->m.lay.name;
+  struct q2_repair_result res;
+  struct timespec t0, t1;
+  int r;
+
+  clock_gettime (CLOCK_MONOTONIC, &t0);
+  img->repair = true;
+  r = q2_repair (img, Q2_REPAIR_ALL, &res, NULL, NULL);
+  img->repair = false;
+  if (r < 0)
+    return r;
+  clock_gettime (CLOCK_MONOTONIC, &t1);
+  if (res.after.corruptions) {
+    log_error ("%s: the image has the dirty bit set (lazy refcounts were not written "
+               "back) and %" PRIu64 " errors are left after rebuilding its refcounts; "
+               "run qemu-img check -r all, or serve it with readonly=true", name,
+               res.after.corruptions);
+    check_free (&res.after);
+    return -EINVAL;
+  }
+  check_free (&res.after);
+  log_notice ("%s: the image had the dirty bit set (lazy refcounts not written back): "
+              "its refcounts were rebuilt in %.2f s (%" PRIu64 " counts raised, %" PRIu64
+              " lowered), and the bit is cleared", name,
+              (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) / 1e9,
+              res.corruptions_fixed, res.leaks_fixed);
+  return 0;
+}
+
 static int image_open (const struct q2_options *o, int depth,
                        const struct backing_chain *above, struct q2_image **imgp)
 {
@@ -322,6 +360,9 @@ static int image_open (const struct q2_options *o, int depth,
     r = -EINVAL;
     goto fail;
   }
+  if (!img->readonly && !img->repair && (m->lay.incompat & INCOMPAT_DIRTY) &&
+      (r = rebuild_refcounts (img)) < 0)
+    goto fail;
   if (!img->readonly && !img->repair && (r = header_clear_autoclear (&m->hf, &m->lay)) < 0)
     goto fail;
   *imgp = img;

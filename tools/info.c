@@ -212,6 +212,9 @@ static void print_reclaim_part (const struct facts *f)
   }
   if (f->h.write_refusal)
     printf ("    plugin: serves it read-only only: %s\n", f->h.write_refusal);
+  else if (f->h.dirty)
+    printf ("    plugin: rebuilds its refcounts when it opens it (the dirty bit: lazy "
+            "refcounts not written back), then serves it for reading and writing\n");
   else
     printf ("    plugin: serves it for reading and writing\n");
   if (c->corruptions || c->leaks)
