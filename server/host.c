@@ -477,9 +477,9 @@ void host_release (struct hostfile *hf, uint64_t offset, uint64_t len)
   release_raw (hf, offset, len);
 }
 
-void host_release_accept (struct hostfile *hf, bool on)
+void host_release_accept (struct hostfile *hf, bool on, uint64_t unit)
 {
-  punchq_accept (&hf->pq, on);
+  punchq_accept (&hf->pq, on, unit);
 }
 
 bool host_release_later (struct hostfile *hf, uint64_t offset, uint64_t len, uint64_t tag)
@@ -487,33 +487,30 @@ bool host_release_later (struct hostfile *hf, uint64_t offset, uint64_t len, uin
   return len > 0 && host_can_punch (hf) && punchq_add (&hf->pq, offset, len, tag);
 }
 
-bool host_release_next (struct hostfile *hf, bool wait, uint64_t *tag, uint64_t *offset)
+int host_release_next (struct hostfile *hf, uint64_t upto, struct host_release_job *job)
 {
   struct punchq_items punch = { 0 };
   size_t i;
+  int r;
 
-  if (!punchq_claim_next (&hf->pq, wait, tag, &punch, offset))
-    return false;
+  r = punchq_claim_next (&hf->pq, true, upto, &job->tag, &punch, &job->offset, &job->end);
+  if (r <= 0)
+    return r;
   for (i = 0; i < punch.len; i++)
     release_raw (hf, punch.ptr[i].offset, punch.ptr[i].len);
   punchq_punched (&hf->pq, &punch);
   punchq_items_reset (&punch);
-  return true;
+  return 1;
 }
 
-void host_release_finish (struct hostfile *hf, uint64_t tag, uint64_t offset)
+void host_release_finish (struct hostfile *hf, const struct host_release_job *job)
 {
-  punchq_finish (&hf->pq, tag, offset);
+  punchq_finish (&hf->pq, job->offset, job->end);
 }
 
-size_t host_release_queued (struct hostfile *hf)
+uint64_t host_release_mark (struct hostfile *hf)
 {
-  return punchq_live (&hf->pq);
-}
-
-void host_release_wait (struct hostfile *hf)
-{
-  punchq_wait_empty (&hf->pq);
+  return punchq_mark (&hf->pq);
 }
 
 bool host_can_punch (const struct hostfile *hf)

@@ -97,17 +97,20 @@ bool host_can_punch (const struct hostfile *hf);
  * host_release_later queues one while a worker takes them
  * (host_release_accept); false: release the range now instead.
  */
-void host_release_accept (struct hostfile *hf, bool on);
+void host_release_accept (struct hostfile *hf, bool on, uint64_t unit);
 bool host_release_later (struct hostfile *hf, uint64_t offset, uint64_t len, uint64_t tag);
-/* The worker's loop: punches the next job's ranges and gives its tag and
- * first offset; the caller looks at them and calls host_release_finish.
- * false: nothing queued (and, with 'wait', the queue is off).
+/* A job of the queue: a tag's ranges in one unit, [offset, end). */
+struct host_release_job {
+  uint64_t tag, offset, end;
+};
+/* Punches the next job's ranges and gives it; the caller looks at them
+ * and calls host_release_finish.  upto UINT64_MAX: the worker, waiting
+ * for jobs until the queue is off; a mark (host_release_mark): a drain,
+ * until nothing queued by then is left.  1: a job; 0: no more; -ENOMEM.
  */
-bool host_release_next (struct hostfile *hf, bool wait, uint64_t *tag, uint64_t *offset);
-void host_release_finish (struct hostfile *hf, uint64_t tag, uint64_t offset);
-size_t host_release_queued (struct hostfile *hf);
-/* Until every queued punch has been taken and finished. */
-void host_release_wait (struct hostfile *hf);
+int host_release_next (struct hostfile *hf, uint64_t upto, struct host_release_job *job);
+void host_release_finish (struct hostfile *hf, const struct host_release_job *job);
+uint64_t host_release_mark (struct hostfile *hf);
 uint64_t host_bytes_released (const struct hostfile *hf);
 uint64_t host_bytes_given_back (const struct hostfile *hf);
 /* Zeroes a range, keeping it allocated where the filesystem can. */

@@ -6,6 +6,7 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "discard.h"
 #include "engine.h"
@@ -26,25 +27,38 @@ struct punch {
  * An error only costs the chance to free the cluster; the TRIM that
  * queued it was answered long ago.
  */
-static void job_done (struct q2_image *img, uint64_t tag, uint64_t offset)
+static void job_done (struct q2_image *img, const struct host_release_job *job)
 {
-  uint64_t cluster = offset & ~((uint64_t) img->m.lay.cluster_size - 1);
+  uint64_t cluster = job->offset & ~((uint64_t) img->m.lay.cluster_size - 1);
   int r;
 
   if (writeback_refused (&img->m) == 0 &&
-      (r = discard_if_hole (img, tag, cluster)) < 0)
+      (r = discard_if_hole (img, job->tag, cluster)) < 0)
     log_debug ("%s: the cluster at host offset 0x%" PRIx64 " was punched but could "
                "not be freed: %s", img->m.lay.name, cluster, strerror (-r));
-  host_release_finish (&img->m.hf, tag, offset);
+  host_release_finish (&img->m.hf, job);
+}
+
+/* Jobs until 'upto' says there are no more; out of memory for a job's
+ * list only delays it.
+ */
+static void run_jobs (struct q2_image *img, uint64_t upto)
+{
+  struct host_release_job job;
+  int r;
+
+  while ((r = host_release_next (&img->m.hf, upto, &job)) != 0) {
+    if (r < 0) {
+      usleep (10000);
+      continue;
+    }
+    job_done (img, &job);
+  }
 }
 
 static void *worker (void *arg)
 {
-  struct q2_image *img = arg;
-  uint64_t tag, offset;
-
-  while (host_release_next (&img->m.hf, true, &tag, &offset))
-    job_done (img, tag, offset);
+  run_jobs (arg, UINT64_MAX);
   return NULL;
 }
 
@@ -57,14 +71,14 @@ int punch_start (struct q2_image *img)
     return 0;
   if (!(img->punch = calloc (1, sizeof *img->punch)))
     return -ENOMEM;
-  host_release_accept (&img->m.hf, true);
+  host_release_accept (&img->m.hf, true, img->m.lay.cluster_size);
   e = getenv ("QCOW2RECLAIM_PUNCH_HOLD");
   if (e && *e == '1') {
     log_debug ("%s: test hook: deferred punches wait for a flush", img->m.lay.name);
     return 0;
   }
   if ((r = pthread_create (&img->punch->thread, NULL, worker, img)) != 0) {
-    host_release_accept (&img->m.hf, false);
+    host_release_accept (&img->m.hf, false, 0);
     free (img->punch);
     img->punch = NULL;
     log_error ("%s: cannot start the worker of deferred punches: %s", img->m.lay.name,
@@ -79,7 +93,7 @@ void punch_stop (struct q2_image *img)
 {
   if (!img->punch)
     return;
-  host_release_accept (&img->m.hf, false);
+  host_release_accept (&img->m.hf, false, 0);
   if (img->punch->worker)
     pthread_join (img->punch->thread, NULL);
   free (img->punch);
@@ -88,9 +102,5 @@ void punch_stop (struct q2_image *img)
 
 void punch_drain (struct q2_image *img)
 {
-  uint64_t tag, offset;
-
-  while (host_release_next (&img->m.hf, false, &tag, &offset))
-    job_done (img, tag, offset);
-  host_release_wait (&img->m.hf);
+  run_jobs (img, host_release_mark (&img->m.hf));
 }

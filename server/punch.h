@@ -13,9 +13,10 @@ struct q2_image;
 int punch_start (struct q2_image *img);
 /* Stops taking punches and joins the worker; what is queued stays. */
 void punch_stop (struct q2_image *img);
-/* Runs what is queued in the caller's thread, and waits for the worker's
- * job in progress.  The caller holds no lock, not even a guest range:
- * each job takes its cluster's.
+/* Runs what was queued before it in the caller's thread, and waits for
+ * the jobs of that time others hold; what guests queue meanwhile is left
+ * to the worker.  The caller holds no lock, not even a guest range: each
+ * job takes its cluster's.
  */
 void punch_drain (struct q2_image *img);
 

@@ -22,10 +22,12 @@ void punchq_destroy (struct punchq *q)
   pthread_mutex_destroy (&q->lock);
 }
 
-void punchq_accept (struct punchq *q, bool on)
+void punchq_accept (struct punchq *q, bool on, uint64_t unit)
 {
   pthread_mutex_lock (&q->lock);
   q->accepting = on;
+  if (on)
+    q->unit = unit;
   pthread_cond_broadcast (&q->cond);
   pthread_mutex_unlock (&q->lock);
 }
@@ -103,7 +105,7 @@ static int insert_at (struct punchq *q, size_t i, const struct punchq_item *it)
 
 bool punchq_add (struct punchq *q, uint64_t offset, uint64_t len, uint64_t tag)
 {
-  const struct punchq_item new = { .offset = offset, .len = len, .tag = tag };
+  struct punchq_item new = { .offset = offset, .len = len, .tag = tag };
   uint64_t end = offset + len;
   struct punchq_item *next = NULL;
   bool ok = false;
@@ -137,8 +139,11 @@ bool punchq_add (struct punchq *q, uint64_t offset, uint64_t len, uint64_t tag)
     i++, next = i < q->items.len && q->items.ptr[i].offset <= end ? &q->items.ptr[i] : NULL;
   if (next && next->offset < end)
     goto out;
+  /* A grown range keeps its number: it was queued that early. */
+  new.seq = q->seq + 1;
   if (q->items.len - q->head >= q->limit || insert_at (q, i, &new) < 0)
     goto out;
+  q->seq++;
   set_live (q);
   pthread_cond_broadcast (&q->cond);
   ok = true;
@@ -201,18 +206,28 @@ void punchq_punched (struct punchq *q, const struct punchq_items *done)
   pthread_mutex_unlock (&q->lock);
 }
 
-/* The first run of one tag with no item held by a job, nor being punched
- * by a request (it will be soon done, and looked at then).
+/* One job: a run of items of one tag inside one unit (a cluster: a tag
+ * may name two places when its cluster moved, and each is looked at),
+ * none held by a job nor being punched by a request (it will soon be
+ * done, and looked at then), with an item queued by seq 'upto'.
  */
-static bool next_job (const struct punchq *q, size_t *first, size_t *n)
+static bool same_job (const struct punchq *q, const struct punchq_item *a,
+                      const struct punchq_item *b)
+{
+  return a->tag == b->tag && (!q->unit || a->offset / q->unit == b->offset / q->unit);
+}
+
+static bool next_job (const struct punchq *q, uint64_t upto, size_t *first, size_t *n)
 {
   size_t i = q->head, j;
 
   while (i < q->items.len) {
-    bool free = true;
-    for (j = i; j < q->items.len && q->items.ptr[j].tag == q->items.ptr[i].tag; j++)
+    bool free = true, due = false;
+    for (j = i; j < q->items.len && same_job (q, &q->items.ptr[i], &q->items.ptr[j]); j++) {
       free &= !q->items.ptr[j].claimed && q->items.ptr[j].state != PUNCHQ_PUNCHING;
-    if (free) {
+      due |= q->items.ptr[j].seq <= upto;
+    }
+    if (free && due) {
       *first = i;
       *n = j - i;
       return true;
@@ -222,45 +237,63 @@ static bool next_job (const struct punchq *q, size_t *first, size_t *n)
   return false;
 }
 
-bool punchq_claim_next (struct punchq *q, bool wait, uint64_t *tag,
-                        struct punchq_items *punch, uint64_t *offset)
+static bool any_upto (const struct punchq *q, uint64_t upto)
 {
-  size_t first, n, i;
-  bool found;
+  size_t i;
 
-  pthread_mutex_lock (&q->lock);
-  while (!(found = next_job (q, &first, &n)) && wait && q->accepting)
-    pthread_cond_wait (&q->cond, &q->lock);
-  if (found && wait && !q->accepting)
-    found = false;
-  if (found && punchq_items_reserve (punch, n) < 0)
-    found = false;
-  if (found) {
-    *tag = q->items.ptr[first].tag;
-    *offset = q->items.ptr[first].offset;
-    for (i = first; i < first + n; i++) {
-      struct punchq_item *it = &q->items.ptr[i];
-      it->claimed = true;
-      if (it->state == PUNCHQ_QUEUED) {
-        punch->ptr[punch->len++] = *it;
-        it->state = PUNCHQ_PUNCHING;
-      }
-    }
-  }
-  pthread_mutex_unlock (&q->lock);
-  return found;
+  for (i = q->head; i < q->items.len; i++)
+    if (q->items.ptr[i].seq <= upto)
+      return true;
+  return false;
 }
 
-void punchq_finish (struct punchq *q, uint64_t tag, uint64_t offset)
+int punchq_claim_next (struct punchq *q, bool wait, uint64_t upto, uint64_t *tag,
+                       struct punchq_items *punch, uint64_t *offset, uint64_t *end)
+{
+  bool worker = upto == UINT64_MAX;
+  size_t first, n, i;
+  int r = 0;
+
+  pthread_mutex_lock (&q->lock);
+  /* The worker waits for work until the queue is off; a drain, until
+   * nothing numbered up to its mark is left, done by itself or by whoever
+   * holds it.
+   */
+  while (!next_job (q, upto, &first, &n)) {
+    if (!wait || (worker ? !q->accepting : !any_upto (q, upto)))
+      goto out;
+    pthread_cond_wait (&q->cond, &q->lock);
+  }
+  if (worker && !q->accepting)
+    goto out;
+  if ((r = punchq_items_reserve (punch, n)) < 0)
+    goto out;
+  *tag = q->items.ptr[first].tag;
+  *offset = q->items.ptr[first].offset;
+  *end = q->items.ptr[first + n - 1].offset + q->items.ptr[first + n - 1].len;
+  for (i = first; i < first + n; i++) {
+    struct punchq_item *it = &q->items.ptr[i];
+    it->claimed = true;
+    if (it->state == PUNCHQ_QUEUED) {
+      punch->ptr[punch->len++] = *it;
+      it->state = PUNCHQ_PUNCHING;
+    }
+  }
+  r = 1;
+ out:
+  pthread_mutex_unlock (&q->lock);
+  return r;
+}
+
+void punchq_finish (struct punchq *q, uint64_t offset, uint64_t end)
 {
   size_t i;
 
   pthread_mutex_lock (&q->lock);
-  /* The job's items are one run from offset on, with perhaps unclaimed
-   * items of the same tag added between them since.
+  /* The job's items lie in [offset, end), with perhaps items no job holds
+   * added between them since.
    */
-  for (i = first_ending_after (q, offset);
-       i < q->items.len && q->items.ptr[i].tag == tag; )
+  for (i = first_ending_after (q, offset); i < q->items.len && q->items.ptr[i].offset < end; )
     if (q->items.ptr[i].claimed) {
       assert (q->items.ptr[i].state == PUNCHQ_PUNCHED);
       i = remove_at (q, i);
@@ -272,10 +305,13 @@ void punchq_finish (struct punchq *q, uint64_t tag, uint64_t offset)
   pthread_mutex_unlock (&q->lock);
 }
 
-void punchq_wait_empty (struct punchq *q)
+uint64_t punchq_mark (struct punchq *q)
 {
+  uint64_t seq;
+
   pthread_mutex_lock (&q->lock);
-  while (q->items.len > q->head)
-    pthread_cond_wait (&q->cond, &q->lock);
+  seq = q->seq;
   pthread_mutex_unlock (&q->lock);
+  return seq;
 }
+

@@ -37,6 +37,7 @@ enum punchq_state {
 struct punchq_item {
   uint64_t offset, len;
   uint64_t tag;               /* the caller's name for the range's owner */
+  uint64_t seq;               /* when it was queued: 1, 2, ... */
   enum punchq_state state;
   bool claimed;               /* part of the worker's job (punchq_claim_next) */
 };
@@ -53,16 +54,17 @@ struct punchq {
   struct punchq_items items;  /* [head, len): sorted by offset, disjoint */
   size_t head;
   size_t limit;               /* at most this many items */
+  uint64_t unit;              /* a job stays inside one unit (a cluster); 0: any */
+  uint64_t seq;               /* the last item's number */
   size_t live;                /* items in the queue (atomic) */
 };
 
 void punchq_init (struct punchq *q, size_t limit);
 void punchq_destroy (struct punchq *q);
-/* Off: additions are refused, and waiting claims return empty. */
-void punchq_accept (struct punchq *q, bool on);
-/* Queues a punch; false when the caller must punch at once (queue off or
- * full, or the range overlaps queued ranges of another tag).
+/* Off: additions are refused, and waiting claims return empty.  unit:
+ * what one job may span (punchq_claim_next).
  */
+void punchq_accept (struct punchq *q, bool on, uint64_t unit);
 bool punchq_add (struct punchq *q, uint64_t offset, uint64_t len, uint64_t tag);
 static inline size_t punchq_live (struct punchq *q)
 {
@@ -75,17 +77,21 @@ static inline size_t punchq_live (struct punchq *q)
 int punchq_claim_range (struct punchq *q, uint64_t offset, uint64_t len,
                         struct punchq_items *out);
 void punchq_punched (struct punchq *q, const struct punchq_items *done);
-/* The worker's next job: the first run of items of one tag that no job
- * holds; those still to punch are in 'punch', marked punching, and the
- * caller punches them and calls punchq_punched.  'offset' is the run's
- * first byte.  Waits for a job when 'wait'; false when there is none,
- * or the queue is off.
+/* The next job: the first run of items of one tag in one unit that no
+ * job holds and that has an item numbered 'upto' or lower; those still
+ * to punch are in 'punch', marked punching, and the caller punches them
+ * and calls punchq_punched.  [offset, end) is where the run lies.  With
+ * 'wait', the worker (upto UINT64_MAX) waits for a job until the queue
+ * is turned off, and a drain (upto a mark) until nothing numbered up to
+ * it is left.  1: a job; 0: none; -ENOMEM.
  */
-bool punchq_claim_next (struct punchq *q, bool wait, uint64_t *tag,
-                        struct punchq_items *punch, uint64_t *offset);
-/* The job punchq_claim_next gave (tag, offset) is over: its items leave. */
-void punchq_finish (struct punchq *q, uint64_t tag, uint64_t offset);
-/* Waits until no item is left. */
-void punchq_wait_empty (struct punchq *q);
+int punchq_claim_next (struct punchq *q, bool wait, uint64_t upto, uint64_t *tag,
+                       struct punchq_items *punch, uint64_t *offset, uint64_t *end);
+/* The job punchq_claim_next gave is over: its items leave. */
+void punchq_finish (struct punchq *q, uint64_t offset, uint64_t end);
+/* The number of the last item queued so far: a flush drains what came
+ * before it, not what a guest keeps trimming meanwhile.
+ */
+uint64_t punchq_mark (struct punchq *q);
 
 #endif

@@ -52,17 +52,46 @@ static void hand_out (const struct punchq_items *punch)
     }
 }
 
-static void one_job (struct punchq *q)
+static bool one_job (struct punchq *q, bool wait, uint64_t upto)
 {
   struct punchq_items punch = { 0 };
-  uint64_t tag, off;
+  uint64_t tag, off, end;
+  size_t i;
 
-  if (!punchq_claim_next (q, false, &tag, &punch, &off))
-    return;
+  if (punchq_claim_next (q, wait, upto, &tag, &punch, &off, &end) != 1)
+    return false;
+  /* One tag, inside one cluster. */
+  CHECK (off / (PER * BLK) == (end - 1) / (PER * BLK) && off / (PER * BLK) == tag);
+  for (i = 0; i < punch.len; i++)
+    CHECK (punch.ptr[i].tag == tag && punch.ptr[i].offset >= off &&
+           punch.ptr[i].offset + punch.ptr[i].len <= end);
   hand_out (&punch);
   punchq_punched (q, &punch);
-  punchq_finish (q, tag, off);
+  punchq_finish (q, off, end);
   punchq_items_reset (&punch);
+  return true;
+}
+
+/* A drain takes what was queued before its mark, and stops there. */
+static void drain_stops_at_mark (void)
+{
+  struct punchq q;
+  uint64_t mark;
+  unsigned n = 0;
+
+  punchq_init (&q, LIMIT);
+  punchq_accept (&q, true, PER * BLK);
+  CHECK (punchq_add (&q, 5 * PER * BLK, BLK, 5));
+  CHECK (punchq_add (&q, 9 * PER * BLK, BLK, 9));
+  owed[5 * PER] = owed[9 * PER] = true;
+  mark = punchq_mark (&q);
+  CHECK (punchq_add (&q, 1 * PER * BLK, BLK, 1));     /* lower, but later */
+  owed[1 * PER] = true;
+  while (one_job (&q, true, mark))
+    n++;
+  CHECK (n == 2 && !owed[5 * PER] && !owed[9 * PER] && owed[1 * PER]);
+  CHECK (one_job (&q, false, UINT64_MAX) && !owed[1 * PER]);
+  punchq_destroy (&q);
 }
 
 static void closed_with_punches (void *opaque)
@@ -71,7 +100,7 @@ static void closed_with_punches (void *opaque)
 
   (void) opaque;
   punchq_init (&q, 4);
-  punchq_accept (&q, true);
+  punchq_accept (&q, true, 0);
   punchq_add (&q, 0, BLK, 0);
   punchq_destroy (&q);
 }
@@ -83,7 +112,7 @@ int main (void)
 
   punchq_init (&q, LIMIT);
   CHECK (!punchq_add (&q, 0, BLK, 0));          /* no worker yet */
-  punchq_accept (&q, true);
+  punchq_accept (&q, true, PER * BLK);
   for (i = 0; i < 200000; i++) {
     unsigned op = unit_random () % 10;
     if (op < 6) {
@@ -104,7 +133,7 @@ int main (void)
         CHECK (!owed[b]);
     }
     else
-      one_job (&q);
+      one_job (&q, false, UINT64_MAX);
     structure (&q);
   }
   /* Seeks claim to the end of the file. */
@@ -119,12 +148,13 @@ int main (void)
   }
   for (i = 0; i < BLOCKS; i++)
     CHECK (!owed[i]);
-  while (punchq_live (&q))
-    one_job (&q);
-  punchq_wait_empty (&q);
-  punchq_accept (&q, false);
+  while (one_job (&q, true, punchq_mark (&q)))
+    ;
+  CHECK (punchq_live (&q) == 0);
+  punchq_accept (&q, false, 0);
   CHECK (!punchq_add (&q, 0, BLK, 0));
   punchq_destroy (&q);
+  drain_stops_at_mark ();
   CHECK (unit_aborts (closed_with_punches, NULL));
   return 0;
 }
