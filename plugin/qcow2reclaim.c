@@ -211,7 +211,7 @@ static char *resolve_file (const char *key, const char *value)
  */
 static const char *const parameters[] = {
   "file", "dir", "readonly", "backing", "cache-size", "discard", "detect-zeroes",
-  "compact", "compact-rate", "statsfile",
+  "compact", "compact-rate", "statsfile", "data-file",
 };
 static bool given[sizeof parameters / sizeof *parameters];
 
@@ -261,7 +261,7 @@ static int q2r_config (const char *key, const char *value)
   }
   else if (strcmp (key, "data-file") == 0) {
     free (data_file);
-    if (!(data_file = nbdkit_realpath (value)))
+    if (!(data_file = resolve_file (key, value)))
       return -1;
   }
   else if (strcmp (key, "cache-size") == 0) {

@@ -486,7 +486,11 @@ static int fix_copied_l2 (struct walk *w, uint64_t i)
   for (j = 0; j < layout_l2_entries (lay) && r == 0; j++) {
     d = l2_entry_get (e, j);
     off = d & L2E_OFFSET_MASK;
-    if (!off || (d & QCOW_OFLAG_COMPRESSED))
+    /* A data file's clusters have no refcount: COPIED is theirs always,
+     * and the image file's count at that number belongs to another
+     * cluster.
+     */
+    if (!off || (d & QCOW_OFLAG_COMPRESSED) || lay->data_file)
       continue;
     if ((r = stored_count (w, off >> lay->cluster_bits, &rc)) < 0 ||
         !!(d & QCOW_OFLAG_COPIED) == (rc == 1))

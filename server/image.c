@@ -199,6 +199,7 @@ static int open_data_file (struct q2_image *img, const struct q2_options *o,
     return r;
   }
   img->data = &img->data_hf;
+  img->m.data = &img->data_hf;
   return o->force_share ? 0 : hostlock_take (&img->data_hf, !o->readonly);
 }
 
@@ -341,7 +342,12 @@ static int image_open (const struct q2_options *o, int depth,
   if (r < 0)
     goto fail;
   writeback_init (m);
-  if (host_is_device (&m->hf) && (r = device_end (img)) < 0)
+  /* Counts a crash or damage left short would put a device's end below
+   * clusters in use: such an image keeps the device's size until its
+   * counts are rebuilt.
+   */
+  if (host_is_device (&m->hf) && !(m->lay.incompat & (INCOMPAT_DIRTY | INCOMPAT_CORRUPT)) &&
+      (r = device_end (img)) < 0)
     goto fail;
   if ((r = host_stat (&m->hf, &st)) < 0)
     goto fail;
@@ -360,9 +366,11 @@ static int image_open (const struct q2_options *o, int depth,
     r = -EINVAL;
     goto fail;
   }
-  if (!img->readonly && !img->repair && (m->lay.incompat & INCOMPAT_DIRTY) &&
-      (r = rebuild_refcounts (img)) < 0)
-    goto fail;
+  if (!img->readonly && !img->repair && (m->lay.incompat & INCOMPAT_DIRTY)) {
+    if ((r = rebuild_refcounts (img)) < 0 ||
+        (host_is_device (&m->hf) && (r = device_end (img)) < 0))
+      goto fail;
+  }
   if (!img->readonly && !img->repair && (r = header_clear_autoclear (&m->hf, &m->lay)) < 0)
     goto fail;
   *imgp = img;
@@ -405,6 +413,9 @@ int q2_close (struct q2_image *img)
     mutex_lock (&m->lock);
     r = commit_run (img, &synced);
     mutex_unlock (&m->lock);
+    /* Data written since the last flush, with nothing else to write back. */
+    if (r == 0 && !synced)
+      r = writeback_sync (m);
   }
   backing_close (img->backing);
   cache_free (&m->cache);
@@ -562,8 +573,8 @@ int q2_flush (struct q2_image *img)
   /* What is left (data, and L2 tables whose counts and data are already
    * on disk) needs no ordering: sync outside the lock so lookups go on.
    */
-  if (r == 0 && !synced && (r = host_sync_if_needed (&img->m.hf)) < 0)
-    log_error ("%s: cannot sync the image file: %s", img->m.lay.name, strerror (-r));
+  if (r == 0 && !synced)
+    r = writeback_sync (&img->m);
   return r;
 }
 
@@ -601,10 +612,17 @@ int q2_repair (struct q2_image *img, enum q2_repair_mode mode,
     log_error ("%s: a repair needs the image opened for it", lay->name);
     return -EINVAL;
   }
-  if ((r = refuse_changes (img)) < 0 ||
-      (r = check_repair (img, mode, &res->leaks_fixed, &res->corruptions_fixed,
-                         progress, opaque)) < 0)
+  if ((r = refuse_changes (img)) < 0)
     return r;
+  if ((r = check_repair (img, mode, &res->leaks_fixed, &res->corruptions_fixed,
+                         progress, opaque)) < 0) {
+    /* Counts may be half mended (leaks below lowered, low counts above not
+     * yet raised): the commit of the close would cut clusters still in
+     * use.  Nothing more is written; the image stays as marked.
+     */
+    img->m.failed = true;
+    return r;
+  }
   /* What the commit sequence does after any change: empty refcount blocks
    * go, and the free end of the file is cut.
    */

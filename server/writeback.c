@@ -59,11 +59,22 @@ static int write_kind (struct meta *m, enum meta_kind kind)
  */
 static int sync_or_say (struct meta *m)
 {
-  int r = host_sync_if_needed (&m->hf);
+  int r;
 
+  if (m->data && (r = host_sync_if_needed (m->data)) < 0) {
+    log_error ("%s: cannot sync the external data file %s: %s", m->lay.name,
+               m->data->name, strerror (-r));
+    return r;
+  }
+  r = host_sync_if_needed (&m->hf);
   if (r < 0)
     log_error ("%s: cannot sync the image file: %s", m->lay.name, strerror (-r));
   return r;
+}
+
+int writeback_sync (struct meta *m)
+{
+  return sync_or_say (m);
 }
 
 /* A new refcount block must be on disk before the table entry naming it,

@@ -29,15 +29,25 @@ struct meta {
    */
   struct mutex lock;
   /* A header switch could be neither confirmed nor undone, so the disk
-   * names one of two tables: no metadata change may follow (writes, zeroes,
+   * names one of two tables (or a repair stopped half way): no metadata
+   * change may follow (writes, zeroes,
    * discards and flushes fail with EIO; reads go on).
    */
   bool failed;
+  /* The external data file, NULL when there is none: guest data lives
+   * there, so every sync of the image syncs it first, as data must be on
+   * disk before the tables that name it.
+   */
+  struct hostfile *data;
   struct meta_cache cache;
   struct mem_table l1;
   struct mem_table reftable;
 };
 
+/* Syncs the data file (if any), then the image, each unless a finished
+ * sync covers every change to it; says what failed.
+ */
+int writeback_sync (struct meta *m);
 /* -EIO, said in the log, once failed is set: no metadata change may follow. */
 int writeback_refused (const struct meta *m);
 /* Gives the cache its write-back, in the order above. */

@@ -104,4 +104,46 @@ tool() {
 }
 run_case tool
 
+# A flush puts the data file's writes on disk: under strace, the data
+# file's descriptor must see fdatasync after a write and a flush.
+synced() {
+    local dir=$TMP/synced fd=
+    requires strace -V
+    mkdir -p "$dir"
+    (cd "$dir" && qemu-img create -q -f qcow2 -o data_file=d.raw img.qcow2 64M)
+    start_server "$dir/sock" "$dir/log" file="$dir/img.qcow2"
+    local pid=$LAST_SERVER_PID f t tasks=()
+    for f in /proc/"$pid"/fd/*; do
+        [ "$(readlink "$f")" = "$dir/d.raw" ] && fd=${f##*/}
+    done
+    [ -n "$fd" ] || fail "the server has no descriptor for the data file"
+    for t in /proc/"$pid"/task/*; do tasks+=(-p "${t##*/}"); done
+    strace -qq -f -e trace=fdatasync -o "$dir/trace" "${tasks[@]}" &
+    local spid=$!
+    sleep 1
+    nbd_do "nbd+unix:///?socket=$dir/sock" 'h.pwrite(b"\x42" * 65536, 1 << 20); h.flush()'
+    sleep 0.5
+    kill "$spid"; wait "$spid" 2>/dev/null || true
+    stop_server "$pid"
+    grep -q "fdatasync($fd)" "$dir/trace" ||
+        { cat "$dir/trace" >&2; fail "the data file (fd $fd) was not synced by a flush"; }
+    echo "ok: a flush syncs the data file"
+}
+run_case synced
+
+# check -r all leaves a data file's entries as QEMU has them (COPIED, no
+# refcount): qemu-img check stays clean.
+repair() {
+    local dir=$TMP/repair out
+    mkdir -p "$dir"
+    (cd "$dir" && qemu-img create -q -f qcow2 -o data_file=d.raw img.qcow2 64M &&
+         qemu-io -f qcow2 -c 'write -P 0x33 0 1M' img.qcow2 >/dev/null)
+    out=$("$top_builddir/tools/qcow2reclaim" check -r all "$dir/img.qcow2" 2>&1) ||
+        { echo "$out" >&2; fail "qcow2reclaim check -r all on a data file image failed"; }
+    out=$(cd "$dir" && qemu-img check img.qcow2 2>&1) ||
+        { echo "$out" >&2; fail "qemu-img check after check -r all on a data file image"; }
+    echo "ok: check -r all keeps a data file image clean"
+}
+run_case repair
+
 [ "$FAILED" -eq 0 ] || fail "$FAILED case(s) failed"
