@@ -22,7 +22,10 @@ static int host_status (struct q2_image *img, uint64_t host, uint32_t *type,
   uint64_t d, h;
   int r;
 
-  if ((r = host_seek_data (img->data, host, &d)) < 0)
+  /* Only the run matters: block status must not run every punch queued
+   * past it.
+   */
+  if ((r = host_seek_data_in (img->data, host, host + *run, &d)) < 0)
     return r;
   if (d > host) {
     if (d - host < *run)
@@ -30,7 +33,7 @@ static int host_status (struct q2_image *img, uint64_t host, uint32_t *type,
     *type = Q2_EXTENT_ZERO;
     return 0;
   }
-  if ((r = host_seek_hole (img->data, host, &h)) < 0)
+  if ((r = host_seek_hole_in (img->data, host, host + *run, &h)) < 0)
     return r;
   if (h > host && h - host < *run)
     *run = h - host;

@@ -685,14 +685,16 @@ static int seek (struct hostfile *hf, uint64_t offset, int whence, uint64_t *pos
   return 0;
 }
 
-/* What lies beyond offset is asked: every punch queued there first. */
-int host_seek_data (struct hostfile *hf, uint64_t offset, uint64_t *data)
+/* What lies in [offset, limit) is asked: the punches queued there run
+ * first.  Past limit the answer may name data a queued punch will take,
+ * which a caller that asked up to limit never uses.
+ */
+int host_seek_data_in (struct hostfile *hf, uint64_t offset, uint64_t limit, uint64_t *data)
 {
-  int r = settle (hf, offset, UINT64_MAX);
+  int r = settle (hf, offset, limit > offset ? limit - offset : 0);
 
   if (r == 0)
     r = seek (hf, offset, SEEK_DATA, data);
-
   if (r == -ENXIO) {
     *data = UINT64_MAX;
     return 0;
@@ -700,18 +702,27 @@ int host_seek_data (struct hostfile *hf, uint64_t offset, uint64_t *data)
   return r;
 }
 
-int host_seek_hole (struct hostfile *hf, uint64_t offset, uint64_t *hole)
+int host_seek_hole_in (struct hostfile *hf, uint64_t offset, uint64_t limit, uint64_t *hole)
 {
-  int r = settle (hf, offset, UINT64_MAX);
+  int r = settle (hf, offset, limit > offset ? limit - offset : 0);
 
   if (r == 0)
     r = seek (hf, offset, SEEK_HOLE, hole);
-
   if (r == -ENXIO) {
     *hole = offset;
     return 0;
   }
   return r;
+}
+
+int host_seek_data (struct hostfile *hf, uint64_t offset, uint64_t *data)
+{
+  return host_seek_data_in (hf, offset, UINT64_MAX, data);
+}
+
+int host_seek_hole (struct hostfile *hf, uint64_t offset, uint64_t *hole)
+{
+  return host_seek_hole_in (hf, offset, UINT64_MAX, hole);
 }
 
 int host_is_hole (struct hostfile *hf, uint64_t offset, uint64_t len, bool *hole)

@@ -141,6 +141,12 @@ void host_set_end (struct hostfile *hf, uint64_t end);
 int host_seek_data (struct hostfile *hf, uint64_t offset, uint64_t *data);
 /* The first hole at or after offset; the end of the file counts as one. */
 int host_seek_hole (struct hostfile *hf, uint64_t offset, uint64_t *hole);
+/* The same, for a caller that uses only answers below limit: only the
+ * punches queued in [offset, limit) run first, where the above run all
+ * of those past offset.
+ */
+int host_seek_data_in (struct hostfile *hf, uint64_t offset, uint64_t limit, uint64_t *data);
+int host_seek_hole_in (struct hostfile *hf, uint64_t offset, uint64_t limit, uint64_t *hole);
 /* Whether [offset, offset + len) holds no data at all. */
 int host_is_hole (struct hostfile *hf, uint64_t offset, uint64_t len, bool *hole);
 

@@ -52,11 +52,11 @@ static int copy_cluster (struct q2_image *img, uint64_t from, uint64_t to, uint6
     return r < 0 ? request_io_error (img, "write", to, guest, r) : 0;
   }
   while (pos < from + cs) {
-    if ((r = host_seek_data (hf, pos, &d)) < 0)
+    if ((r = host_seek_data_in (hf, pos, from + cs, &d)) < 0)
       return request_io_error (img, "seek in", pos, guest, r);
     if (d >= from + cs)
       break;
-    if ((r = host_seek_hole (hf, d, &h)) < 0)
+    if ((r = host_seek_hole_in (hf, d, from + cs, &h)) < 0)
       return request_io_error (img, "seek in", d, guest, r);
     if (h > from + cs || h <= d)
       h = from + cs;

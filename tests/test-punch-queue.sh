@@ -88,6 +88,13 @@ if not ext or not (ext[1] & nbd.STATE_HOLE):
 if h.pread(65536, 2 * 65536) != bytes(65536):
     fail("the freed cluster does not read as zeros")
 
+# Block status of one cluster runs the punches queued in it, not those
+# of the clusters after it.
+h.trim(K, 6 * 65536 + 2 * K)
+h.block_status(65536, 5 * 65536, lambda ctx, off, e, err: None)
+if is_hole(H[6] + 2 * K, K):
+    fail("block status of cluster 5 ran the punch queued in cluster 6")
+
 # A write with FUA over a range whose punch is queued: the flush it
 # makes drains the queue, whose job for this cluster needs the range the
 # write holds, so it must flush after letting it go (it hung before).
@@ -116,7 +123,7 @@ PY
 check_clean "$img"
 qemu-io -f qcow2 -c 'read -P 0 8K 4K' -c 'read -P 0xaa 12K 52K' -c 'read -P 0xbb 72K 4K' \
     -c 'read -P 0 128K 64K' -c 'read -P 0 200K 4K' -c 'read -P 0xaa 204K 52K' \
-    -c 'read -P 0xcc 264K 4K' "$img" |
+    -c 'read -P 0xcc 264K 4K' -c 'read -P 0 392K 4K' "$img" |
     grep -q -i -e fail -e mismatch && fail "the image does not hold what the client left"
 echo "ok: deferred punches run before the I/O over their range, a flush and the close"
 
