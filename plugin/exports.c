@@ -278,17 +278,18 @@ static int check_writable (struct export *e)
 static int open_image (struct export *e)
 {
   struct q2_options o = options;
+  int r;
 
   o.file = e->path;
   o.compact_opaque = e;
   if (!o.readonly && check_writable (e) < 0)
-    return -1;
-  if (q2_open (&o, &e->img) < 0)
-    return -1;
-  if (q2_after_fork (e->img) < 0) {
+    return -EACCES;
+  if ((r = q2_open (&o, &e->img)) < 0)
+    return r;
+  if ((r = q2_after_fork (e->img)) < 0) {
     q2_close (e->img);
     e->img = NULL;
-    return -1;
+    return r;
   }
   if (e->stats)
     statsfile_attach (e->stats, e->img, false);
@@ -335,7 +336,10 @@ struct export *exports_get (const char *name)
   pthread_mutex_unlock (&lock);
   if (r < 0) {
     export_free (e);
-    errno = EIO;
+    /* The client learns what the log says: a lock held elsewhere, no
+     * permission, a refused image.
+     */
+    errno = -r;
     return NULL;
   }
   return e;
