@@ -252,21 +252,30 @@ static void unlink_export (struct export *e)
   *pp = e->next;
 }
 
-/* As with file=, an image that cannot be written is refused with the way
- * out; here only its connection is.
- */
-static int check_writable (struct export *e)
+int exports_write_refusal (const char *path)
 {
-  int fd = open (e->path, O_RDWR | O_CLOEXEC);
+  int fd = open (path, O_RDWR | O_CLOEXEC);
 
   if (fd >= 0) {
     close (fd);
     return 0;
   }
-  if (errno != EACCES && errno != EPERM && errno != EROFS)
-    return 0;               /* the engine's open says what it is */
-  nbdkit_error ("dir=%s: export '%s': cannot open it for writing: %m; to serve "
-                "it read-only, add readonly=true (or run nbdkit -r)", dir, e->name);
+  /* Anything else the engine's open says better. */
+  return errno == EACCES || errno == EPERM || errno == EROFS ? errno : 0;
+}
+
+/* As with file=, an image that cannot be written is refused with the way
+ * out; here only its connection is.
+ */
+static int check_writable (struct export *e)
+{
+  int err = exports_write_refusal (e->path);
+
+  if (!err)
+    return 0;
+  nbdkit_error ("dir=%s: export '%s': cannot open it for writing: %s; to serve "
+                "it read-only, add readonly=true (or run nbdkit -r)", dir, e->name,
+                strerror (err));
   return -1;
 }
 

@@ -53,5 +53,9 @@ int exports_list (struct nbdkit_exports *list);
 struct export *exports_get (const char *name);
 /* The connection is done with it: the last one closes the image. */
 void exports_put (struct export *e);
+/* EACCES, EPERM or EROFS when this process may not open path for
+ * writing, for a refusal that says the way out; 0 otherwise.
+ */
+int exports_write_refusal (const char *path);
 
 #endif

@@ -545,16 +545,12 @@ static bool nbdkit_readonly (void)
  */
 static int check_writable (void)
 {
-  int fd = open (file, O_RDWR | O_CLOEXEC);
+  int err = exports_write_refusal (file);
 
-  if (fd >= 0) {
-    close (fd);
+  if (!err)
     return 0;
-  }
-  if (errno != EACCES && errno != EPERM && errno != EROFS)
-    return 0;               /* the engine's open says what it is */
-  nbdkit_error ("file=%s: cannot open it for writing: %m; to serve it "
-                "read-only, add readonly=true (or run nbdkit -r)", file);
+  nbdkit_error ("file=%s: cannot open it for writing: %s; to serve it "
+                "read-only, add readonly=true (or run nbdkit -r)", file, strerror (err));
   return -1;
 }
 
