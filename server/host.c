@@ -728,15 +728,8 @@ int host_seek_hole (struct hostfile *hf, uint64_t offset, uint64_t *hole)
 int host_is_hole (struct hostfile *hf, uint64_t offset, uint64_t len, bool *hole)
 {
   uint64_t d;
-  int r = settle (hf, offset, len);
+  int r = host_seek_data_in (hf, offset, offset + len, &d);
 
-  /* Only the range matters: data found past it is not waited for. */
-  if (r == 0)
-    r = seek (hf, offset, SEEK_DATA, &d);
-  if (r == -ENXIO) {
-    d = UINT64_MAX;
-    r = 0;
-  }
   *hole = r == 0 && d >= offset + len;
   return r;
 }
