@@ -105,8 +105,18 @@ exercise() {
     echo "ok: $name: qemu-io write 8 MiB over TLS: host allocation $(mib "$a0") -> $(mib "$a1")"
 
     qio "$name" "$object" "$host" 'discard 0 4M' 'flush' 'read -P 0 0 4M' 'read -P 0x5a 4M 4M'
-    a2=$(alloc_of "$img")
-    [ "$a2" -le $(( a1 - 4 * 1048576 )) ] ||
+    # The discard punched at once, but compaction then starts (the file is
+    # now twice what it holds) and copies the upper half down before it
+    # punches it: while it runs, the allocation is higher again, and the
+    # tables it moved may end up using a few host blocks more (two clusters
+    # of slack).
+    local want=$(( a1 - 4 * 1048576 + 2 * 65536 ))
+    for _ in $(seq 1 200); do
+        a2=$(alloc_of "$img")
+        [ "$a2" -gt "$want" ] || break
+        sleep 0.1
+    done
+    [ "$a2" -le "$want" ] ||
         fail "$name: allocation after discarding 4 MiB through TLS is $(mib "$a2") (was $(mib "$a1"))"
     punched=$(sed -n 's/^bytes_punched=//p' "$TMP/$name.stats")
     [ "${punched:-0}" -ge $(( 4 * 1048576 )) ] ||
