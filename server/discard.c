@@ -42,6 +42,7 @@ struct reclaim {
   bool shared_seen;           /* a snapshot kept some of the space */
   bool apply_frees;           /* zeroes written by copy-on-write left many frees */
   uint64_t punch_start, punch_len;
+  bool punch_mapped;          /* the pending punch is of clusters still named */
   uint64_t l1_pending;        /* L2 table to check for emptiness */
   struct trim_counts counts;  /* this request's, added to the image's at its end */
   /* Clusters whose entries are gone but whose punch may still be queued:
@@ -52,23 +53,36 @@ struct reclaim {
   struct u64_vector unref;
 };
 
-/* Gives a range of guest data back.  A raw data file must read zeros
- * there at once, as what qcow2 serves does: where it cannot punch, the
- * range is written with zeros.
- */
-static void release_data (struct q2_image *img, uint64_t offset, uint64_t len)
+static int zero_failed (struct q2_image *img, uint64_t offset, uint64_t len, int r)
 {
+  log_error ("%s: cannot zero host offset 0x%" PRIx64 "+%" PRIu64 ": %s",
+             img->data->name, offset, len, strerror (-r));
+  return r;
+}
+
+/* Gives a range of guest data back.  'mapped': the range stays named by
+ * an entry (part of a cluster, or a cluster discard=keep or a v2 backing
+ * file keeps), so only a punch, which leaves zeros, will do, and after
+ * write-zeroes it must read zeros: where the host cannot punch, it is
+ * written with zeros.  A raw data file must read zeros at once, as what
+ * qcow2 serves does.  Elsewhere (a cluster whose entry is gone) any way
+ * of freeing it is good.
+ */
+static int release_data (struct reclaim *rc, uint64_t offset, uint64_t len, bool mapped)
+{
+  struct q2_image *img = rc->img;
+  bool zeros = img->m.lay.data_raw || (mapped && rc->op == OP_ZERO);
   int r;
 
-  if (!img->m.lay.data_raw) {
+  if (len == 0)
+    return 0;
+  if (!mapped && !img->m.lay.data_raw) {
     host_release (img->data, offset, len);
-    return;
+    return 0;
   }
-  if (len == 0 || (host_can_punch (img->data) && host_punch (img->data, offset, len) == 0))
-    return;
-  if ((r = host_zero (img->data, offset, len)) < 0)
-    log_error ("%s: cannot zero offset 0x%" PRIx64 " of the raw data file, which now "
-               "differs from the image there: %s", img->data->name, offset, strerror (-r));
+  if (host_release_zeros (img->data, offset, len) == 0 || !zeros)
+    return 0;
+  return (r = host_zero (img->data, offset, len)) < 0 ? zero_failed (img, offset, len, r) : 0;
 }
 
 /* Bytes of a trim that give nothing back, and why: counted only where
@@ -91,15 +105,20 @@ static void counts_add (struct trim_counts *to, const struct trim_counts *c)
 }
 
 /* Adjacent punches of one request become one fallocate call. */
-static void punch_add (struct reclaim *rc, uint64_t offset, uint64_t len)
+static int punch_add (struct reclaim *rc, uint64_t offset, uint64_t len, bool mapped)
 {
-  if (rc->punch_len && rc->punch_start + rc->punch_len == offset) {
+  int r;
+
+  if (rc->punch_len && rc->punch_start + rc->punch_len == offset &&
+      rc->punch_mapped == mapped) {
     rc->punch_len += len;
-    return;
+    return 0;
   }
-  release_data (rc->img, rc->punch_start, rc->punch_len);
+  r = release_data (rc, rc->punch_start, rc->punch_len, rc->punch_mapped);
   rc->punch_start = offset;
   rc->punch_len = len;
+  rc->punch_mapped = mapped;
+  return r;
 }
 
 /* The entry that reads as zeros without any allocation, if there is one:
@@ -168,7 +187,8 @@ static int whole_owned (struct reclaim *rc, uint64_t guest, const struct mapping
   if (rc->release && !rc->keep && zero_entry (img, &e)) {
     if (!img->m.lay.data_file && (r = u64_vector_append (&rc->unref, host)) < 0)
       return r;
-    punch_add (rc, host, cs);
+    if ((r = punch_add (rc, host, cs, false)) < 0)
+      return r;
     return set_entry (img, guest, m->entry, e, false, false);
   }
   if (m->kind == MAP_ZERO_ALLOC) {
@@ -178,7 +198,8 @@ static int whole_owned (struct reclaim *rc, uint64_t guest, const struct mapping
   }
   if (rc->release) {
     /* keep mode, or a v2 image over a backing file: the hole reads zeros. */
-    punch_add (rc, host, cs);
+    if ((r = punch_add (rc, host, cs, true)) < 0)
+      return r;
   }
   else if ((r = host_zero (img->data, host, cs)) < 0) {
     log_error ("%s: cannot zero host offset 0x%" PRIx64 ": %s", img->m.lay.name, host,
@@ -245,8 +266,10 @@ static int partial_owned (struct reclaim *rc, uint64_t guest, uint64_t len,
   bool hole;
   int r = 0;
 
-  if (!rc->release)
-    r = host_zero (img->data, h, len);
+  if (!rc->release) {
+    if ((r = host_zero (img->data, h, len)) < 0)
+      return zero_failed (img, h, len, r);
+  }
   else {
     not_freed (rc, &rc->counts.small, start < end ? len - (end - start) : len);
     /* A TRIM needs no zeros now: the punch can wait for the worker, which
@@ -257,21 +280,17 @@ static int partial_owned (struct reclaim *rc, uint64_t guest, uint64_t len,
     if (rc->op == OP_DISCARD && start < end && !rc->keep && !lay->data_file &&
         host_release_later (&img->m.hf, start, end - start, guest - layout_in_cluster (lay, guest)))
       return 0;
-    if (start < end)
-      release_data (img, start, end - start);
+    if (start < end && (r = release_data (rc, start, end - start, true)) < 0)
+      return r;
     /* The edges must read as zeros after write-zeroes. */
-    if (rc->op == OP_ZERO && start < end) {
-      if (start > h)
-        r = host_zero (img->data, h, start - h);
-      if (r == 0 && h + len > end)
-        r = host_zero (img->data, end, h + len - end);
-    }
-    else if (rc->op == OP_ZERO)
-      r = host_zero (img->data, h, len);
-  }
-  if (r < 0) {
-    log_error ("%s: cannot zero host offset 0x%" PRIx64 ": %s", lay->name, h, strerror (-r));
-    return r;
+    if (rc->op == OP_ZERO && start >= end && (r = host_zero (img->data, h, len)) < 0)
+      return zero_failed (img, h, len, r);
+    if (rc->op == OP_ZERO && start < end && start > h &&
+        (r = host_zero (img->data, h, start - h)) < 0)
+      return zero_failed (img, h, start - h, r);
+    if (rc->op == OP_ZERO && start < end && h + len > end &&
+        (r = host_zero (img->data, end, h + len - end)) < 0)
+      return zero_failed (img, end, h + len - end, r);
   }
   if (!rc->release || rc->keep)
     return 0;
@@ -364,10 +383,11 @@ static bool nothing_to_do (const struct reclaim *rc, const struct mapping *m)
  */
 static int reclaim_end (struct reclaim *rc, int r)
 {
-  struct q2_image *img = rc->img;
   int rr;
 
-  release_data (img, rc->punch_start, rc->punch_len);
+  rr = release_data (rc, rc->punch_start, rc->punch_len, rc->punch_mapped);
+  if (r == 0)
+    r = rr;
   rr = release_unrefs (rc);
   if (r == 0)
     r = rr;

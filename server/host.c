@@ -412,31 +412,82 @@ static uint64_t data_bytes (struct hostfile *hf, uint64_t offset, uint64_t len)
   return n;
 }
 
-static void release_raw (struct hostfile *hf, uint64_t offset, uint64_t len)
+/* Punches a range so that it reads zeros, counting what went back.  A
+ * host that cannot is said once, by the first thread to find out.
+ */
+static int punch_counted (struct hostfile *hf, uint64_t offset, uint64_t len)
 {
   uint64_t data;
   int r;
 
-  if (len == 0 || !host_can_punch (hf))
-    return;
+  if (!host_can_punch (hf))
+    return -EOPNOTSUPP;
   data = data_bytes (hf, offset, len);
   r = punch_raw (hf, offset, len);
   if (r == -EOPNOTSUPP) {
-    /* Said by the first thread to find out, once. */
-    if (!__atomic_exchange_n (&hf->punch_unsupported, true, __ATOMIC_ACQ_REL))
-      log_notice ("%s: %s; freed clusters are reused, but their space does not go "
-                  "back to the host", hf->name,
-                  hf->device ? "the device cannot discard a range so that it reads "
-                  "as zeros (fallocate PUNCH_HOLE)" : "the host filesystem cannot "
-                  "punch holes");
+    if (!__atomic_exchange_n (&hf->punch_unsupported, true, __ATOMIC_ACQ_REL)) {
+      if (hf->device)
+        log_notice ("%s: the device cannot discard a range so that it reads as zeros "
+                    "(fallocate PUNCH_HOLE); freed clusters are discarded instead "
+                    "(BLKDISCARD), parts of clusters are not given back", hf->name);
+      else
+        log_notice ("%s: the host filesystem cannot punch holes; freed clusters are "
+                    "reused, but their space does not go back to the host", hf->name);
+    }
+    return r;
   }
-  else if (r < 0)
-    log_error ("%s: cannot punch host range 0x%" PRIx64 "+%" PRIu64 ": %s",
-               hf->name, offset, len, strerror (-r));
-  else {
-    __atomic_add_fetch (&hf->bytes_released, len, __ATOMIC_RELAXED);
-    __atomic_add_fetch (&hf->bytes_given_back, data, __ATOMIC_RELAXED);
+  if (r < 0)
+    return r;
+  __atomic_add_fetch (&hf->bytes_released, len, __ATOMIC_RELAXED);
+  __atomic_add_fetch (&hf->bytes_given_back, data, __ATOMIC_RELAXED);
+  return 0;
+}
+
+/* A device that cannot punch so that a range reads zeros (a thin LVM
+ * volume has no write-zeroes) can still be told the range is unused,
+ * which frees it as well; only for ranges whose contents no longer
+ * matter, since what they read afterwards is the device's choice.
+ */
+static int discard_raw (struct hostfile *hf, uint64_t offset, uint64_t len)
+{
+  uint64_t range[2] = { offset, len };
+
+  if (__atomic_load_n (&hf->discard_unsupported, __ATOMIC_ACQUIRE))
+    return -EOPNOTSUPP;
+  /* An injected fault stands for the device's answer. */
+  int e = hf->test ? -hosttest_fault (hf->test, HOP_DISCARD) : 0;
+  if (e == 0 && ioctl (hf->fd, BLKDISCARD, range) == -1)
+    e = errno;
+  if (e) {
+    if (e == EOPNOTSUPP &&
+        !__atomic_exchange_n (&hf->discard_unsupported, true, __ATOMIC_ACQ_REL))
+      log_notice ("%s: the device cannot discard either (BLKDISCARD); freed clusters are "
+                  "reused, but their space does not go back to the device", hf->name);
+    return -e;
   }
+  /* The I/O log replays it as a punch: zeros are one thing it may read. */
+  RECORD (hf, HOP_PUNCH, NULL, offset, len);
+  __atomic_add_fetch (&hf->bytes_released, len, __ATOMIC_RELAXED);
+  __atomic_add_fetch (&hf->bytes_given_back, len, __ATOMIC_RELAXED);
+  return 0;
+}
+
+/* may_discard: the range's contents no longer matter at all; else it is
+ * still mapped (a deferred punch of part of a cluster), where only a
+ * punch, which leaves zeros, is allowed.
+ */
+static void release_raw (struct hostfile *hf, uint64_t offset, uint64_t len, bool may_discard)
+{
+  int r;
+
+  if (len == 0)
+    return;
+  r = punch_counted (hf, offset, len);
+  if (r == -EOPNOTSUPP && hf->device && may_discard)
+    r = discard_raw (hf, offset, len);
+  if (r < 0 && r != -EOPNOTSUPP)
+    log_error ("%s: cannot %s host range 0x%" PRIx64 "+%" PRIu64 ": %s", hf->name,
+               host_can_punch (hf) ? "punch" : "discard", offset, len, strerror (-r));
 }
 
 /* Runs the deferred punches over a range before anything else touches
@@ -453,7 +504,7 @@ static int settle (struct hostfile *hf, uint64_t offset, uint64_t len)
   if ((r = punchq_claim_range (&hf->pq, offset, len, &mine)) < 0)
     return r;
   for (i = 0; i < mine.len; i++)
-    release_raw (hf, mine.ptr[i].offset, mine.ptr[i].len);
+    release_raw (hf, mine.ptr[i].offset, mine.ptr[i].len, false);
   punchq_punched (&hf->pq, &mine);
   punchq_items_reset (&mine);
   return 0;
@@ -474,7 +525,21 @@ void host_release (struct hostfile *hf, uint64_t offset, uint64_t len)
                hf->name, offset, len);
     return;
   }
-  release_raw (hf, offset, len);
+  release_raw (hf, offset, len, true);
+}
+
+int host_release_zeros (struct hostfile *hf, uint64_t offset, uint64_t len)
+{
+  int r;
+
+  if (len == 0)
+    return 0;
+  SETTLE (hf, offset, len);
+  r = punch_counted (hf, offset, len);
+  if (r < 0 && r != -EOPNOTSUPP)
+    log_error ("%s: cannot punch host range 0x%" PRIx64 "+%" PRIu64 ": %s", hf->name,
+               offset, len, strerror (-r));
+  return r;
 }
 
 void host_release_accept (struct hostfile *hf, bool on, uint64_t unit)
@@ -497,7 +562,7 @@ int host_release_next (struct hostfile *hf, uint64_t upto, struct host_release_j
   if (r <= 0)
     return r;
   for (i = 0; i < punch.len; i++)
-    release_raw (hf, punch.ptr[i].offset, punch.ptr[i].len);
+    release_raw (hf, punch.ptr[i].offset, punch.ptr[i].len, false);
   punchq_punched (&hf->pq, &punch);
   punchq_items_reset (&punch);
   return 1;
@@ -561,7 +626,7 @@ static int device_cut (struct hostfile *hf, uint64_t size)
   if (size > hf->device_size)
     return -ENOSPC;
   if (size < old)
-    release_raw (hf, size, old - size);
+    release_raw (hf, size, old - size, true);
   __atomic_store_n (&hf->end, size, __ATOMIC_SEQ_CST);
   return 0;
 }

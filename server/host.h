@@ -49,6 +49,7 @@ struct hostfile {
   uint64_t sync_done;         /* the highest number of a sync that finished */
   uint64_t sync_needed;       /* the number that covers every completed change */
   bool punch_unsupported;     /* the filesystem said EOPNOTSUPP to a punch */
+  bool discard_unsupported;   /* the device said EOPNOTSUPP to BLKDISCARD */
   uint64_t bytes_released;    /* bytes host_release turned into holes */
   /* Bytes that held data and became holes or were cut off: each byte
    * once, where a range punched and then cut counts in both of the
@@ -87,9 +88,15 @@ int host_pwrite_batch (struct hostfile *hf, const struct host_write *w, size_t n
 /* Makes a range a hole; fails with the filesystem's error (EOPNOTSUPP...). */
 int host_punch (struct hostfile *hf, uint64_t offset, uint64_t len);
 /* The range's contents no longer matter: give its space back if the
- * filesystem can.  Never fails; errors are logged, EOPNOTSUPP once.
+ * host can (a punch; on a device that cannot punch, a discard).  Never
+ * fails; errors are logged, EOPNOTSUPP once.
  */
 void host_release (struct hostfile *hf, uint64_t offset, uint64_t len);
+/* Gives a range's space back so that it reads zeros: 0 when it does,
+ * -EOPNOTSUPP where the host cannot (said once), other errors logged.
+ * The caller writes zeros where it must have them.
+ */
+int host_release_zeros (struct hostfile *hf, uint64_t offset, uint64_t len);
 bool host_can_punch (const struct hostfile *hf);
 
 /* Deferred punches (punchq.h).  Every operation here runs those queued

@@ -22,7 +22,7 @@ struct hosttest {
 };
 
 static const char *const op_names[HOP_COUNT] = {
-  "read", "write", "punch", "zero", "truncate", "sync", "seek",
+  "read", "write", "punch", "zero", "truncate", "sync", "seek", "discard",
 };
 
 struct hosttest *hosttest_new (const char *name, int writable)

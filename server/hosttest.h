@@ -19,6 +19,7 @@
 /* The numbers are the I/O log's record types (tests/crash_replay.py). */
 enum host_op {
   HOP_READ, HOP_WRITE, HOP_PUNCH, HOP_ZERO, HOP_TRUNCATE, HOP_SYNC, HOP_SEEK,
+  HOP_DISCARD,                /* a device's BLKDISCARD, logged as a punch */
   HOP_COUNT
 };
 
