@@ -40,7 +40,7 @@ esac
 SEED=${SEED:-4217}
 OPS=${OPS:-2000}
 OPS_MIX=${OPS_MIX:-}
-ALL_VARIANTS="v2 v3 c4k c64k c2m rc1 rc64 zlib zstd chain rawback snap"
+ALL_VARIANTS="v2 v3 c4k c64k c2m rc1 rc64 zlib zstd chain rawback snap datafile dataraw lazy"
 VARIANTS=${VARIANTS:-$ALL_VARIANTS}
 SIZE=64M
 DRIVER=$srcdir/nbd_random_ops.py
@@ -191,6 +191,40 @@ prepare_snap() {
     SNAP=snap1
 }
 
+# An external data file (named absolutely: qemu-io, run from elsewhere,
+# would look for a relative name in its own folder).  Trims and zeroes
+# are in the mix (unless OPS_MIX says otherwise): what they do to the data
+# file is what this variant is about.
+prepare_datafile() {
+    local dir=$1
+    qemu-img create -q -f qcow2 -o data_file="$dir/img.data" "$dir/img.qcow2" $SIZE
+    IMG=$dir/img.qcow2
+    MIX=write:45,read:30,flush:5,zero:10,trim:10
+    prefill "$IMG"
+}
+
+# data_file_raw: the data file is the disk, byte for byte, at all times;
+# RAW_DATA has it compared with the reference afterwards.
+prepare_dataraw() {
+    local dir=$1
+    qemu-img create -q -f qcow2 -o data_file="$dir/img.data",data_file_raw=on "$dir/img.qcow2" $SIZE
+    IMG=$dir/img.qcow2
+    RAW_DATA=$dir/img.data
+    MIX=write:45,read:30,flush:5,zero:10,trim:10
+    prefill "$IMG"
+}
+
+# lazy_refcounts with the dirty bit: QEMU killed after writing leaves the
+# counts of its clusters at 0, and the server must rebuild them at open.
+prepare_lazy() {
+    local dir=$1
+    prepare_plain "$dir" -o lazy_refcounts=on
+    prefill "$IMG"
+    (qemu-io -f qcow2 -c 'write -P 0x99 8M 3M' -c 'write -P 0x9a 50M 64K' -c 'sigraise 9' "$IMG" ||
+         true) >/dev/null 2>&1
+    qemu-img info "$IMG" | grep -q '^cleanly shut down: no' || fail "lazy: qemu-io left no dirty bit"
+}
+
 variant_failed() {
     local v=$1 seed=$2 dir=$3; shift 3
     echo "FAIL: variant $v seed $seed: $*" >&2
@@ -210,7 +244,7 @@ run_variant() {
     local v=$1 seed=$2
     local dir=$TMP/$v start=$SECONDS
     mkdir "$dir"
-    IMG= CS=65536 SNAP= BACKING_FILES=
+    IMG= CS=65536 SNAP= BACKING_FILES= MIX= RAW_DATA=
     "prepare_$v" "$dir" "$seed"
 
     qemu-img convert -O raw "$IMG" "$dir/ref.raw"
@@ -222,10 +256,10 @@ run_variant() {
     local compat
     compat=$(qemu-img info --output=json "$IMG" | grep '"compat"')
 
-    local mix_args=()
-    if [ -n "$OPS_MIX" ]; then
-        mix_args=(--ops-mix "$OPS_MIX")
-        case $OPS_MIX in
+    local mix_args=() mix=${OPS_MIX:-$MIX}
+    if [ -n "$mix" ]; then
+        mix_args=(--ops-mix "$mix")
+        case $mix in
             *trim*)
                 # Without a backing file, discarded whole clusters read as
                 # zeros (partial ones may keep data: the plugin only punches
@@ -253,6 +287,10 @@ run_variant() {
         variant_failed "$v" "$seed" "$dir" \
             "qemu-img reads the image differently from what NBD returned"
     check_clean "$IMG"
+    if [ -n "$RAW_DATA" ]; then
+        cmp -n "$(stat -c %s "$dir/ref.raw")" "$dir/ref.raw" "$RAW_DATA" >&2 ||
+            variant_failed "$v" "$seed" "$dir" "the raw data file differs from the disk"
+    fi
 
     local now=
     for f in $BACKING_FILES; do now="$now $(md5sum <"$f")"; done
@@ -277,7 +315,7 @@ run_variant() {
 for v in $VARIANTS; do
     case " $ALL_VARIANTS " in *" $v "*) ;; *) fail "unknown variant $v" ;; esac
 done
-echo "test-differential: server=$SERVER seed=$SEED ops=$OPS${OPS_MIX:+ mix=$OPS_MIX}"
+echo "test-differential: server=$SERVER seed=$SEED ops=$OPS${OPS_MIX:+ mix=$OPS_MIX} (datafile, dataraw: trims and zeroes unless OPS_MIX is given)"
 # The seed of a variant depends on its place in ALL_VARIANTS, not on which
 # variants run, so VARIANTS=x reproduces a failure of x in a full run.
 IDX=0
