@@ -234,6 +234,11 @@ struct q2_header_info {
   const char *backing_file;     /* as the header names it; NULL: none */
   const char *backing_format;   /* NULL: the header names none */
   const char *backing_path;     /* the file opened for it; NULL: none */
+  /* The external data file as the header names it ("" if it names none);
+   * NULL: the image has none.  data_path: the file opened for it.
+   */
+  const char *data_file, *data_path;
+  bool data_file_raw;
   /* Why the plugin would serve the image read-only only (marked corrupt or
    * dirty), as a sentence; NULL: it would serve it for writing.
    */

@@ -54,6 +54,7 @@ struct q2_image {
   bool readonly;
   bool repair;                /* opened for q2_repair: no guest writes */
   char *backing_name;         /* as the header names it; NULL: none */
+  char *data_name;            /* the external data file, as the header names it */
   char backing_format[32];    /* as the header names it; empty: none */
   enum q2_discard_mode discard;
   enum q2_detect_zeroes detect_zeroes;

@@ -101,7 +101,7 @@ static const struct backing_ops backing_qcow2 = {
   .map_status = backing_qcow2_map,
 };
 
-static int read_header (struct q2_image *img, char **data_name)
+static int read_header (struct q2_image *img)
 {
   struct layout *lay = &img->m.lay;
   struct header_extras ex;
@@ -128,7 +128,7 @@ static int read_header (struct q2_image *img, char **data_name)
     snprintf (img->backing_format, sizeof img->backing_format, "%s", ex.backing_format);
   }
   if (lay->data_file && ex.data_file_offset &&
-      !(*data_name = strndup ((char *) buf + ex.data_file_offset, ex.data_file_len)))
+      !(img->data_name = strndup ((char *) buf + ex.data_file_offset, ex.data_file_len)))
     return -ENOMEM;
   return 0;
 }
@@ -292,7 +292,6 @@ static int image_open (const struct q2_options *o, int depth,
                        const struct backing_chain *above, struct q2_image **imgp)
 {
   struct backing_chain link = { .above = above };
-  CLEANUP_FREE char *data_name = NULL;
   struct q2_image *img;
   struct meta *m;
   struct stat st;
@@ -324,8 +323,8 @@ static int image_open (const struct q2_options *o, int depth,
   }
   m->lay.name = m->hf.name;
   if ((!o->force_share && (r = hostlock_take (&m->hf, !o->readonly)) < 0) ||
-      (r = read_header (img, &data_name)) < 0 ||
-      (r = open_data_file (img, o, data_name)) < 0 ||
+      (r = read_header (img)) < 0 ||
+      (r = open_data_file (img, o, img->data_name)) < 0 ||
       (r = table_load (&m->l1, &m->hf, &m->lay, "L1 table", m->lay.l1_offset,
                        m->lay.l1_entries)) < 0 ||
       (r = table_load (&m->reftable, &m->hf, &m->lay, "refcount table",
@@ -428,6 +427,7 @@ int q2_close (struct q2_image *img)
   host_close (&img->data_hf);
   host_close (&m->hf);
   free (img->backing_name);
+  free (img->data_name);
   rangelock_destroy (&img->guest_lock);
   mutex_destroy (&m->lock);
   free (img);
@@ -655,6 +655,9 @@ void q2_header_info (const struct q2_image *img, struct q2_header_info *h)
   h->backing_format = img->backing_format[0] ? img->backing_format : NULL;
   h->backing_path = img->backing ? backing_path (img->backing) : NULL;
   h->write_refusal = header_write_refusal (lay);
+  h->data_file = lay->data_file ? (img->data_name ? img->data_name : "") : NULL;
+  h->data_file_raw = lay->data_raw;
+  h->data_path = lay->data_file ? img->data_hf.name : NULL;
 }
 
 void q2_snapshots_free (struct q2_snapshot *list, uint32_t n)

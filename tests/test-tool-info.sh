@@ -72,6 +72,15 @@ qemu-img create -q -f qcow2 sub/base.qcow2 64M
 qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 sub/top.qcow2
 same_as_qemu backing-in-a-folder sub/top.qcow2
 
+# External data files, plain and raw: qemu-img's two lines, and ours with
+# the file the plugin opens (relative to the image's folder).
+(cd sub && qemu-img create -q -f qcow2 -o data_file=ext.data ext.qcow2 16M &&
+     qemu-img create -q -f qcow2 -o data_file=extraw.data,data_file_raw=on extraw.qcow2 16M)
+(cd sub && same_as_qemu data-file ext.qcow2 && same_as_qemu data-file-raw extraw.qcow2)
+"$TOOL" info sub/ext.qcow2 | grep -qx "    data file path: sub/ext.data" ||
+    { "$TOOL" info sub/ext.qcow2; fail "data-file: info does not give the data file's path"; }
+echo "ok: data-file: info gives the path of the data file it opens"
+
 # Two snapshots with a long name, each holding data of its own.
 qemu-img create -q -f qcow2 snap.qcow2 64M
 qemu-io -f qcow2 -c 'write -P 1 0 2M' snap.qcow2 >/dev/null

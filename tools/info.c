@@ -159,6 +159,9 @@ static void print_qemu_part (const struct facts *f)
   if (h->version >= 3)
     printf ("    lazy refcounts: %s\n", yes_no (h->lazy_refcounts));
   printf ("    refcount bits: %u\n", h->refcount_bits);
+  if (h->data_file)
+    printf ("    data file: %s\n    data file raw: %s\n", h->data_file,
+            yes_no (h->data_file_raw));
   if (h->version >= 3)
     printf ("    corrupt: %s\n    extended l2: false\n", yes_no (h->corrupt));
 }
@@ -200,6 +203,11 @@ static void print_reclaim_part (const struct facts *f)
       print_size_bytes ("", c->snapshot_alone[i]);
     }
   }
+  /* QEMU looks for a relative name from where it runs; the plugin, as
+   * for a backing file, from the image's folder: say which file it is.
+   */
+  if (f->h.data_path)
+    printf ("    data file path: %s\n", f->h.data_path);
   print_size_bytes ("    reclaimable: ", c->reclaimable_bytes);
   print_size_bytes ("    compaction could reach: ", f->compactable);
   print_device (f->img);
@@ -252,6 +260,11 @@ static void print_json_format_specific (const struct q2_header_info *h)
   if (h->version >= 3)
     printf ("\"lazy-refcounts\": %s, ", yes_no (h->lazy_refcounts));
   printf ("\"refcount-bits\": %u", h->refcount_bits);
+  if (h->data_file) {
+    printf (", \"data-file\": ");
+    json_string (h->data_file);
+    printf (", \"data-file-raw\": %s", yes_no (h->data_file_raw));
+  }
   if (h->version >= 3)
     printf (", \"corrupt\": %s, \"extended-l2\": false", yes_no (h->corrupt));
   printf (" } },\n");
