@@ -44,6 +44,7 @@ struct reclaim {
   uint64_t punch_start, punch_len;
   bool punch_mapped;          /* the pending punch is of clusters still named */
   uint64_t l1_pending;        /* L2 table to check for emptiness */
+  bool cleared;               /* an entry of it became 0: only then can it be empty */
   struct trim_counts counts;  /* this request's, added to the image's at its end */
   /* Clusters whose entries are gone but whose punch may still be queued:
    * they are handed to the deferred frees only after every punch of the
@@ -135,12 +136,14 @@ static bool zero_entry (const struct q2_image *img, uint64_t *e)
   return true;
 }
 
-static int set_entry (struct q2_image *img, uint64_t guest, uint64_t old, uint64_t e,
+static int set_entry (struct reclaim *rc, uint64_t guest, uint64_t old, uint64_t e,
                       bool free_old, bool punched)
 {
+  struct q2_image *img = rc->img;
   struct cache_entry *t;
   int r;
 
+  rc->cleared |= e == 0;
   LOCK_FOR_SCOPE (&img->m.lock);
   if ((r = l2_get_writable (img, guest, &t)) < 0)
     return r;
@@ -154,6 +157,8 @@ static int release_unrefs (struct reclaim *rc)
   size_t i;
   int r = 0;
 
+  if (!rc->unref.len)
+    return 0;
   mutex_lock (&rc->img->m.lock);
   for (i = 0; i < rc->unref.len && r == 0; i++)
     r = alloc_free_later (&rc->img->alloc, rc->unref.ptr[i], META_DATA, true);
@@ -189,7 +194,7 @@ static int whole_owned (struct reclaim *rc, uint64_t guest, const struct mapping
       return r;
     if ((r = punch_add (rc, host, cs, false)) < 0)
       return r;
-    return set_entry (img, guest, m->entry, e, false, false);
+    return set_entry (rc, guest, m->entry, e, false, false);
   }
   if (m->kind == MAP_ZERO_ALLOC) {
     /* discard=keep punched it when it got the zero flag. */
@@ -206,7 +211,7 @@ static int whole_owned (struct reclaim *rc, uint64_t guest, const struct mapping
                strerror (-r));
     return r;
   }
-  return v3 ? set_entry (img, guest, m->entry, m->entry | QCOW_OFLAG_ZERO, false, false) : 0;
+  return v3 ? set_entry (rc, guest, m->entry, m->entry | QCOW_OFLAG_ZERO, false, false) : 0;
 }
 
 /* A whole cluster shared with a snapshot, or compressed. */
@@ -220,7 +225,7 @@ static int whole_shared (struct reclaim *rc, uint64_t guest, const struct mappin
   }
   if (!zero_entry (rc->img, &e))
     return rc->op == OP_ZERO ? write_zeros (rc, guest, rc->img->m.lay.cluster_size) : 0;
-  return set_entry (rc->img, guest, m->entry, e, true, false);
+  return set_entry (rc, guest, m->entry, e, true, false);
 }
 
 static int whole_cluster (struct reclaim *rc, uint64_t guest, const struct mapping *m)
@@ -241,7 +246,7 @@ static int whole_cluster (struct reclaim *rc, uint64_t guest, const struct mappi
     }
     not_freed (rc, &rc->counts.backing, rc->img->m.lay.cluster_size);
     if (zero_entry (rc->img, &e))
-      return set_entry (rc->img, guest, 0, e, false, false);
+      return set_entry (rc, guest, 0, e, false, false);
     return rc->op == OP_ZERO ? write_zeros (rc, guest, rc->img->m.lay.cluster_size) : 0;
   case MAP_NORMAL:
   case MAP_ZERO_ALLOC:
@@ -361,12 +366,18 @@ static int check_l2 (struct reclaim *rc, uint64_t next_l1)
 {
   int r = 0;
 
-  if (rc->l1_pending != next_l1 && rc->l1_pending != UINT64_MAX) {
+  if (rc->l1_pending == next_l1)
+    return 0;
+  /* A TRIM of part of a cluster, fstrim's most common, changes no entry:
+   * it skips the lock and the table.
+   */
+  if (rc->l1_pending != UINT64_MAX && rc->cleared) {
     mutex_lock (&rc->img->m.lock);
     r = free_l2_if_empty (rc->img, rc->l1_pending);
     mutex_unlock (&rc->img->m.lock);
   }
   rc->l1_pending = next_l1;
+  rc->cleared = false;
   return r;
 }
 

@@ -573,6 +573,11 @@ void host_release_finish (struct hostfile *hf, const struct host_release_job *jo
   punchq_finish (&hf->pq, job->offset, job->end);
 }
 
+bool host_release_wait (struct hostfile *hf)
+{
+  return punchq_wait_job (&hf->pq);
+}
+
 uint64_t host_release_mark (struct hostfile *hf)
 {
   return punchq_mark (&hf->pq);

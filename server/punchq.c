@@ -247,6 +247,18 @@ static bool any_upto (const struct punchq *q, uint64_t upto)
   return false;
 }
 
+bool punchq_wait_job (struct punchq *q)
+{
+  size_t first, n;
+  bool on;
+
+  pthread_mutex_lock (&q->lock);
+  while ((on = q->accepting) && !next_job (q, UINT64_MAX, &first, &n))
+    pthread_cond_wait (&q->cond, &q->lock);
+  pthread_mutex_unlock (&q->lock);
+  return on;
+}
+
 int punchq_claim_next (struct punchq *q, bool wait, uint64_t upto, uint64_t *tag,
                        struct punchq_items *punch, uint64_t *offset, uint64_t *end)
 {

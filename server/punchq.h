@@ -87,6 +87,8 @@ void punchq_punched (struct punchq *q, const struct punchq_items *done);
  */
 int punchq_claim_next (struct punchq *q, bool wait, uint64_t upto, uint64_t *tag,
                        struct punchq_items *punch, uint64_t *offset, uint64_t *end);
+/* Waits until there is a job to claim (true) or the queue is off. */
+bool punchq_wait_job (struct punchq *q);
 /* The job punchq_claim_next gave is over: its items leave. */
 void punchq_finish (struct punchq *q, uint64_t offset, uint64_t end);
 /* The number of the last item queued so far: a flush drains what came
