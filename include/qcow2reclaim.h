@@ -57,12 +57,14 @@ struct q2_options {
   enum q2_detect_zeroes detect_zeroes;
   enum q2_compact_mode compact;
   uint64_t compact_rate;    /* bytes a second the worker may move, 0 = default */
-  /* Called by the compaction worker after each window it committed
-   * (pass_end false) and once a pass that changed the file is over (true),
-   * outside every lock, so that counters shown elsewhere can follow.
+  /* Called by the background workers, outside every lock, so that
+   * counters shown elsewhere can follow: by compaction after each window
+   * it committed (pass_end false) and once a pass that changed the file
+   * is over (true); by the worker of deferred punches after each batch
+   * (false).
    */
-  void (*compact_notify) (void *opaque, bool pass_end);
-  void *compact_opaque;
+  void (*worker_notify) (void *opaque, bool pass_end);
+  void *worker_opaque;
 };
 
 #define Q2_DEFAULT_CACHE_SIZE (32u << 20)

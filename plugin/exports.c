@@ -290,7 +290,7 @@ static int open_image (struct export *e)
   int r;
 
   o.file = e->path;
-  o.compact_opaque = e;
+  o.worker_opaque = e;
   if (!o.readonly && check_writable (e) < 0)
     return -EACCES;
   if ((r = q2_open (&o, &e->img)) < 0)

@@ -34,7 +34,7 @@ struct export {
 typedef void (*exports_retire_fn) (struct export *e);
 
 /* dir and statsdir (NULL: no stats files) are full paths; opts is copied,
- * and its file and compact_opaque are set per image (the latter to the
+ * and its file and worker_opaque are set per image (the latter to the
  * export; readonly includes nbdkit -r).  Checks that both folders are
  * there, creating statsdir (one level) if it is not, and that statsdir
  * can be written.

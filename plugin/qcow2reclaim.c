@@ -408,11 +408,12 @@ static int q2r_config_complete (void)
   "                      With dir=, FILE is a folder holding NAME.stats for\n" \
   "                      each image (created if its parent exists)."
 
-/* Compaction moves and cuts with no request to write the stats file:
- * the worker says so, a window at a time (rate-limited like trims) and
- * when a pass is over (always).
+/* Compaction moves and cuts, and deferred punches give space back, with
+ * no request to write the stats file: the workers say so, a window or a
+ * batch at a time (rate-limited like trims) and when a pass is over
+ * (always).
  */
-static void compacted (void *opaque, bool pass_end)
+static void worked (void *opaque, bool pass_end)
 {
   struct export *e = opaque;
 
@@ -583,7 +584,7 @@ static int q2r_get_ready (void)
     .data_file = data_file,
     .cache_size = cache_size, .discard = discard, .detect_zeroes = detect_zeroes,
     .compact = compact, .compact_rate = compact_rate,
-    .compact_notify = compacted,
+    .worker_notify = worked,
   };
 
   if (dir)

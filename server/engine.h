@@ -47,6 +47,9 @@ struct q2_image {
   struct alloc alloc;
   struct copied *copied;      /* COPIED upkeep (copied.h) */
   struct compact *compact;    /* compaction (compact.h) */
+  /* The user's q2_options.worker_notify, for the worker of punches. */
+  void (*notify) (void *opaque, bool pass_end);
+  void *notify_opaque;
   struct punch *punch;        /* the deferred punches' worker (punch.h) */
   struct backing *backing;    /* NULL: unallocated clusters read as zeros */
   struct rangelock guest_lock;

@@ -313,6 +313,8 @@ static int image_open (const struct q2_options *o, int depth,
   img->repair = o->repair && !o->readonly;
   img->discard = o->discard;
   img->detect_zeroes = o->detect_zeroes;
+  img->notify = o->worker_notify;
+  img->notify_opaque = o->worker_opaque;
   if ((r = host_open (&m->hf, o->file, o->readonly)) < 0) {
     if (above)
       log_error ("%s: cannot open its backing file %s: %s", above->name, o->file,
@@ -333,7 +335,7 @@ static int image_open (const struct q2_options *o, int depth,
       (r = copied_new (&img->copied)) < 0 ||
       (r = compact_new (&img->compact, o->compact == Q2_COMPACT_AUTO && !img->repair,
                         o->compact_rate,
-                        o->compact_notify, o->compact_opaque)) < 0)
+                        o->worker_notify, o->worker_opaque)) < 0)
     goto fail;
   r = cache_init (&m->cache, &m->hf, &m->lay, &m->lock,
                   o->cache_size ? o->cache_size : Q2_DEFAULT_CACHE_SIZE,

@@ -40,11 +40,12 @@ static void job_done (struct q2_image *img, const struct host_release_job *job)
 }
 
 /* Jobs until 'upto' says there are no more; out of memory for a job's
- * list only delays it.
+ * list only delays it.  How many ran.
  */
-static void run_jobs (struct q2_image *img, uint64_t upto)
+static unsigned run_jobs (struct q2_image *img, uint64_t upto)
 {
   struct host_release_job job;
+  unsigned n = 0;
   int r;
 
   while ((r = host_release_next (&img->m.hf, upto, &job)) != 0) {
@@ -53,7 +54,9 @@ static void run_jobs (struct q2_image *img, uint64_t upto)
       continue;
     }
     job_done (img, &job);
+    n++;
   }
+  return n;
 }
 
 /* Woken by the first TRIM of a burst, the worker lets the burst go on
@@ -70,7 +73,11 @@ static void *worker (void *arg)
 
   while (host_release_wait (&img->m.hf)) {
     usleep (BATCH_MICROSECONDS);
-    run_jobs (img, host_release_mark (&img->m.hf));
+    /* What went back shows in the counters only now, after the TRIMs
+     * that asked for it were answered.
+     */
+    if (run_jobs (img, host_release_mark (&img->m.hf)) && img->notify)
+      img->notify (img->notify_opaque, false);
   }
   return NULL;
 }

@@ -4,7 +4,8 @@
 # serves; a relative statsfile= lands where it was given, not in / where a
 # background nbdkit runs; and after a burst of trims (more than ten a
 # second, the rate the file is rewritten at) it ends up showing all of
-# them, with no flush and no further request, with dir= too.  Its gauges: what went back
+# them, with no flush and no further request, with dir= too, and so do the
+# punches its worker runs after the TRIMs were answered.  Its gauges: what went back
 # to the host, each byte once, and where the image ends; and why trims gave
 # nothing back, by reason.
 set -eu
@@ -52,6 +53,33 @@ for i in range(32):
     [ "$punched" = $((32 * 65536)) ] ||
         fail "1 s after 32 trims of 64 KiB: bytes_punched=${punched:-nothing}, want $((32 * 65536))"
     echo "ok: after a burst of 32 trims and no flush, bytes_punched=$punched"
+    stop_server "$LAST_SERVER_PID"
+}
+
+# ---- what the worker of deferred punches does after the burst --------------------
+# 4,096 trims of 4 KiB inside clusters, on data that is on disk (punching
+# it costs the host filesystem more): the TRIMs are answered before their
+# punches run, so the worker is still punching when the burst's last
+# rewrite is over.  The file must follow it, with no flush.
+deferred() {
+    local stats=$TMP/deferred.stats punched= want=$((4096 * 4096))
+    cp "$img" "$TMP/deferred.qcow2"
+    qemu-io -f qcow2 -c 'write -P 0x22 8M 56M' "$TMP/deferred.qcow2" >/dev/null
+    sync "$TMP/deferred.qcow2"
+    start_server "$sock" "$TMP/deferred.log" file="$TMP/deferred.qcow2" statsfile="$stats" compact=off
+    "$PYTHON" -m nbd -u "nbd+unix:///?socket=$sock" -c '
+for c in range(1024):
+    for k in (4096, 20480, 36864, 53248):
+        h.trim(4096, c * 65536 + k)
+'
+    for _ in $(seq 1 $((50 * SLOW))); do
+        punched=$(stat_of "$stats" bytes_punched 2>/dev/null || true)
+        [ "$punched" = "$want" ] && break
+        sleep 0.1
+    done
+    [ "$punched" = "$want" ] ||
+        fail "5 s after 4,096 trims of 4 KiB and no flush: bytes_punched=${punched:-nothing}, want $want"
+    echo "ok: after 4,096 deferred punches and no flush, the file shows bytes_punched=$punched"
     stop_server "$LAST_SERVER_PID"
 }
 
@@ -218,6 +246,7 @@ run_case at_open
 run_case reasons
 run_case given_back
 run_case burst
+run_case deferred
 run_case dir_burst
 run_case background
 [ "$FAILED" -eq 0 ] || fail "$FAILED case(s) failed"
