@@ -12,18 +12,11 @@
 #include <linux/falloc.h>
 #include <linux/fs.h>
 
-#ifdef HAVE_LIBURING
-#include <liburing.h>
-#endif
-
 #include "host.h"
 #include "hosttest.h"
 #include "log.h"
 #include "punchq.h"
 
-#define RING_DEPTH 64
-#define RING_CANCEL_SECONDS 2
-#define RING_SLOW_SECONDS 10
 /* 16,384 deferred punches: 512 KiB at most, and minutes of a guest's
  * fstrim before a TRIM has to punch at once.
  */
@@ -47,7 +40,6 @@ static int device_open (struct hostfile *hf)
 int host_open (struct hostfile *hf, const char *name, bool readonly)
 {
   memset (hf, 0, sizeof *hf);
-  pthread_mutex_init (&hf->ring_lock, NULL);
   punchq_init (&hf->pq, PUNCH_QUEUE_MAX);
   hf->live = true;
   hf->fd = -1;
@@ -65,22 +57,13 @@ void host_close (struct hostfile *hf)
   if (!hf->live)
     return;
   hf->live = false;
-#ifdef HAVE_LIBURING
-  if (hf->ring) {
-    io_uring_queue_exit (hf->ring);
-    free (hf->ring);
-  }
-  if (hf->ring_stall) {
-    close (hf->stall_pipe[0]);
-    close (hf->stall_pipe[1]);
-  }
-#endif
+  hostring_free (hf->ring);
+  hf->ring = NULL;
   if (hf->fd >= 0)
     close (hf->fd);
   hf->fd = -1;
   hosttest_free (hf->test);
   hf->test = NULL;
-  pthread_mutex_destroy (&hf->ring_lock);
   punchq_destroy (&hf->pq);
   free (hf->name);
   hf->name = NULL;
@@ -88,28 +71,8 @@ void host_close (struct hostfile *hf)
 
 void host_start_ring (struct hostfile *hf)
 {
-#ifdef HAVE_LIBURING
-  struct io_uring *ring;
-  const char *e;
-
-  if (hf->ring)
-    return;
-  ring = calloc (1, sizeof *ring);
-  if (!ring)
-    return;
-  if (io_uring_queue_init (RING_DEPTH, ring, 0) < 0) {
-    log_debug ("%s: io_uring is not available, using plain system calls", hf->name);
-    free (ring);
-    return;
-  }
-  hf->ring = ring;
-  hf->ring_ok = true;
-  e = getenv ("QCOW2RECLAIM_RING_STALL");
-  if (e && *e == '1' && pipe2 (hf->stall_pipe, O_CLOEXEC) == 0)
-    hf->ring_stall = true;
-#else
-  (void) hf;
-#endif
+  if (!hf->ring)
+    hf->ring = hostring_new (hf->name);
 }
 
 /* A change has completed: only a sync that starts from now on covers it,
@@ -219,134 +182,6 @@ int host_pwrite (struct hostfile *hf, const void *buf, size_t len, uint64_t offs
   return r;
 }
 
-#ifdef HAVE_LIBURING
-/* user_data of the ring's own requests, which are not the caller's writes. */
-static const char cancel_tag, stall_tag;
-
-/* Asks the kernel to drop the batch's writes that have not started: they
- * complete with -ECANCELED and are then written with plain system calls.
- * Writes under way are not affected.
- */
-static void ring_cancel_unstarted (struct hostfile *hf)
-{
-  struct io_uring *ring = hf->ring;
-  struct io_uring_sqe *sqe = io_uring_get_sqe (ring);
-
-  if (!sqe)
-    return;
-  io_uring_prep_cancel (sqe, NULL, IORING_ASYNC_CANCEL_ANY);
-  io_uring_sqe_set_data (sqe, (void *) &cancel_tag);
-  io_uring_submit (ring);
-}
-
-/* Waits for n write completions; short or cancelled ones are finished
- * with plain pwrite, so the caller sees all-or-error.
- */
-static int ring_reap (struct hostfile *hf, size_t n)
-{
-  struct io_uring *ring = hf->ring;
-  size_t done = 0, redone = 0;
-  unsigned idle = 0;
-  int err = 0;
-
-  while (done < n) {
-    struct io_uring_cqe *cqe;
-    /* Waits are bounded: writes the kernel has not started after a while
-     * are taken back, and writes it holds for long are reported (their
-     * buffers are the kernel's until they complete, so the wait goes on).
-     */
-    struct __kernel_timespec second = { .tv_sec = 1 };
-    int r = io_uring_wait_cqe_timeout (ring, &cqe, &second);
-    if (r == -ETIME) {
-      if (++idle == RING_CANCEL_SECONDS)
-        ring_cancel_unstarted (hf);
-      if (idle == RING_SLOW_SECONDS)
-        log_notice ("%s: %zu of %zu host writes are still pending after %u s",
-                   hf->name, n - done, n, idle);
-    }
-    if (r == -EINTR || r == -ETIME)
-      continue;
-    if (r < 0)
-      return r;
-    const struct host_write *hw = io_uring_cqe_get_data (cqe);
-    int res = cqe->res;
-    io_uring_cqe_seen (ring, cqe);
-    if ((const void *) hw == &cancel_tag || (const void *) hw == &stall_tag)
-      continue;
-    done++;
-    if (res == -ECANCELED) {
-      redone++;
-      res = 0;
-    }
-    if (res < 0 && !err)
-      err = res;
-    else if (res >= 0 && (size_t) res < hw->len && !err)
-      err = pwrite_all (hf, (const char *) hw->buf + res, hw->len - res,
-                         hw->offset + res);
-  }
-  if (redone)
-    log_notice ("%s: io_uring had not started %zu of %zu host writes after %u s; "
-               "they were written with plain system calls", hf->name, redone, n,
-               RING_CANCEL_SECONDS);
-  return err;
-}
-
-/* The test hook's stall: a read of an empty pipe that the batch's writes
- * are linked behind.  Returns the number of requests it queued.
- */
-static size_t ring_queue_stall (struct hostfile *hf)
-{
-  static char byte;
-  struct io_uring_sqe *sqe;
-
-  if (!hf->ring_stall || !(sqe = io_uring_get_sqe (hf->ring)))
-    return 0;
-  io_uring_prep_read (sqe, hf->stall_pipe[0], &byte, 1, 0);
-  io_uring_sqe_set_data (sqe, (void *) &stall_tag);
-  sqe->flags |= IOSQE_IO_LINK;
-  return 1;
-}
-
-/* One batch of up to RING_DEPTH - 1 writes.  The kernel may take fewer
- * requests than were queued (it stops at one it cannot start), so
- * submission repeats and only what it took is waited for.  If it takes
- * nothing more, the ring is given up for good: requests left in it point
- * at the caller's buffers and must never run later.  -EAGAIN then has the
- * caller use plain writes.
- */
-static int ring_write_some (struct hostfile *hf, const struct host_write *w, size_t n)
-{
-  struct io_uring *ring = hf->ring;
-  size_t i, extra = ring_queue_stall (hf), submitted = 0;
-  int r, err;
-
-  for (i = 0; i < n; i++) {
-    struct io_uring_sqe *sqe = io_uring_get_sqe (ring);
-    if (!sqe)
-      break;
-    io_uring_prep_write (sqe, hf->fd, w[i].buf, w[i].len, w[i].offset);
-    io_uring_sqe_set_data (sqe, (void *) &w[i]);
-    if (extra && i + 1 < n)
-      sqe->flags |= IOSQE_IO_LINK;
-  }
-  while (submitted < i + extra) {
-    r = io_uring_submit (ring);
-    if (r <= 0)
-      break;
-    submitted += r;
-  }
-  submitted = submitted > extra ? submitted - extra : 0;
-  err = ring_reap (hf, submitted);
-  if (submitted < n) {
-    log_debug ("%s: io_uring took %zu of %zu writes, using plain system calls",
-              hf->name, submitted, n);
-    __atomic_store_n (&hf->ring_ok, false, __ATOMIC_RELEASE);
-    return err ? err : -EAGAIN;
-  }
-  return err;
-}
-#endif
-
 int host_pwrite_batch (struct hostfile *hf, const struct host_write *w, size_t n)
 {
   size_t i;
@@ -354,13 +189,9 @@ int host_pwrite_batch (struct hostfile *hf, const struct host_write *w, size_t n
 
   for (i = 0; i < n; i++)
     SETTLE (hf, w[i].offset, w[i].len);
-#ifdef HAVE_LIBURING
-  if (__atomic_load_n (&hf->ring_ok, __ATOMIC_ACQUIRE) && n > 1 && !hf->test) {
-    pthread_mutex_lock (&hf->ring_lock);
-    r = hf->ring_ok ? 0 : -EAGAIN;
-    for (i = 0; i < n && r == 0; i += RING_DEPTH - 1)
-      r = ring_write_some (hf, &w[i], n - i < RING_DEPTH - 1 ? n - i : RING_DEPTH - 1);
-    pthread_mutex_unlock (&hf->ring_lock);
+  /* The test hooks see each write, so they take the plain path. */
+  if (hostring_usable (hf->ring) && n > 1 && !hf->test) {
+    r = hostring_write (hf->ring, hf->fd, w, n);
     /* Even a failed batch may have written some: a sync must cover it. */
     for (i = 0; i < n; i++)
       raise_end (hf, w[i].offset + w[i].len);
@@ -368,7 +199,6 @@ int host_pwrite_batch (struct hostfile *hf, const struct host_write *w, size_t n
     if (r != -EAGAIN)
       return r;
   }
-#endif
   for (i = 0; i < n; i++) {
     r = host_pwrite (hf, w[i].buf, w[i].len, w[i].offset);
     if (r < 0)

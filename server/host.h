@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: BSD-3-Clause */
 /* Host file I/O: every read, write, punch, zero, seek, truncate and sync of
  * an image file goes through here, so that the test hooks (hosttest.h) see
- * all of it.  Metadata write-back is batched through io_uring when the
+ * all of it.  Metadata write-back is batched through io_uring (hostring.h) when the
  * kernel has it, with plain system calls as the fallback.
  *
  * Giving space back (host_release) carries the punch policy: a filesystem
@@ -18,31 +18,16 @@
 #include <stdint.h>
 #include <sys/stat.h>
 
+#include "hostring.h"
 #include "punchq.h"
 
 struct hosttest;
-
-struct host_write {
-  const void *buf;
-  size_t len;
-  uint64_t offset;
-};
 
 struct hostfile {
   bool live;                  /* host_open ran: host_close has work to do */
   int fd;
   char *name;                 /* as the user gave it, for messages */
-  /* ring_lock guards the ring and stall_pipe: one batch at a time.
-   * ring_ok is read without it (atomic) to choose the path.
-   */
-  pthread_mutex_t ring_lock;
-  bool ring_ok;
-  void *ring;                 /* struct io_uring *, opaque here */
-  /* Test hook QCOW2RECLAIM_RING_STALL=1: every batch waits behind a read of
-   * this empty pipe, as if the kernel held the writes, until cancelled.
-   */
-  bool ring_stall;
-  int stall_pipe[2];
+  struct hostring *ring;      /* write-back batches (hostring.h); NULL: plain writes */
   struct hosttest *test;      /* fault injection and I/O log, normally NULL */
   /* Atomics: written by any request thread, with or without other locks. */
   uint64_t sync_started;      /* syncs begun, numbered from 1 */
