@@ -22,6 +22,7 @@
 #include "writeback.h"
 
 struct backing;
+struct bitmaps;
 struct compact;
 struct copied;
 
@@ -49,6 +50,7 @@ struct q2_image {
   struct compact *compact;    /* compaction (compact.h) */
   struct punch *punch;        /* the deferred punches' worker (punch.h) */
   struct backing *backing;    /* NULL: unallocated clusters read as zeros */
+  struct bitmaps *bitmaps;    /* persistent bitmaps (bitmap.h); NULL: none */
   struct rangelock guest_lock;
 
   bool readonly;
