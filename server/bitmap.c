@@ -377,6 +377,18 @@ const struct bitmap_entry *bitmap_entries (const struct bitmaps *b, uint32_t *n)
   return b ? b->entries : NULL;
 }
 
+bool bitmap_in_use (const struct bitmaps *b, uint32_t i)
+{
+  uint32_t k;
+
+  if (b->entries[i].flags & BME_FLAG_IN_USE)
+    return true;
+  for (k = 0; b->marked && k < b->nkept; k++)
+    if (b->kept[k].e == &b->entries[i])
+      return true;
+  return false;
+}
+
 /* Each flag is 4 bytes inside one sector: a write of it is atomic. */
 static int write_flags (struct bitmaps *b, struct meta *m, bool in_use)
 {

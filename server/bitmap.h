@@ -40,6 +40,8 @@ int bitmap_open (struct meta *m, bool writable, struct bitmaps **bp, bool *canno
 void bitmap_free (struct bitmaps *b);
 /* The directory's entries (all of them, kept or not); NULL: none. */
 const struct bitmap_entry *bitmap_entries (const struct bitmaps *b, uint32_t *n);
+/* Entry i has the in-use flag on disk (as read, or set since by us). */
+bool bitmap_in_use (const struct bitmaps *b, uint32_t i);
 
 /* Sets the in-use flag of every kept bitmap on disk, synced: before the
  * first change of guest data.

@@ -687,6 +687,40 @@ void q2_header_info (const struct q2_image *img, struct q2_header_info *h)
   h->write_refusal = header_write_refusal (lay);
 }
 
+void q2_bitmaps_free (struct q2_bitmap *list, uint32_t n)
+{
+  uint32_t i;
+
+  for (i = 0; list && i < n; i++)
+    free (list[i].name);
+  free (list);
+}
+
+/* What the directory said at open; the in-use flag as it is on disk now. */
+int q2_bitmaps (struct q2_image *img, struct q2_bitmap **list, uint32_t *n)
+{
+  const struct bitmap_entry *e = bitmap_entries (img->bitmaps, n);
+  struct q2_bitmap *l;
+  uint32_t i;
+
+  *list = NULL;
+  if (!*n)
+    return 0;
+  if (!(l = calloc (*n, sizeof *l)))
+    return -ENOMEM;
+  for (i = 0; i < *n; i++) {
+    if (!(l[i].name = strdup (e[i].name))) {
+      q2_bitmaps_free (l, *n);
+      return -ENOMEM;
+    }
+    l[i].granularity = e[i].granularity_bits < 64 ? 1ull << e[i].granularity_bits : 0;
+    l[i].in_use = bitmap_in_use (img->bitmaps, i);
+    l[i].auto_flag = !!(e[i].flags & BME_FLAG_AUTO);
+  }
+  *list = l;
+  return 0;
+}
+
 void q2_snapshots_free (struct q2_snapshot *list, uint32_t n)
 {
   uint32_t i;
