@@ -199,6 +199,7 @@ struct q2_compact_result {
   uint64_t pinned_shared;       /* shared with internal snapshots */
   uint64_t pinned_snapshot;     /* the snapshots' own tables and data */
   uint64_t pinned_unreferenced; /* counted but referenced by nothing (leaks) */
+  uint64_t pinned_bitmaps;      /* persistent bitmaps: directory, tables, data */
 };
 /* Compacts now, in place (dry_run: only measures and plans); progress
  * sees bytes moved of bytes to move.

@@ -100,7 +100,7 @@ static int gather (struct q2_image *img, struct facts *f)
   }
   f->compactable = f->k.reachable < f->file_size ? f->k.reachable : f->file_size;
   f->pinned = f->k.pinned_compressed + f->k.pinned_shared + f->k.pinned_snapshot +
-    f->k.pinned_unreferenced;
+    f->k.pinned_unreferenced + f->k.pinned_bitmaps;
   return 0;
 }
 
@@ -236,9 +236,10 @@ static void print_reclaim_part (const struct facts *f)
   if (f->pinned) {
     print_size_bytes ("    cannot move, past the target: ", f->pinned);
     printf ("        compressed %" PRIu64 ", shared with snapshots %" PRIu64
-            ", snapshots' own %" PRIu64 ", referenced by nothing %" PRIu64 " bytes\n",
+            ", snapshots' own %" PRIu64 ", referenced by nothing %" PRIu64
+            ", persistent bitmaps %" PRIu64 " bytes\n",
             f->k.pinned_compressed, f->k.pinned_shared, f->k.pinned_snapshot,
-            f->k.pinned_unreferenced);
+            f->k.pinned_unreferenced, f->k.pinned_bitmaps);
   }
   if (f->h.write_refusal)
     printf ("    plugin: serves it read-only only: %s\n", f->h.write_refusal);
@@ -346,12 +347,13 @@ static void print_json (const struct facts *f)
           "  \"snapshot-held\": %" PRIu64 ",\n  \"reclaimable\": %" PRIu64 ",\n"
           "  \"compactable-length\": %" PRIu64 ",\n"
           "  \"pinned\": { \"compressed\": %" PRIu64 ", \"shared\": %" PRIu64
-          ", \"snapshot\": %" PRIu64 ", \"unreferenced\": %" PRIu64 " },\n",
+          ", \"snapshot\": %" PRIu64 ", \"unreferenced\": %" PRIu64
+          ", \"bitmaps\": %" PRIu64 " },\n",
           h->version, f->file_size, f->host, c->allocated_clusters, c->total_clusters,
           c->compressed_clusters, c->fragmented_clusters, c->image_end_offset,
           c->snapshot_only_clusters * cs, c->reclaimable_bytes, f->compactable,
           f->k.pinned_compressed, f->k.pinned_shared, f->k.pinned_snapshot,
-          f->k.pinned_unreferenced);
+          f->k.pinned_unreferenced, f->k.pinned_bitmaps);
   printf ("  \"plugin\": { \"writable\": %s, \"refusal\": ", yes_no (!h->write_refusal));
   json_string (h->write_refusal);
   printf (" },\n  \"corruptions\": %" PRIu64 ",\n  \"leaks\": %" PRIu64 "\n}", c->corruptions,
