@@ -142,7 +142,7 @@ static bool table_place_ok (const struct layout *lay, const struct bitmap_entry 
 
 static enum use classify (const struct layout *lay, const struct bitmap_entry *e)
 {
-  uint64_t need = table_needed (lay, e->granularity_bits);
+  uint64_t need;
 
   if (e->flags & BME_FLAG_IN_USE) {
     log_notice ("%s: persistent bitmap '%s' is marked in use (the program that used it "
@@ -160,10 +160,13 @@ static enum use classify (const struct layout *lay, const struct bitmap_entry *e
   /* A disabled bitmap records nothing: left as it is, it stays true. */
   if (!(e->flags & BME_FLAG_AUTO))
     return USE_LEAVE;
-  if (e->granularity_bits < GRANULARITY_MIN || e->granularity_bits > GRANULARITY_MAX)
+  if (e->granularity_bits < GRANULARITY_MIN || e->granularity_bits > GRANULARITY_MAX) {
     log_notice ("%s: persistent bitmap '%s' has a granularity of 2^%u bytes, outside the "
                 "512 B to 2 GiB this version keeps", lay->name, e->name, e->granularity_bits);
-  else if (e->table_size != need || need << lay->cluster_bits > DATA_MAX)
+    return USE_CANNOT;
+  }
+  need = table_needed (lay, e->granularity_bits);
+  if (e->table_size != need || need << lay->cluster_bits > DATA_MAX)
     log_notice ("%s: persistent bitmap '%s' has a table of %u entries, where the virtual "
                 "size needs %" PRIu64 " (at most %llu MiB of data)", lay->name, e->name,
                 e->table_size, need, DATA_MAX >> 20);
