@@ -74,8 +74,8 @@ static uint64_t table_needed (const struct layout *lay, uint8_t bits)
   return layout_clusters (lay, (granules (lay, bits) + 7) / 8);
 }
 
-static int parse_entry (const struct layout *lay, const uint8_t *dir, uint64_t size,
-                        uint64_t *pos, struct bitmap_entry *e)
+static int parse_entry (const uint8_t *dir, uint64_t size, uint64_t *pos,
+                        struct bitmap_entry *e)
 {
   const uint8_t *p = dir + *pos;
   uint32_t namelen;
@@ -96,7 +96,6 @@ static int parse_entry (const struct layout *lay, const uint8_t *dir, uint64_t s
   if (!(e->name = strndup ((const char *) p + BITMAP_ENTRY_FIXED + e->extra_size, namelen)))
     return -ENOMEM;
   *pos += round8 (BITMAP_ENTRY_FIXED + (uint64_t) e->extra_size + namelen);
-  (void) lay;
   return 0;
 }
 
@@ -124,7 +123,7 @@ static int read_directory (struct meta *m, struct bitmaps *b)
     log_error ("%s: cannot read the persistent bitmap directory: %s", lay->name,
                strerror (-r));
   for (i = 0; r == 0 && i < lay->nb_bitmaps; i++, b->n++)
-    if ((r = parse_entry (lay, dir, size, &pos, &b->entries[i])) == -EINVAL)
+    if ((r = parse_entry (dir, size, &pos, &b->entries[i])) == -EINVAL)
       log_notice ("%s: entry %u of the persistent bitmap directory at 0x%" PRIx64
                   " is invalid", lay->name, i, off);
   free (dir);
