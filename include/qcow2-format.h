@@ -62,6 +62,23 @@
 #define BITMAPS_EXT_LENGTH      24
 #define BITMAP_ENTRY_FIXED      24
 #define BITMAP_TABLE_OFFSET_MASK 0x00fffffffffffe00ull
+#define BITMAP_TABLE_RESERVED_MASK 0xff000000000001feull
+#define BITMAP_TABLE_ALL_ONES   1ull   /* with offset 0: the cluster reads as ones */
+
+/* A directory entry: table offset (8 bytes), table size (4), flags (4),
+ * type (1), granularity bits (1), name size (2), extra data size (4).
+ */
+#define BME_TABLE_OFFSET        0
+#define BME_TABLE_SIZE          8
+#define BME_FLAGS              12
+#define BME_TYPE               16
+#define BME_GRANULARITY        17
+#define BME_NAME_SIZE          18
+#define BME_EXTRA_SIZE         20
+#define BME_FLAG_IN_USE         (1u << 0)
+#define BME_FLAG_AUTO           (1u << 1)
+#define BME_FLAG_EXTRA_COMPAT   (1u << 2)
+#define BME_TYPE_DIRTY_TRACKING 1
 
 /* L1 and L2 entries. */
 #define L1E_OFFSET_MASK   0x00fffffffffffe00ull

@@ -201,6 +201,7 @@ struct q2_compact_result {
   uint64_t pinned_shared;       /* shared with internal snapshots */
   uint64_t pinned_snapshot;     /* the snapshots' own tables and data */
   uint64_t pinned_unreferenced; /* counted but referenced by nothing (leaks) */
+  uint64_t pinned_bitmaps;      /* persistent bitmaps: directory, tables, data */
 };
 /* Compacts now, in place (dry_run: only measures and plans); progress
  * sees bytes moved of bytes to move.
@@ -247,6 +248,19 @@ struct q2_header_info {
   const char *write_refusal;
 };
 void q2_header_info (const struct q2_image *img, struct q2_header_info *info);
+
+/* A persistent dirty bitmap, as the bitmap directory has it (only while
+ * the autoclear bit says the directory is valid).
+ */
+struct q2_bitmap {
+  char *name;
+  uint64_t granularity;         /* bytes of the disk per bit */
+  bool in_use;                  /* inconsistent, or being kept current */
+  bool auto_flag;               /* enabled: it records every change */
+};
+/* The bitmaps in the directory's order, *n of them (NULL and 0: none). */
+int q2_bitmaps (struct q2_image *img, struct q2_bitmap **list, uint32_t *n);
+void q2_bitmaps_free (struct q2_bitmap *list, uint32_t n);
 
 /* An internal snapshot, as the snapshot table has it. */
 struct q2_snapshot {

@@ -3,6 +3,7 @@
 
 #include <assert.h>
 
+#include "bitmap.h"
 #include "commit.h"
 #include "copied.h"
 #include "engine.h"
@@ -55,12 +56,25 @@ static int step_shrink (struct q2_image *img)
   return shrink_truncate (img);
 }
 
+/* Step 1 puts the counts of clusters the bitmaps claimed on disk: only
+ * then may their tables name them.
+ */
+static int step_bitmap_tables (struct q2_image *img, bool *synced)
+{
+  if (!bitmap_tables_dirty (img->bitmaps))
+    return 0;
+  *synced = true;
+  return bitmap_write_tables (img->bitmaps, &img->m);
+}
+
 int commit_run (struct q2_image *img, bool *synced)
 {
   int r;
 
   assert (mutex_held (&img->m.lock));
-  if ((r = step_writeback (img, synced)) < 0 ||
+  if ((r = bitmap_write_data (img->bitmaps, &img->alloc)) < 0 ||
+      (r = step_writeback (img, synced)) < 0 ||
+      (r = step_bitmap_tables (img, synced)) < 0 ||
       (r = step_frees (img)) < 0 ||
       (r = step_copied (img)) < 0)
     return r;
@@ -83,7 +97,12 @@ int commit_flush (struct q2_image *img, bool *synced)
 
   assert (mutex_held (&img->m.lock));
   *synced = false;
-  if (only_writeback (img)) {
+  /* Bitmap data written in place is synced as guest data is; a cluster
+   * claimed for it needs the whole sequence.
+   */
+  if ((r = bitmap_write_data (img->bitmaps, &img->alloc)) < 0)
+    return r;
+  if (only_writeback (img) && !bitmap_tables_dirty (img->bitmaps)) {
     if ((r = writeback_all_sync_unlocked (&img->m, &done)) < 0)
       return r;
     if (done && only_writeback (img))

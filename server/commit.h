@@ -2,7 +2,9 @@
 /* The commit sequence: what a flush does, in this order, each step relying
  * on the ones before it being on disk (DESIGN.md, "The commit sequence"):
  *
- *   1. write-back      every dirty table, in dependency order, synced
+ *   0. bitmaps         changed bitmap data is written (new clusters claimed)
+ *   1. write-back      every dirty table, in dependency order, synced;
+ *                      then bitmap tables naming new clusters, synced
  *   2. deferred frees  the decrements whose references 1 took off the disk
  *                      are applied and written back
  *   3. COPIED          active entries left alone on a cluster get the flag

@@ -14,8 +14,9 @@
  *
  * What cannot move stays, and is counted by why: compressed clusters
  * (their bytes share host clusters), clusters and tables shared with
- * internal snapshots, the snapshots' own tables, and counted clusters that
- * nothing names (leaks).
+ * internal snapshots, the snapshots' own tables, persistent bitmaps (their
+ * directory, tables and data), and counted clusters that nothing names
+ * (leaks).
  *
  * The worker paces itself to the rate bound, takes one guest cluster at a
  * time (a request to it waits for at most one copy) and the metadata lock
@@ -77,7 +78,8 @@ DEFINE_VECTOR_TYPE (item_vector, struct item);
  * moved nor pinned.
  */
 enum mark { MARK_NONE, MARK_MOVABLE, MARK_FREEING, MARK_COMPRESSED, MARK_SHARED,
-            MARK_SNAPSHOT, MARK_UNREFERENCED };
+            MARK_SNAPSHOT, MARK_UNREFERENCED, MARK_BITMAP };
+#define PINNED_KINDS (MARK_BITMAP - MARK_COMPRESSED + 1)
 
 struct compact {
   bool automatic;
@@ -318,7 +320,7 @@ static int cmp_item (const void *x, const void *y)
  * for one table at a time, so guest requests go on meanwhile; what changes
  * under the plan is caught by the moves, which look again.
  */
-static int plan_window (struct plan *p, uint64_t pinned[4])
+static int plan_window (struct plan *p, uint64_t pinned[PINNED_KINDS])
 {
   struct q2_image *img = p->img;
   struct meta *m = &img->m;
@@ -381,14 +383,17 @@ static int plan_window (struct plan *p, uint64_t pinned[4])
     for (i = 0; i < img->alloc.pending.len; i++)
       mark (p, img->alloc.pending.ptr[i] >> lay->cluster_bits, MARK_FREEING);
   }
-  /* Counted clusters nothing active names: the snapshots', or leaks. */
+  /* Counted clusters nothing active names: persistent bitmaps, which
+   * stay where they are, the snapshots', or leaks.
+   */
   for (c = p->lo; r == 0 && c < p->hi; c++) {
     uint8_t *s = mark_slot (p, c);
     if (*s != MARK_NONE)
       continue;
     LOCK_FOR_SCOPE (&m->lock);
     if ((r = refcount_get (m, c, &rc)) == 0 && rc)
-      *s = lay->nb_snapshots ? MARK_SNAPSHOT : MARK_UNREFERENCED;
+      *s = overlap_kind (&lay->meta, c) == META_BITMAP ? MARK_BITMAP
+        : lay->nb_snapshots ? MARK_SNAPSHOT : MARK_UNREFERENCED;
   }
   for (c = p->lo; r == 0 && c < p->hi; c++) {
     uint8_t k = *mark_slot (p, c);
@@ -505,7 +510,7 @@ static int compact_window (struct run *run, uint64_t lo, uint64_t hi, uint64_t *
   struct q2_image *img = run->img;
   struct compact *c = img->compact;
   struct plan p = { .img = img, .lo = lo, .hi = hi };
-  uint64_t pinned[4] = { 0 }, total = 0, bytes, i, misses, before = *moved_bytes;
+  uint64_t pinned[PINNED_KINDS] = { 0 }, total = 0, bytes, i, misses, before = *moved_bytes;
   struct q2_compact_result *res = run->res;
   bool moved;
   int r;
@@ -517,6 +522,7 @@ static int compact_window (struct run *run, uint64_t lo, uint64_t hi, uint64_t *
     res->pinned_shared += pinned[1];
     res->pinned_snapshot += pinned[2];
     res->pinned_unreferenced += pinned[3];
+    res->pinned_bitmaps += pinned[4];
     for (i = hi; i-- > lo; ) {
       uint8_t k = p.marks[i - lo];
       if (k >= MARK_COMPRESSED) {
@@ -630,7 +636,7 @@ static int compact_pass (struct q2_image *img, bool dry_run, bool paced,
   {
     LOCK_FOR_SCOPE (&img->m.lock);
     c->pinned_bytes = res->pinned_compressed + res->pinned_shared + res->pinned_snapshot +
-      res->pinned_unreferenced;
+      res->pinned_unreferenced + res->pinned_bitmaps;
   }
   if (r == 0 && (r = host_size (&img->m.hf, &size)) == 0)
     res->length_after = size;

@@ -44,6 +44,7 @@ int corrupt_check_range (const struct layout *lay, uint64_t offset, uint64_t len
 {
   static const char *const held[META_KINDS] = {
     [META_L2] = "which holds an L2 table", [META_REFBLOCK] = "which holds a refcount block",
+    [META_BITMAP] = "which holds a persistent bitmap",
   };
   uint64_t cs = lay->cluster_size, c;
   const char *why = NULL;

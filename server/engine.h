@@ -22,6 +22,7 @@
 #include "writeback.h"
 
 struct backing;
+struct bitmaps;
 struct compact;
 struct copied;
 
@@ -52,6 +53,7 @@ struct q2_image {
   void *notify_opaque;
   struct punch *punch;        /* the deferred punches' worker (punch.h) */
   struct backing *backing;    /* NULL: unallocated clusters read as zeros */
+  struct bitmaps *bitmaps;    /* persistent bitmaps (bitmap.h); NULL: none */
   struct rangelock guest_lock;
 
   bool readonly;

@@ -348,13 +348,15 @@ int header_switch_table (struct hostfile *hf, const struct layout *lay,
   return r;
 }
 
-/* Autoclear features we do not maintain (bitmaps) must be switched off
- * before we change the image, so QEMU will not trust stale bitmaps.  A raw
- * data file stays raw: every write, discard and zero keeps it so.
+/* Autoclear features we do not maintain (bitmaps we cannot keep current,
+ * bits of features we do not know) must be switched off before we change
+ * the image, so QEMU will not trust what went stale.  A raw data file
+ * stays raw: every write, discard and zero keeps it so.
  */
-int header_clear_autoclear (struct hostfile *hf, struct layout *lay)
+int header_clear_autoclear (struct hostfile *hf, struct layout *lay, bool keep_bitmaps)
 {
-  uint64_t keep = lay->data_raw ? AUTOCLEAR_DATA_FILE_RAW : 0;
+  uint64_t keep = (lay->data_raw ? AUTOCLEAR_DATA_FILE_RAW : 0) |
+    (keep_bitmaps ? lay->autoclear & AUTOCLEAR_BITMAPS : 0);
   uint8_t b[8];
   int r;
 
@@ -368,11 +370,16 @@ int header_clear_autoclear (struct hostfile *hf, struct layout *lay)
     log_error ("%s: cannot clear the autoclear feature bits: %s", lay->name, strerror (-r));
     return r;
   }
-  log_notice ("%s: cleared autoclear feature bits 0x%" PRIx64
-              " (persistent bitmaps are no longer valid after writes)",
-              lay->name, lay->autoclear & ~keep);
+  if ((lay->autoclear & ~keep) & AUTOCLEAR_BITMAPS)
+    log_notice ("%s: cleared autoclear feature bits 0x%" PRIx64
+                " (persistent bitmaps are no longer valid after writes)",
+                lay->name, lay->autoclear & ~keep);
+  else
+    log_notice ("%s: cleared autoclear feature bits 0x%" PRIx64 " (features this "
+                "version does not know)", lay->name, lay->autoclear & ~keep);
+  if (!(keep & AUTOCLEAR_BITMAPS))
+    lay->nb_bitmaps = 0;      /* their clusters are leaks from now on, for QEMU too */
   lay->autoclear = keep;
-  lay->nb_bitmaps = 0;        /* their clusters are leaks from now on, for QEMU too */
   return 0;
 }
 

@@ -47,7 +47,10 @@ enum header_table { HEADER_L1, HEADER_REFTABLE, HEADER_SNAPSHOTS };
 int header_switch_table (struct hostfile *hf, const struct layout *lay,
                          enum header_table which, uint64_t new_offset,
                          uint64_t old_offset, uint32_t size, bool *unsure);
-int header_clear_autoclear (struct hostfile *hf, struct layout *lay);
+/* Clears the autoclear bits we do not maintain before the first write:
+ * the bitmaps' bit too unless keep_bitmaps (they are kept current).
+ */
+int header_clear_autoclear (struct hostfile *hf, struct layout *lay, bool keep_bitmaps);
 /* Clears incompatible feature bits (the dirty and corrupt marks a repair
  * takes away), one write inside the first sector, synced.
  */

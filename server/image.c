@@ -16,6 +16,7 @@
 #include "qcow2-format.h"
 #include "qcow2reclaim.h"
 #include "backing.h"
+#include "bitmap.h"
 #include "check.h"
 #include "cleanup.h"
 #include "commit.h"
@@ -288,6 +289,26 @@ static int rebuild_refcounts (struct q2_image *img)
   return 0;
 }
 
+/* Persistent bitmaps: kept current where they can be, marked in use on
+ * disk before anything changes guest data; where they cannot, the
+ * autoclear bit goes, as before.  A repair changes no guest data: it
+ * keeps them as they are.
+ */
+static int open_bitmaps (struct q2_image *img)
+{
+  struct meta *m = &img->m;
+  bool writes = !img->readonly && !img->repair, cannot;
+  int r;
+
+  if ((r = bitmap_open (m, writes, &img->bitmaps, &cannot)) < 0)
+    return r;
+  if (!writes)
+    return 0;
+  if ((r = header_clear_autoclear (&m->hf, &m->lay, !cannot)) < 0)
+    return r;
+  return bitmap_mark_in_use (img->bitmaps, m);
+}
+
 static int image_open (const struct q2_options *o, int depth,
                        const struct backing_chain *above, struct q2_image **imgp)
 {
@@ -372,7 +393,7 @@ static int image_open (const struct q2_options *o, int depth,
         (host_is_device (&m->hf) && (r = device_end (img)) < 0))
       goto fail;
   }
-  if (!img->readonly && !img->repair && (r = header_clear_autoclear (&m->hf, &m->lay)) < 0)
+  if ((r = open_bitmaps (img)) < 0)
     goto fail;
   *imgp = img;
   return 0;
@@ -417,8 +438,12 @@ int q2_close (struct q2_image *img)
     /* Data written since the last flush, with nothing else to write back. */
     if (r == 0 && !synced)
       r = writeback_sync (m);
+    /* Only with every bit on disk may the bitmaps say they are whole. */
+    if (r == 0)
+      r = bitmap_close (img->bitmaps, m);
   }
   backing_close (img->backing);
+  bitmap_free (img->bitmaps);
   cache_free (&m->cache);
   overlap_free (&m->lay.meta);
   table_free (&m->l1);
@@ -511,6 +536,7 @@ int q2_write (struct q2_image *img, const void *buf, uint64_t count,
                  (img->detect_zeroes == Q2_DETECT_ZEROES_UNMAP ? Q2_MAY_TRIM : 0));
     return r < 0 ? r : 0;
   }
+  bitmap_set (img->bitmaps, offset, count);
   request_lock (img, &h, count, offset, true);
   r = cow_write (img, buf, count, offset, &apply_frees);
   if (r == 0 && apply_frees && !(flags & Q2_FUA))
@@ -533,6 +559,8 @@ int q2_zero (struct q2_image *img, uint64_t count, uint64_t offset, unsigned fla
     return -EROFS;
   if (r < 0)
     return r;
+  if (!img->readonly)
+    bitmap_set (img->bitmaps, offset, count);
   r = discard_zero (img, count, offset, flags & ~Q2_FUA, &kept, &apply_frees);
 
   if (r == 0 && (flags & Q2_FUA))
@@ -551,6 +579,8 @@ int q2_discard (struct q2_image *img, uint64_t count, uint64_t offset, unsigned 
     return -EROFS;
   if (r < 0)
     return r;
+  if (!img->readonly)
+    bitmap_set (img->bitmaps, offset, count);
   r = discard_range (img, count, offset, &kept);
 
   if (r == 0 && (flags & Q2_FUA))
@@ -660,6 +690,40 @@ void q2_header_info (const struct q2_image *img, struct q2_header_info *h)
   h->data_file = lay->data_file ? (img->data_name ? img->data_name : "") : NULL;
   h->data_file_raw = lay->data_raw;
   h->data_path = lay->data_file ? img->data_hf.name : NULL;
+}
+
+void q2_bitmaps_free (struct q2_bitmap *list, uint32_t n)
+{
+  uint32_t i;
+
+  for (i = 0; list && i < n; i++)
+    free (list[i].name);
+  free (list);
+}
+
+/* What the directory said at open; the in-use flag as it is on disk now. */
+int q2_bitmaps (struct q2_image *img, struct q2_bitmap **list, uint32_t *n)
+{
+  const struct bitmap_entry *e = bitmap_entries (img->bitmaps, n);
+  struct q2_bitmap *l;
+  uint32_t i;
+
+  *list = NULL;
+  if (!*n)
+    return 0;
+  if (!(l = calloc (*n, sizeof *l)))
+    return -ENOMEM;
+  for (i = 0; i < *n; i++) {
+    if (!(l[i].name = strdup (e[i].name))) {
+      q2_bitmaps_free (l, *n);
+      return -ENOMEM;
+    }
+    l[i].granularity = e[i].granularity_bits < 64 ? 1ull << e[i].granularity_bits : 0;
+    l[i].in_use = bitmap_in_use (img->bitmaps, i);
+    l[i].auto_flag = !!(e[i].flags & BME_FLAG_AUTO);
+  }
+  *list = l;
+  return 0;
 }
 
 void q2_snapshots_free (struct q2_snapshot *list, uint32_t n)

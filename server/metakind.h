@@ -10,6 +10,7 @@ enum meta_kind {
   META_DATA = 0,              /* guest data, or nothing known */
   META_L2,
   META_REFBLOCK,
+  META_BITMAP,                /* a persistent bitmap's directory, table or data */
   META_KINDS
 };
 
@@ -18,6 +19,7 @@ static inline const char *metakind_name (enum meta_kind k)
 {
   static const char *const names[META_KINDS] = {
     [META_DATA] = "data", [META_L2] = "an L2 table", [META_REFBLOCK] = "a refcount block",
+    [META_BITMAP] = "a persistent bitmap",
   };
   return k < META_KINDS ? names[k] : "something unknown";
 }

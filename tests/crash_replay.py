@@ -925,6 +925,45 @@ def metadata_clusters(fd):
     return cb, meta
 
 
+def read_bitmaps(path):
+    """The persistent bitmaps of an image: {name: (flags, granularity,
+    data)}, data read through each bitmap table; None when the autoclear
+    bit says the bitmaps are not valid."""
+    with open(path, "rb") as f:
+        hdr = f.read(1 << 21)
+        cb, = struct.unpack_from(">I", hdr, 20)
+        autoclear, = struct.unpack_from(">Q", hdr, 88)
+        hlen, = struct.unpack_from(">I", hdr, 100)
+        if not autoclear & 1:
+            return None
+        off, out = hlen, {}
+        while off + 8 <= len(hdr):
+            t, ln = struct.unpack_from(">II", hdr, off)
+            if t == 0:
+                break
+            if t == 0x23852875:
+                n, _, dsize, doff = struct.unpack_from(">IIQQ", hdr, off + 8)
+                f.seek(doff)
+                d, pos = f.read(dsize), 0
+                for _ in range(n):
+                    toff, tsize, flags, _, gb, nlen, extra = \
+                        struct.unpack_from(">QIIBBHI", d, pos)
+                    name = d[pos + 24 + extra:pos + 24 + extra + nlen].decode()
+                    f.seek(toff)
+                    table = struct.unpack(">%dQ" % tsize, f.read(8 * tsize))
+                    data = bytearray()
+                    for e in table:
+                        if e & 0x00fffffffffffe00:
+                            f.seek(e & 0x00fffffffffffe00)
+                            data += f.read(1 << cb).ljust(1 << cb, b"\0")
+                        else:
+                            data += (b"\xff" if e & 1 else b"\0") * (1 << cb)
+                    out[name] = (flags, 1 << gb, bytes(data))
+                    pos += (24 + extra + nlen + 7) // 8 * 8
+            off += 8 + (ln + 7) // 8 * 8
+        return out
+
+
 def survey(log, initial, path):
     """Which records write metadata: the image is rebuilt once, and at
     every sync the metadata clusters it holds are noted.  Tables created
@@ -980,7 +1019,8 @@ class Replay:
         self.stats = {"points": 0, "ok": 0, "leaky": 0, "leaked": 0,
                       "failed": 0, "checked_bytes": 0, "torn": 0,
                       "continued": 0, "applied": 0, "dropped": 0,
-                      "mixed": 0, "variants": 0, "failures": 0}
+                      "mixed": 0, "variants": 0, "failures": 0,
+                      "bitmaps_in_use": 0, "bitmaps_whole": 0}
         self.failures = []
 
     def points(self):
@@ -1004,6 +1044,11 @@ class Replay:
                if r[0] == OP_WRITE and r[1] < SECTOR]
         for h in rng.sample(hdr, min(len(hdr), max(1, want // 12))):
             pts.update((h - 1, h))
+        # Bitmaps become whole only in the close's last syncs: around
+        # each of them, where a wrong order would show.
+        if a.bitmaps:
+            for s in log.syncs[-4:]:
+                pts.update((s - 1, s))
         before = [s - 1 for s in log.syncs if s - 1 > log.last_sync(s - 1)]
         # Where several metadata writes happen without a sync between them
         # is where a missing sync corrupts: those stretches first, then
@@ -1150,12 +1195,13 @@ class Replay:
               "leaked, repaired) failed=%d (%d failures) torn=%d continued=%d "
               "records=%d "
               "syncs=%d applied-after-sync=%d dropped=%d checked=%.0f MiB "
-              "mixed-sectors=%d %.1fs"
+              "mixed-sectors=%d bitmaps-in-use=%d bitmaps-whole=%d %.1fs"
               % (self.a.name, s["points"], s["variants"], s["ok"], s["leaky"],
                  s["leaked"], s["failed"], s["failures"], s["torn"],
                  s["continued"], len(self.log.recs),
                  len(self.log.syncs), s["applied"], s["dropped"],
-                 s["checked_bytes"] / MiB, s["mixed"], time.monotonic() - t0),
+                 s["checked_bytes"] / MiB, s["mixed"], s["bitmaps_in_use"],
+                 s["bitmaps_whole"], time.monotonic() - t0),
               flush=True)
         return 1 if s["failed"] else 0
 
@@ -1184,6 +1230,8 @@ class Replay:
         if corrupt:
             self.fail(k, "qemu-img check reports corruption (exit %d)" % rc,
                       check_errors(out), detail, variant=main)
+        if a.bitmaps:
+            self.check_bitmaps(k, P, detail)
 
         # The plugin opens the image as it was left, leaks and all.
         try:
@@ -1247,6 +1295,35 @@ class Replay:
                 self.fail(k, "not clean after qemu-img check -r leaks "
                           "(exit %d, repair exit %d)" % (rc3, rc2),
                           check_errors(out3), detail)
+
+    def check_bitmaps(self, k, P, detail):
+        """Each bitmap is in use (inconsistent, as QEMU reads it), or
+        whole: every granule a request issued before the crash changed is
+        dirty.  Never consistent with a change missing."""
+        got = read_bitmaps(self.crash)
+        if got is None:
+            self.fail(k, "the persistent bitmaps were invalidated", "", detail)
+            return
+        for name in self.a.bitmaps.split(","):
+            if name not in got:
+                self.fail(k, "bitmap %s is gone" % name, "", detail)
+                continue
+            flags, g, data = got[name]
+            if flags & 1:
+                self.stats["bitmaps_in_use"] += 1
+                continue
+            self.stats["bitmaps_whole"] += 1
+            for o in self.dur.ops:
+                if o["issue"] >= P:
+                    break
+                if o["kind"] == "flush" or not o["len"]:
+                    continue
+                for x in range(o["off"] // g, (o["off"] + o["len"] - 1) // g + 1):
+                    if not data[x // 8] >> (x % 8) & 1:
+                        self.fail(k, "bitmap %s is not in use, but granule %d "
+                                  "(guest offset %d) is clean after %s"
+                                  % (name, x, x * g, fmt_op(o)), "", detail)
+                        return
 
     def go_on(self, k, got, detail):
         """Serve the crashed image read-write and keep working on it: the
@@ -1647,6 +1724,8 @@ def main():
     r.add_argument("--cluster-size", type=parse_size, default=64 * KiB)
     r.add_argument("--trim-zero-clusters", action="store_true")
     r.add_argument("--keep", help="copy failing crash images here")
+    r.add_argument("--bitmaps", help="persistent bitmaps (NAME,NAME) that each "
+                   "crash state must have in use, or whole")
     r.add_argument("--verbose", action="store_true")
 
     k = sub.add_parser("kill-round")

@@ -22,10 +22,14 @@ outside the image's own limits (l1_size, header_length, a bad magic).
   qcow2_patch.py refcount-table IMG INDEX [NEWVALUE]
   qcow2_patch.py refcount IMG HOST_OFFSET [NEWVALUE]
   qcow2_patch.py truncate IMG SIZE
+  qcow2_patch.py bitmap IMG NAME [FIELD [NEWVALUE]]
 
 l1, l2 and refcount-table accept --json to print the entry decoded, with the
 file offset where it is stored.  l2 accepts --bitmap to read or write the
-second word of an extended L2 entry (the subcluster bitmap).
+second word of an extended L2 entry (the subcluster bitmap).  bitmap prints
+a persistent bitmap's directory entry as JSON (FIELD: one of its fields), or
+writes one field of it (table_offset, table_size, flags, type,
+granularity_bits).
 """
 
 import argparse
@@ -403,6 +407,55 @@ def cmd_refcount(img, args):
     print(img.get_refcount(args.host_offset))
 
 
+# A bitmap directory entry's fixed fields: (byte offset, struct format).
+BITMAP_FIELDS = {
+    "table_offset": (0, ">Q"),
+    "table_size": (8, ">I"),
+    "flags": (12, ">I"),
+    "type": (16, ">B"),
+    "granularity_bits": (17, ">B"),
+}
+
+
+def bitmap_entries(img):
+    """(directory offset of each entry, its fields) of the bitmaps extension."""
+    ext = [e for e in img.extensions() if e["name"] == "bitmaps"]
+    if not ext:
+        raise Qcow2Error("%s has no bitmaps extension" % img.path)
+    count, _, size, off = struct.unpack(">IIQQ", img.pread(ext[0]["offset"] + 8, 24))
+    d = img.pread(off, size)
+    pos, out = 0, []
+    for _ in range(count):
+        if pos + 24 > len(d):
+            raise Qcow2Error("the bitmap directory at 0x%x is cut short" % off)
+        e = {k: struct.unpack_from(f, d, pos + o)[0] for k, (o, f) in BITMAP_FIELDS.items()}
+        name_size, extra = struct.unpack_from(">HI", d, pos + 18)
+        e["name"] = d[pos + 24 + extra:pos + 24 + extra + name_size].decode("utf-8", "replace")
+        e["extra_data_size"] = extra
+        out.append((off + pos, e))
+        pos += (24 + extra + name_size + 7) // 8 * 8
+    return out
+
+
+def cmd_bitmap(img, args):
+    found = [(loc, e) for loc, e in bitmap_entries(img) if e["name"] == args.name]
+    if not found:
+        raise Qcow2Error("%s has no bitmap named %r" % (img.path, args.name))
+    loc, e = found[0]
+    if args.field is not None and args.field not in BITMAP_FIELDS:
+        raise Qcow2Error("unknown bitmap field %r (known: %s)"
+                         % (args.field, ", ".join(BITMAP_FIELDS)))
+    if args.value is not None:
+        o, f = BITMAP_FIELDS[args.field]
+        img.pwrite(loc + o, struct.pack(f, args.value))
+        e[args.field] = args.value
+    if args.field:
+        print(e[args.field])
+    else:
+        e["entry_offset"] = loc
+        print(json.dumps(e, sort_keys=True))
+
+
 def cmd_truncate(path, args):
     # No header parsing: truncating must work on any file, even a damaged one.
     os.truncate(path, args.size)
@@ -463,6 +516,13 @@ def main(argv=None):
     s.add_argument("host_offset", type=parse_int)
     s.add_argument("value", type=parse_int, nargs="?")
     s.set_defaults(fn=cmd_refcount)
+
+    s = sub.add_parser("bitmap", help="read or write a persistent bitmap's directory entry")
+    s.add_argument("image")
+    s.add_argument("name")
+    s.add_argument("field", nargs="?")
+    s.add_argument("value", type=parse_int, nargs="?")
+    s.set_defaults(fn=cmd_bitmap)
 
     s = sub.add_parser("truncate", help="set the file's length")
     s.add_argument("image")

@@ -13,6 +13,7 @@
 # CRASH_POINTS (default 100) crash points in total, spread over the image
 # shapes; CRASH_POINTS=1000 is the long run.  CRASH_SEED varies the
 # workloads and the crash states; CRASH_OPS the requests per workload;
+# CRASH_SHAPES a list of the shapes below to run alone;
 # CRASH_KEEP=DIR keeps the inputs and the failing images for replay.
 set -eu
 srcdir=${srcdir:-$(cd "$(dirname "$0")" && pwd)}
@@ -38,9 +39,10 @@ started=$(date +%s)
 # fills from a backing file, clusters shared with an internal snapshot, and
 # 512-byte clusters, where the file outgrows the refcount table within a
 # few MiB, so the table moves and the header is switched mid-workload; and
-# compaction moving clusters while the workload runs.
-SHAPES="v3-64k v3-4k v2 backing snapshot v3-512 compact"
-nshapes=7
+# compaction moving clusters while the workload runs; and persistent
+# bitmaps kept current, each crash state leaving them in use or whole.
+SHAPES=${CRASH_SHAPES:-v3-64k v3-4k v2 backing snapshot v3-512 compact bitmaps}
+nshapes=$(echo $SHAPES | wc -w)
 
 # make_image NAME: creates $TMP/NAME.qcow2 with some data already in it
 # (written by qemu-io, so the starting point is not the plugin's work) and
@@ -49,7 +51,7 @@ nshapes=7
 # backing file).
 make_image() {
     local img=$TMP/$1.qcow2
-    CS=65536 PARAMS= TRIMZERO=--trim-zero-clusters WORKLOAD_ARGS= COMPACT_EAGER=
+    CS=65536 PARAMS= TRIMZERO=--trim-zero-clusters WORKLOAD_ARGS= COMPACT_EAGER= BITMAPS=
     case $1 in
     v3-64k)
         qemu-img create -q -f qcow2 -o cluster_size=64k "$img" $SIZE
@@ -105,6 +107,15 @@ make_image() {
         done
         qemu-io -f qcow2 -c "write -P 0x88 0 $SIZE" "$img" >/dev/null
         qemu-io -f qcow2 "${trims[@]}" "$img" >/dev/null ;;
+    bitmaps)
+        # In use on disk from the open to the close, whose write-back
+        # (bitmap data clusters claimed, tables, then the flag cleared) is
+        # crash points too; 4 KiB granules make many data clusters.
+        BITMAPS=b0,b4k
+        qemu-img create -q -f qcow2 -o cluster_size=64k "$img" $SIZE
+        qemu-img bitmap --add "$img" b0
+        qemu-img bitmap --add --granularity 4k "$img" b4k
+        qemu-io -f qcow2 -c 'write -P 0x99 0 4M' -c 'write -z 20M 1M' "$img" >/dev/null ;;
     esac
 }
 
@@ -135,6 +146,9 @@ for shape in $SHAPES; do
     stop_server "$server"
     [ $rc -eq 0 ] || fail "$shape: the workload failed (seed $seed, exit $rc)"
     check_clean "$img"
+    if [ -n "$BITMAPS" ] && qemu-img info "$img" | grep -q 'in-use'; then
+        fail "$shape: a bitmap is still in use after the server stopped"
+    fi
     [ -s "$iolog" ] || fail "$shape: the I/O log $iolog is empty (test hooks off?)"
     if [ -n "$COMPACT_EAGER" ]; then
         moved=$(grep -o 'clusters_moved=[0-9]*' "$TMP/$shape.log" | tail -n 1)
@@ -146,10 +160,15 @@ for shape in $SHAPES; do
     "$PYTHON" "$helper" replay --initial "$TMP/$shape.init.qcow2" --iolog "$iolog" \
         --journal "$journal" --plugin "$PLUGIN" --workdir "$TMP/$shape.work" \
         --name "$shape" --seed $seed --points "$n" --cluster-size $CS \
-        $TRIMZERO ${KEEP:+--keep "$KEEP"} >"$TMP/$shape.replay" || rc=$?
+        $TRIMZERO ${KEEP:+--keep "$KEEP"} ${BITMAPS:+--bitmaps $BITMAPS} \
+        >"$TMP/$shape.replay" || rc=$?
     cat "$TMP/$shape.replay"
     grep '^crash_replay ' "$TMP/$shape.replay" >>"$TMP/summary" ||
         fail "$shape: the replay did not finish (exit $rc)"
+    # The state the close leaves (the log's end is always a point) has the
+    # bitmaps whole: the check of their bits ran.
+    [ -z "$BITMAPS" ] || grep -q 'bitmaps-whole=[1-9]' "$TMP/$shape.replay" ||
+        fail "$shape: no crash state had the bitmaps whole"
     if [ $rc -ne 0 ]; then
         total_fail=$((total_fail + 1))
         if [ -n "$KEEP" ] && [ "$shape" = backing ]; then

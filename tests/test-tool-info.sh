@@ -65,6 +65,15 @@ qemu-img create -q -f qcow2 -o compression_type=zstd,lazy_refcounts=on,refcount_
     zstd.qcow2 32M
 same_as_qemu zstd-lazy-8bit zstd.qcow2
 
+# Persistent bitmaps: enabled, disabled with another granularity, and one
+# left in use by a program that did not save it.
+qemu-img create -q -f qcow2 bitmaps.qcow2 64M
+qemu-img bitmap --add bitmaps.qcow2 b0
+qemu-img bitmap --add --disable -g 4k bitmaps.qcow2 'off "quoted"'
+qemu-img bitmap --add bitmaps.qcow2 stale
+"$PYTHON" "$PATCH" bitmap bitmaps.qcow2 stale flags 3 >/dev/null
+same_as_qemu bitmaps bitmaps.qcow2
+
 # A backing file named relative to an image in another folder: qemu-img
 # gives the path it opens too.
 mkdir sub

@@ -22,6 +22,8 @@ struct facts {
   struct q2_compact_result k;
   struct q2_snapshot *snaps;
   uint32_t nsnaps;
+  struct q2_bitmap *bitmaps;
+  uint32_t nbitmaps;
   uint64_t file_size;
   uint64_t host;              /* bytes the host file takes on disk */
   uint64_t compactable;       /* the length compaction could reach */
@@ -57,6 +59,7 @@ static void release (struct facts *f)
 {
   q2_check_free (&f->c);
   q2_snapshots_free (f->snaps, f->nsnaps);
+  q2_bitmaps_free (f->bitmaps, f->nbitmaps);
 }
 
 static int gather (struct q2_image *img, struct facts *f)
@@ -85,6 +88,11 @@ static int gather (struct q2_image *img, struct facts *f)
              strerror (-r));
     return -1;
   }
+  if ((r = q2_bitmaps (img, &f->bitmaps, &f->nbitmaps)) < 0) {
+    fprintf (stderr, "qcow2reclaim: %s: cannot list the persistent bitmaps: %s\n", name,
+             strerror (-r));
+    return -1;
+  }
   /* What compaction could reach, and what stays: a plan, nothing moved. */
   if ((r = q2_compact (img, true, NULL, NULL, &f->k)) < 0) {
     fprintf (stderr, "qcow2reclaim: %s: cannot plan compaction: %s\n", name, strerror (-r));
@@ -92,7 +100,7 @@ static int gather (struct q2_image *img, struct facts *f)
   }
   f->compactable = f->k.reachable < f->file_size ? f->k.reachable : f->file_size;
   f->pinned = f->k.pinned_compressed + f->k.pinned_shared + f->k.pinned_snapshot +
-    f->k.pinned_unreferenced;
+    f->k.pinned_unreferenced + f->k.pinned_bitmaps;
   return 0;
 }
 
@@ -127,6 +135,27 @@ static void print_snapshot_row (const struct q2_snapshot *s)
           date, clock, icount);
 }
 
+/* As qemu-img info lists them, inside the format specific information. */
+static void print_bitmaps (const struct facts *f)
+{
+  uint32_t i, n;
+
+  if (!f->nbitmaps)
+    return;
+  printf ("    bitmaps:\n");
+  for (i = 0; i < f->nbitmaps; i++) {
+    const struct q2_bitmap *b = &f->bitmaps[i];
+    printf ("        [%u]:\n            flags:\n", i);
+    n = 0;
+    if (b->in_use)
+      printf ("                [%u]: in-use\n", n++);
+    if (b->auto_flag)
+      printf ("                [%u]: auto\n", n++);
+    printf ("            name: %s\n            granularity: %" PRIu64 "\n", b->name,
+            b->granularity);
+  }
+}
+
 /* The lines qemu-img info prints, as it prints them. */
 static void print_qemu_part (const struct facts *f)
 {
@@ -158,6 +187,7 @@ static void print_qemu_part (const struct facts *f)
           h->version >= 3 ? "1.1" : "0.10", h->compression);
   if (h->version >= 3)
     printf ("    lazy refcounts: %s\n", yes_no (h->lazy_refcounts));
+  print_bitmaps (f);
   printf ("    refcount bits: %u\n", h->refcount_bits);
   if (h->data_file)
     printf ("    data file: %s\n    data file raw: %s\n", h->data_file,
@@ -214,9 +244,10 @@ static void print_reclaim_part (const struct facts *f)
   if (f->pinned) {
     print_size_bytes ("    cannot move, past the target: ", f->pinned);
     printf ("        compressed %" PRIu64 ", shared with snapshots %" PRIu64
-            ", snapshots' own %" PRIu64 ", referenced by nothing %" PRIu64 " bytes\n",
+            ", snapshots' own %" PRIu64 ", referenced by nothing %" PRIu64
+            ", persistent bitmaps %" PRIu64 " bytes\n",
             f->k.pinned_compressed, f->k.pinned_shared, f->k.pinned_snapshot,
-            f->k.pinned_unreferenced);
+            f->k.pinned_unreferenced, f->k.pinned_bitmaps);
   }
   if (f->h.write_refusal)
     printf ("    plugin: serves it read-only only: %s\n", f->h.write_refusal);
@@ -252,13 +283,37 @@ static void print_json_snapshots (const struct facts *f)
   printf ("%s],\n", f->nsnaps ? "\n  " : "");
 }
 
-static void print_json_format_specific (const struct q2_header_info *h)
+static void print_json_bitmaps (const struct facts *f)
 {
+  uint32_t i;
+
+  if (!f->nbitmaps)
+    return;
+  printf ("\"bitmaps\": [");
+  for (i = 0; i < f->nbitmaps; i++) {
+    const struct q2_bitmap *b = &f->bitmaps[i];
+    printf ("%s{ \"flags\": [", i ? ", " : "");
+    if (b->in_use)
+      printf ("\"in-use\"%s", b->auto_flag ? ", " : "");
+    if (b->auto_flag)
+      printf ("\"auto\"");
+    printf ("], \"name\": ");
+    json_string (b->name);
+    printf (", \"granularity\": %" PRIu64 " }", b->granularity);
+  }
+  printf ("], ");
+}
+
+static void print_json_format_specific (const struct facts *f)
+{
+  const struct q2_header_info *h = &f->h;
+
   printf ("  \"format-specific\": { \"type\": \"qcow2\", \"data\": { \"compat\": \"%s\", "
           "\"compression-type\": \"%s\", ", h->version >= 3 ? "1.1" : "0.10",
           h->compression);
   if (h->version >= 3)
     printf ("\"lazy-refcounts\": %s, ", yes_no (h->lazy_refcounts));
+  print_json_bitmaps (f);
   printf ("\"refcount-bits\": %u", h->refcount_bits);
   if (h->data_file) {
     printf (", \"data-file\": ");
@@ -295,7 +350,7 @@ static void print_json (const struct facts *f)
     printf (",\n");
   }
   print_json_snapshots (f);
-  print_json_format_specific (h);
+  print_json_format_specific (f);
   printf ("  \"dirty-flag\": %s,\n", yes_no (h->dirty));
   printf ("  \"format-version\": %u,\n  \"file-size\": %" PRIu64 ",\n"
           "  \"host-allocated\": %" PRIu64 ",\n"
@@ -305,12 +360,13 @@ static void print_json (const struct facts *f)
           "  \"snapshot-held\": %" PRIu64 ",\n  \"reclaimable\": %" PRIu64 ",\n"
           "  \"compactable-length\": %" PRIu64 ",\n"
           "  \"pinned\": { \"compressed\": %" PRIu64 ", \"shared\": %" PRIu64
-          ", \"snapshot\": %" PRIu64 ", \"unreferenced\": %" PRIu64 " },\n",
+          ", \"snapshot\": %" PRIu64 ", \"unreferenced\": %" PRIu64
+          ", \"bitmaps\": %" PRIu64 " },\n",
           h->version, f->file_size, f->host, c->allocated_clusters, c->total_clusters,
           c->compressed_clusters, c->fragmented_clusters, c->image_end_offset,
           c->snapshot_only_clusters * cs, c->reclaimable_bytes, f->compactable,
           f->k.pinned_compressed, f->k.pinned_shared, f->k.pinned_snapshot,
-          f->k.pinned_unreferenced);
+          f->k.pinned_unreferenced, f->k.pinned_bitmaps);
   printf ("  \"plugin\": { \"writable\": %s, \"refusal\": ", yes_no (!h->write_refusal));
   json_string (h->write_refusal);
   printf (" },\n  \"corruptions\": %" PRIu64 ",\n  \"leaks\": %" PRIu64 "\n}", c->corruptions,

@@ -102,7 +102,8 @@ static int cmd_compact (struct q2_image *img)
              strerror (-r));
     return 1;
   }
-  pinned = c.pinned_compressed + c.pinned_shared + c.pinned_snapshot + c.pinned_unreferenced;
+  pinned = c.pinned_compressed + c.pinned_shared + c.pinned_snapshot + c.pinned_unreferenced +
+    c.pinned_bitmaps;
   if (opt.json) {
     printf ("{\n  \"filename\": ");
     json_string (q2_file_name (img));
@@ -113,11 +114,12 @@ static int cmd_compact (struct q2_image *img)
             "  \"clusters-moved\": %" PRIu64 ",\n  \"bytes-moved\": %" PRIu64 ",\n"
             "  \"free-bytes-punched\": %" PRIu64 ",\n"
             "  \"pinned\": { \"compressed\": %" PRIu64 ", \"shared\": %" PRIu64
-            ", \"snapshot\": %" PRIu64 ", \"unreferenced\": %" PRIu64 " }\n}\n",
+            ", \"snapshot\": %" PRIu64 ", \"unreferenced\": %" PRIu64
+            ", \"bitmaps\": %" PRIu64 " }\n}\n",
             opt.dry_run ? "true" : "false", c.length_before,
             c.length_after, c.reachable, c.used, c.bound, c.target, c.clusters_moved,
             c.bytes_moved, c.free_bytes_punched, c.pinned_compressed, c.pinned_shared,
-            c.pinned_snapshot, c.pinned_unreferenced);
+            c.pinned_snapshot, c.pinned_unreferenced, c.pinned_bitmaps);
   }
   else {
     printf ("image: %s\n", q2_file_name (img));
@@ -134,9 +136,10 @@ static int cmd_compact (struct q2_image *img)
               c.clusters_moved, mib (c.bytes_moved), mib (c.free_bytes_punched));
     if (pinned)
       printf ("cannot move, past the target: %.1f MiB (compressed %.1f, shared with "
-              "snapshots %.1f, snapshots' own %.1f, referenced by nothing %.1f)\n",
+              "snapshots %.1f, snapshots' own %.1f, referenced by nothing %.1f, "
+              "persistent bitmaps %.1f)\n",
               mib (pinned), mib (c.pinned_compressed), mib (c.pinned_shared),
-              mib (c.pinned_snapshot), mib (c.pinned_unreferenced));
+              mib (c.pinned_snapshot), mib (c.pinned_unreferenced), mib (c.pinned_bitmaps));
   }
   return (opt.dry_run ? c.reachable : c.length_after) > c.bound ? 2 : 0;
 }
