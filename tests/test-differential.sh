@@ -10,7 +10,8 @@
 #                reproduce.  The seed of each variant is printed.
 #   OPS=N        operations per variant (default 2000)
 #   OPS_MIX=...  passed to nbd_random_ops.py --ops-mix (default: writes,
-#                reads, flushes); with trim in the mix, variants without a
+#                reads, flushes; for the extended L2 variants, zeroes and
+#                trims too); with trim in the mix, variants without a
 #                backing file check that trimmed whole clusters read as
 #                zeros
 #   VARIANTS="v2 chain ..."  run only these variants
@@ -40,7 +41,7 @@ esac
 SEED=${SEED:-4217}
 OPS=${OPS:-2000}
 OPS_MIX=${OPS_MIX:-}
-ALL_VARIANTS="v2 v3 c4k c64k c2m rc1 rc64 zlib zstd chain rawback snap"
+ALL_VARIANTS="v2 v3 c4k c64k c2m rc1 rc64 zlib zstd chain rawback snap extl2 extl2back"
 VARIANTS=${VARIANTS:-$ALL_VARIANTS}
 SIZE=64M
 DRIVER=$srcdir/nbd_random_ops.py
@@ -191,6 +192,27 @@ prepare_snap() {
     SNAP=snap1
 }
 
+# Extended L2 entries (32 subclusters of 4 KiB), prefilled so that clusters
+# hold allocated, zero and unallocated subclusters side by side; and the
+# same over a backing file, which must show through the unallocated ones.
+EXTL2_OPTS=extended_l2=on,cluster_size=131072
+prepare_extl2() {
+    prepare_plain "$1" -o $EXTL2_OPTS; CS=131072; prefill "$IMG"
+    qio "$IMG" qcow2 'write -z 1028K 8K' 'write -P 0x67 2052K 4K' 'write -z -u 20484K 12K'
+}
+prepare_extl2back() {
+    local dir=$1
+    (
+        cd "$dir"
+        qemu-img create -q -f qcow2 base.qcow2 $SIZE
+        qio base.qcow2 qcow2 'write -P 0xa1 0 24M' 'write -P 0xa2 40M 8M'
+        qemu-img create -q -f qcow2 -o $EXTL2_OPTS -b base.qcow2 -F qcow2 top.qcow2 $SIZE
+    )
+    IMG=$dir/top.qcow2 CS=131072 BACKING_FILES=$dir/base.qcow2
+    prefill "$IMG"
+    qio "$IMG" qcow2 'write -P 0xd1 1028K 4K' 'write -z 2052K 8K' 'discard 20M 256K'
+}
+
 variant_failed() {
     local v=$1 seed=$2 dir=$3; shift 3
     echo "FAIL: variant $v seed $seed: $*" >&2
@@ -222,10 +244,13 @@ run_variant() {
     local compat
     compat=$(qemu-img info --output=json "$IMG" | grep '"compat"')
 
-    local mix_args=()
-    if [ -n "$OPS_MIX" ]; then
-        mix_args=(--ops-mix "$OPS_MIX")
-        case $OPS_MIX in
+    local mix_args=() mix=$OPS_MIX
+    # Subclusters are mostly about what zeroes and trims leave.
+    case $v in extl2*) mix=${mix:-write:45,read:30,flush:5,zero:10,trim:10}
+    esac
+    if [ -n "$mix" ]; then
+        mix_args=(--ops-mix "$mix")
+        case $mix in
             *trim*)
                 # Without a backing file, discarded whole clusters read as
                 # zeros (partial ones may keep data: the plugin only punches

@@ -160,7 +160,8 @@ static void print_qemu_part (const struct facts *f)
     printf ("    lazy refcounts: %s\n", yes_no (h->lazy_refcounts));
   printf ("    refcount bits: %u\n", h->refcount_bits);
   if (h->version >= 3)
-    printf ("    corrupt: %s\n    extended l2: false\n", yes_no (h->corrupt));
+    printf ("    corrupt: %s\n    extended l2: %s\n", yes_no (h->corrupt),
+            yes_no (h->extended_l2));
 }
 
 /* An image on a block device: the volume may be reduced to the size
@@ -253,7 +254,8 @@ static void print_json_format_specific (const struct q2_header_info *h)
     printf ("\"lazy-refcounts\": %s, ", yes_no (h->lazy_refcounts));
   printf ("\"refcount-bits\": %u", h->refcount_bits);
   if (h->version >= 3)
-    printf (", \"corrupt\": %s, \"extended-l2\": false", yes_no (h->corrupt));
+    printf (", \"corrupt\": %s, \"extended-l2\": %s", yes_no (h->corrupt),
+            yes_no (h->extended_l2));
   printf (" } },\n");
 }
 
