@@ -41,7 +41,7 @@ esac
 SEED=${SEED:-4217}
 OPS=${OPS:-2000}
 OPS_MIX=${OPS_MIX:-}
-ALL_VARIANTS="v2 v3 c4k c64k c2m rc1 rc64 zlib zstd chain rawback snap extl2 extl2back"
+ALL_VARIANTS="v2 v3 c4k c64k c2m rc1 rc64 zlib zstd chain rawback snap extl2 extl2back extl2snap"
 VARIANTS=${VARIANTS:-$ALL_VARIANTS}
 SIZE=64M
 DRIVER=$srcdir/nbd_random_ops.py
@@ -211,6 +211,16 @@ prepare_extl2back() {
     IMG=$dir/top.qcow2 CS=131072 BACKING_FILES=$dir/base.qcow2
     prefill "$IMG"
     qio "$IMG" qcow2 'write -P 0xd1 1028K 4K' 'write -z 2052K 8K' 'discard 20M 256K'
+}
+# Compressed clusters and an internal snapshot sharing the rest: writes
+# copy the allocated subclusters, trims only drop this layer's reference.
+prepare_extl2snap() {
+    prepare_compressed "$1" "$2" -o $EXTL2_OPTS
+    CS=131072
+    qio "$IMG" qcow2 'write -P 0x71 52M 4K' 'write -z 53M 8K' 'write -P 0x72 54M 132K'
+    qemu-img snapshot -c snap1 "$IMG"
+    qio "$IMG" qcow2 'write -P 0x73 56M 4K'
+    SNAP=snap1
 }
 
 variant_failed() {

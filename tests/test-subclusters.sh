@@ -167,6 +167,37 @@ freed=$((after - $(alloc_of half.qcow2)))
 same_map half.qcow2
 echo "ok: 64 clusters with all 32 subclusters trimmed or zeroed: freed (check leak-free, map unallocated, $freed more bytes back)"
 
+# --- Parts of subclusters ----------------------------------------------------
+# 2 MiB clusters have 64 KiB subclusters: trims of 4 KiB (punched later
+# by the worker) and write-zeroes of 4 KiB (punched at once) that end up
+# covering a subcluster clear it; once all 32 are cleared, the cluster
+# goes.
+qemu-img create -q -f qcow2 -o extended_l2=on,cluster_size=2M big.qcow2 8M
+serve big big.qcow2 compact=off
+ops "$URI" "write 0 $((4 * MiB)) 2" flush \
+    "every 0 65536 4096 trim 4096" "every 65536 131072 4096 zero 4096" flush
+stop_server "$PID"
+qemu-img map --output=json big.qcow2 >big.map
+"$PYTHON" - <<'EOF2' || { cat big.map; fail "parts of subclusters: the two subclusters are still allocated"; }
+import json
+m = json.load(open("big.map"))
+assert m[0]["start"] == 0 and m[0]["length"] == 131072 and not m[0]["data"], m[0]
+assert m[1]["data"] and m[1]["start"] == 131072, m[1]
+EOF2
+serve big big.qcow2 compact=off
+ops "$URI" "every 131072 $((2 * MiB)) 32768 trim 32768" flush \
+    "expect 0 $((2 * MiB)) zero" "expect $((2 * MiB)) $((2 * MiB)) data 2"
+stop_server "$PID"
+check_clean big.qcow2
+qemu-img map --output=json big.qcow2 >big.map
+"$PYTHON" - <<'EOF2' || { cat big.map; fail "parts of subclusters: the cluster is still allocated"; }
+import json
+m = json.load(open("big.map"))
+assert m[0]["start"] == 0 and m[0]["length"] == 2 << 20 and "offset" not in m[0], m[0]
+EOF2
+same_map big.qcow2
+echo "ok: 4 KiB trims and zeroes covering 64 KiB subclusters clear them, and then the cluster"
+
 # --- Over a backing file ----------------------------------------------------
 qemu-img create -q -f raw base.raw 32M
 "$PYTHON" -c '
