@@ -38,9 +38,11 @@ started=$(date +%s)
 # fills from a backing file, clusters shared with an internal snapshot, and
 # 512-byte clusters, where the file outgrows the refcount table within a
 # few MiB, so the table moves and the header is switched mid-workload; and
-# compaction moving clusters while the workload runs.
-SHAPES="v3-64k v3-4k v2 backing snapshot v3-512 compact"
-nshapes=7
+# compaction moving clusters while the workload runs; and extended L2
+# entries, where subclusters are allocated, zeroed and trimmed one by one
+# and clusters whose subclusters all went are freed.
+SHAPES="v3-64k v3-4k v2 backing snapshot v3-512 compact extl2"
+nshapes=8
 
 # make_image NAME: creates $TMP/NAME.qcow2 with some data already in it
 # (written by qemu-io, so the starting point is not the plugin's work) and
@@ -105,6 +107,11 @@ make_image() {
         done
         qemu-io -f qcow2 -c "write -P 0x88 0 $SIZE" "$img" >/dev/null
         qemu-io -f qcow2 "${trims[@]}" "$img" >/dev/null ;;
+    extl2)
+        CS=131072
+        qemu-img create -q -f qcow2 -o extended_l2=on,cluster_size=128k "$img" $SIZE
+        qemu-io -f qcow2 -c 'write -P 0x91 0 4M' -c 'write -P 0x92 8196k 12k' \
+            -c 'write -z 4100k 8k' -c 'write -c -P 0x93 16M 1M' "$img" >/dev/null ;;
     esac
 }
 
