@@ -151,12 +151,12 @@ int cluster_map (struct q2_image *img, uint64_t offset, uint64_t bytes, struct m
   m->bitmap = e ? l2_bitmap_get (img, e, idx) : 0;
   if ((r = classify (img, offset, m->entry, m->bitmap, &ck)) < 0)
     goto out;
-  s = in >> lay->sc_bits;
+  s = in >> layout_sc_bits (lay);
   m->kind = sub_kind (lay, ck, m->bitmap, s);
   m->copied = !!(m->entry & QCOW_OFLAG_COPIED);
   m->host = (m->entry & L2E_OFFSET_MASK) + in;
   s = sub_run_end (lay, ck, m->bitmap, s + 1, m->kind);
-  m->bytes = ((uint64_t) s << lay->sc_bits) - in;
+  m->bytes = ((uint64_t) s << layout_sc_bits (lay)) - in;
   for (n = 1; s == per && m->bytes < bytes; n++) {
     uint64_t entry = e ? l2_entry_get (img, e, idx + n) : 0;
     uint64_t bitmap = e ? l2_bitmap_get (img, e, idx + n) : 0;

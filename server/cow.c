@@ -185,11 +185,11 @@ static int old_sub (struct q2_image *img, const struct mapping *m, uint64_t g, u
                     char *out)
 {
   const struct layout *lay = &img->m.lay;
-  uint64_t scs = layout_sc_size (lay), guest = g + ((uint64_t) s << lay->sc_bits), host;
+  uint64_t scs = layout_sc_size (lay), guest = g + ((uint64_t) s << layout_sc_bits (lay)), host;
   int r;
 
   if (!((m->bitmap >> 32 >> s) & 1) && ((m->bitmap >> s) & 1)) {
-    host = (m->entry & L2E_OFFSET_MASK) + ((uint64_t) s << lay->sc_bits);
+    host = (m->entry & L2E_OFFSET_MASK) + ((uint64_t) s << layout_sc_bits (lay));
     r = host_pread (img->data, out, scs, host);
     return r < 0 ? request_io_error (img, "read", host, guest, r) : 0;
   }
@@ -207,7 +207,7 @@ static int fill_span (struct q2_image *img, const struct mapping *m, uint64_t g,
                       char *span)
 {
   const struct layout *lay = &img->m.lay;
-  uint64_t scs = layout_sc_size (lay), base = (uint64_t) s0 << lay->sc_bits;
+  uint64_t scs = layout_sc_size (lay), base = (uint64_t) s0 << layout_sc_bits (lay);
   int r = 0;
 
   if (m->entry & QCOW_OFLAG_COMPRESSED)
@@ -216,7 +216,7 @@ static int fill_span (struct q2_image *img, const struct mapping *m, uint64_t g,
     if (in & (scs - 1))
       r = old_sub (img, m, g, s0, span);
     if (r == 0 && (in + len) & (scs - 1) && (s1 > s0 || !(in & (scs - 1))))
-      r = old_sub (img, m, g, s1, span + ((uint64_t) (s1 - s0) << lay->sc_bits));
+      r = old_sub (img, m, g, s1, span + ((uint64_t) (s1 - s0) << layout_sc_bits (lay)));
   }
   if (r == 0)
     memcpy (span + (in - base), buf, len);
@@ -237,7 +237,7 @@ static int copy_allocated (struct q2_image *img, const struct mapping *m, uint64
   for (s = 0; s < L2_SUBCLUSTERS; s++) {
     if (!((keep >> s) & 1))
       continue;
-    o = (uint64_t) s << lay->sc_bits;
+    o = (uint64_t) s << layout_sc_bits (lay);
     if ((r = host_pread (img->data, sub, scs, from + o)) < 0)
       return request_io_error (img, "read", from + o, g + o, r);
     if ((r = host_pwrite (img->data, sub, scs, target + o)) < 0)
@@ -270,9 +270,9 @@ static int write_sub (struct q2_image *img, const struct mapping *m, const char 
   uint64_t in = layout_in_cluster (lay, offset), g = offset - in, target, got, span;
   bool compressed = !!(m->entry & QCOW_OFLAG_COMPRESSED);
   bool in_place = (m->entry & L2E_OFFSET_MASK) && !compressed && m->copied;
-  unsigned s0 = compressed ? 0 : in >> lay->sc_bits;
-  unsigned s1 = compressed ? L2_SUBCLUSTERS - 1 : (in + len - 1) >> lay->sc_bits;
-  uint64_t bytes = (uint64_t) (s1 - s0 + 1) << lay->sc_bits;
+  unsigned s0 = compressed ? 0 : in >> layout_sc_bits (lay);
+  unsigned s1 = compressed ? L2_SUBCLUSTERS - 1 : (in + len - 1) >> layout_sc_bits (lay);
+  uint64_t bytes = (uint64_t) (s1 - s0 + 1) << layout_sc_bits (lay);
   CLEANUP_FREE char *sbuf = malloc (bytes);
   struct cache_entry *e;
   int r = 0;
@@ -291,9 +291,9 @@ static int write_sub (struct q2_image *img, const struct mapping *m, const char 
 
   r = fill_span (img, m, g, s0, s1, buf, in, len, sbuf);
   if (r == 0 && (r = host_pwrite (img->data, sbuf, bytes,
-                                  target + ((uint64_t) s0 << lay->sc_bits))) < 0)
-    request_io_error (img, "write", target + ((uint64_t) s0 << lay->sc_bits),
-                      g + ((uint64_t) s0 << lay->sc_bits), r);
+                                  target + ((uint64_t) s0 << layout_sc_bits (lay)))) < 0)
+    request_io_error (img, "write", target + ((uint64_t) s0 << layout_sc_bits (lay)),
+                      g + ((uint64_t) s0 << layout_sc_bits (lay)), r);
   if (r == 0 && !in_place && !compressed && (m->entry & L2E_OFFSET_MASK))
     r = copy_allocated (img, m, g, m->bitmap & L2_BITMAP_ALLOC & ~span, target, sbuf);
 

@@ -277,19 +277,20 @@ static int sub_host_op (struct reclaim *rc, uint64_t host, uint64_t mask, uint64
   int r;
 
   if (!rc->release) {
-    r = host_zero (img->data, host + ((uint64_t) lo << lay->sc_bits),
-                   (uint64_t) (hi - lo) << lay->sc_bits);
+    r = host_zero (img->data, host + ((uint64_t) lo << layout_sc_bits (lay)),
+                   (uint64_t) (hi - lo) << layout_sc_bits (lay));
     if (r < 0)
       log_error ("%s: cannot zero host offset 0x%" PRIx64 ": %s", lay->name,
-                 host + ((uint64_t) lo << lay->sc_bits), strerror (-r));
+                 host + ((uint64_t) lo << layout_sc_bits (lay)), strerror (-r));
     return r;
   }
   while (lo > 0 && !((alloc >> (lo - 1)) & 1))
     lo--;
   while (hi < L2_SUBCLUSTERS && !((alloc >> hi) & 1))
     hi++;
-  start = (host + ((uint64_t) lo << lay->sc_bits) + HOST_BLOCK - 1) & ~(uint64_t) (HOST_BLOCK - 1);
-  end = (host + ((uint64_t) hi << lay->sc_bits)) & ~(uint64_t) (HOST_BLOCK - 1);
+  start = host + ((uint64_t) lo << layout_sc_bits (lay));
+  start = (start + HOST_BLOCK - 1) & ~(uint64_t) (HOST_BLOCK - 1);
+  end = (host + ((uint64_t) hi << layout_sc_bits (lay))) & ~(uint64_t) (HOST_BLOCK - 1);
   if (start < end)
     release_data (img, start, end - start);
   return 0;
@@ -442,7 +443,7 @@ static int partial_owned (struct reclaim *rc, uint64_t guest, uint64_t len,
     return 0;
   if (lay->extl2)
     return sub_holes (rc, guest - layout_in_cluster (lay, guest),
-                      1ull << (layout_in_cluster (lay, guest) >> lay->sc_bits));
+                      1ull << (layout_in_cluster (lay, guest) >> layout_sc_bits (lay)));
   /* Whether the cluster is all hole now is only a chance to free it:
    * if the host cannot tell, the cluster stays.
    */
@@ -494,17 +495,18 @@ static int sub_cluster (struct reclaim *rc, uint64_t offset, uint64_t len)
 {
   const struct layout *lay = &rc->img->m.lay;
   uint64_t in = layout_in_cluster (lay, offset), g = offset - in, end = in + len;
-  unsigned s0 = (in + layout_sc_size (lay) - 1) >> lay->sc_bits, s1 = end >> lay->sc_bits;
+  uint32_t b = layout_sc_bits (lay);
+  unsigned s0 = (in + layout_sc_size (lay) - 1) >> b, s1 = end >> b;
   int r = 0;
 
   if (s0 > s1)
     return sub_part (rc, offset, len);
   if (s0 < s1)
     r = sub_whole (rc, g, sub_mask (s0, s1));
-  if (r == 0 && in < ((uint64_t) s0 << lay->sc_bits))
-    r = sub_part (rc, offset, ((uint64_t) s0 << lay->sc_bits) - in);
-  if (r == 0 && ((uint64_t) s1 << lay->sc_bits) < end)
-    r = sub_part (rc, g + ((uint64_t) s1 << lay->sc_bits), end - ((uint64_t) s1 << lay->sc_bits));
+  if (r == 0 && in < ((uint64_t) s0 << b))
+    r = sub_part (rc, offset, ((uint64_t) s0 << b) - in);
+  if (r == 0 && ((uint64_t) s1 << b) < end)
+    r = sub_part (rc, g + ((uint64_t) s1 << b), end - ((uint64_t) s1 << b));
   return r;
 }
 

@@ -161,7 +161,6 @@ static int parse_geometry (struct layout *lay, const uint8_t *buf)
   /* Only a v3 header has the incompatible bits that say so. */
   lay->extl2 = lay->version >= 3 && (lay->incompat & INCOMPAT_EXTL2);
   lay->l2_bits = lay->cluster_bits - (lay->extl2 ? 4 : 3);
-  lay->sc_bits = lay->cluster_bits - (lay->extl2 ? 5 : 0);
   lay->rb_bits = lay->cluster_bits + 3 - lay->refcount_order;
   lay->refcount_max = lay->refcount_order == 6 ? UINT64_MAX
     : (1ull << (1u << lay->refcount_order)) - 1;

@@ -26,7 +26,6 @@ struct layout {
    * them a cluster is one subcluster.
    */
   bool extl2;
-  uint32_t sc_bits;           /* log2 of the subcluster size */
   uint32_t refcount_order;    /* refcount width is 1 << order bits */
   uint32_t rb_bits;           /* log2 of counts per refcount block */
   uint64_t refcount_max;
@@ -66,9 +65,14 @@ static inline uint64_t layout_l2_entry_bytes (const struct layout *lay)
   return lay->extl2 ? 16 : 8;
 }
 
+static inline uint32_t layout_sc_bits (const struct layout *lay)
+{
+  return lay->cluster_bits - (lay->extl2 ? 5 : 0);
+}
+
 static inline uint64_t layout_sc_size (const struct layout *lay)
 {
-  return 1ull << lay->sc_bits;
+  return 1ull << layout_sc_bits (lay);
 }
 
 /* Clusters needed to hold n bytes. */
