@@ -88,6 +88,11 @@
 #define QCOW_OFLAG_COPIED     (1ull << 63)
 #define QCOW_OFLAG_COMPRESSED (1ull << 62)
 #define QCOW_OFLAG_ZERO       (1ull << 0)
+/* Extended L2 entries: the bitmap word of 32 subclusters. */
+#define L2_SUBCLUSTERS        32
+#define L2_BITMAP_ALLOC       0x00000000ffffffffull
+#define L2_BITMAP_ZERO        0xffffffff00000000ull
+#define QCOW2_EXTL2_MIN_CLUSTER_BITS 14
 
 #define REFT_OFFSET_MASK  0xfffffffffffffe00ull
 

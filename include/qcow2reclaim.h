@@ -233,6 +233,7 @@ struct q2_header_info {
   uint32_t refcount_bits;
   const char *compression;      /* "zlib" or "zstd", as qemu-img names them */
   bool lazy_refcounts, corrupt, dirty;
+  bool extended_l2;             /* 16-byte L2 entries with 32 subclusters */
   bool bitmaps;                 /* the autoclear bit of persistent bitmaps */
   const char *backing_file;     /* as the header names it; NULL: none */
   const char *backing_format;   /* NULL: the header names none */

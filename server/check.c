@@ -137,10 +137,29 @@ static uint64_t read_be64 (struct q2_image *img, uint64_t off, int *r)
   return be64_get (b);
 }
 
-static void count_l2_entry (struct walk *w, uint64_t e, uint32_t owner, bool frag)
+/* A subcluster bitmap the request paths refuse (cluster.c says why). */
+static bool bad_bitmap (const struct layout *lay, uint64_t e, uint64_t bitmap)
+{
+  if (!lay->extl2)
+    return false;
+  if (e & QCOW_OFLAG_COMPRESSED)
+    return bitmap != 0;
+  return ((bitmap >> 32) & bitmap) ||
+    (!(e & L2E_OFFSET_MASK) && (bitmap & L2_BITMAP_ALLOC));
+}
+
+static void count_l2_entry (struct walk *w, uint64_t e, uint64_t bitmap, uint32_t owner,
+                            bool frag)
 {
   const struct layout *lay = w->lay;
   uint64_t off = e & L2E_OFFSET_MASK;
+
+  if (bad_bitmap (lay, e, bitmap)) {
+    log_error ("%s: ERROR L2 entry 0x%" PRIx64 " has an invalid subcluster bitmap 0x%016"
+               PRIx64, lay->name, e, bitmap);
+    w->res->corruptions++;
+    return;
+  }
 
   if ((e & QCOW_OFLAG_COMPRESSED) && lay->data_file) {
     log_error ("%s: ERROR compressed L2 entry 0x%" PRIx64 " in an image with an "
@@ -192,8 +211,11 @@ static int walk_l2 (struct walk *w, uint64_t l2off, uint32_t owner)
     return -ENOMEM;
   w->next_contiguous = 0;     /* qemu-img counts fragmentation per L2 table */
   r = host_pread (&img->m.hf, t, lay->cluster_size, l2off);
-  for (i = 0; r == 0 && i < layout_l2_entries (lay); i++)
-    count_l2_entry (w, be64_get (t + i * 8), owner, owner == OWNER_ACTIVE);
+  for (i = 0; r == 0 && i < layout_l2_entries (lay); i++) {
+    const uint8_t *p = t + i * layout_l2_entry_bytes (lay);
+    count_l2_entry (w, be64_get (p), lay->extl2 ? be64_get (p + 8) : 0, owner,
+                    owner == OWNER_ACTIVE);
+  }
   free (t);
   return r;
 }
@@ -451,7 +473,7 @@ static int check_copied (struct walk *w)
     if ((r = host_pread (&img->m.hf, t, lay->cluster_size, l2)) < 0)
       break;
     for (j = 0; j < layout_l2_entries (lay) && r == 0; j++) {
-      uint64_t d = be64_get (t + j * 8), off = d & L2E_OFFSET_MASK;
+      uint64_t d = be64_get (t + j * layout_l2_entry_bytes (lay)), off = d & L2E_OFFSET_MASK;
       if (!off || lay->data_file || (d & QCOW_OFLAG_COMPRESSED) ||
           (off >> lay->cluster_bits) >= w->nclusters)
         continue;
@@ -484,7 +506,7 @@ static int fix_copied_l2 (struct walk *w, uint64_t i)
   if ((r = l2_get (img, guest, &e)) < 0 || !e)
     return r;
   for (j = 0; j < layout_l2_entries (lay) && r == 0; j++) {
-    d = l2_entry_get (e, j);
+    d = l2_entry_get (img, e, j);
     off = d & L2E_OFFSET_MASK;
     /* A data file's clusters have no refcount: COPIED is theirs always,
      * and the image file's count at that number belongs to another

@@ -22,6 +22,7 @@ enum map_kind {
 struct mapping {
   enum map_kind kind;
   uint64_t entry;     /* L2 entry of the first cluster */
+  uint64_t bitmap;    /* its subcluster bitmap (extended L2 entries; else 0) */
   uint64_t host;      /* NORMAL, ZERO_ALLOC: host offset of the first byte */
   uint64_t bytes;     /* length of the run, from the requested offset */
   bool copied;        /* every cluster of the run has refcount 1 */
@@ -29,6 +30,9 @@ struct mapping {
 
 /* Describes the longest run starting at offset (at most bytes long, within
  * one L2 table) whose clusters are alike and, if allocated, contiguous.
+ * With extended L2 entries the kind is the subclusters' (a subcluster
+ * neither allocated nor zero is MAP_UNALLOC even in a cluster with a host
+ * offset); unallocated runs join only clusters without one.
  */
 int cluster_map (struct q2_image *img, uint64_t offset, uint64_t bytes, struct mapping *m);
 /* The same, taking the metadata lock for the lookup. */

@@ -277,7 +277,7 @@ static int plan_l2_entries (struct plan *p, uint64_t l1i, struct cache_entry *t)
   if (lay->data_file)
     return 0;
   for (j = 0; j < layout_l2_entries (lay); j++) {
-    uint64_t e = l2_entry_get (t, j), off = e & L2E_OFFSET_MASK, c, coff, clen;
+    uint64_t e = l2_entry_get (p->img, t, j), off = e & L2E_OFFSET_MASK, c, coff, clen;
     if (e & QCOW_OFLAG_COMPRESSED) {
       layout_compressed_extent (lay, e, &coff, &clen);
       for (c = coff >> lay->cluster_bits; c <= (coff + clen - 1) >> lay->cluster_bits; c++)

@@ -151,7 +151,7 @@ static int scan_pass (struct scan *s)
     if (!e)
       continue;
     for (j = 0; j < layout_l2_entries (lay); j++)
-      visit_entry (s, l2_entry_get (e, j), first + j);
+      visit_entry (s, l2_entry_get (img, e, j), first + j);
     l2_put (img, e);
   }
   corrupt_quiet (quiet);
@@ -243,7 +243,7 @@ static int still_shared (struct q2_image *img, uint64_t g, uint64_t cluster, boo
   *yes = false;
   if ((r = l2_get (img, g << lay->cluster_bits, &e)) < 0 || !e)
     return r;
-  entry = l2_entry_get (e, layout_l2_index (lay, g << lay->cluster_bits));
+  entry = l2_entry_get (img, e, layout_l2_index (lay, g << lay->cluster_bits));
   l2_put (img, e);
   *yes = plain_cluster (lay, entry, &cl) && cl == cluster && !(entry & QCOW_OFLAG_COPIED);
   return 0;
@@ -279,7 +279,7 @@ static int restore_one (struct q2_image *img, uint64_t cluster, bool *changed)
   }
   if ((r = l2_get_writable (img, guest, &e)) < 0)
     return r;
-  entry = l2_entry_get (e, layout_l2_index (lay, guest));
+  entry = l2_entry_get (img, e, layout_l2_index (lay, guest));
   l2_entry_set (img, e, layout_l2_index (lay, guest), entry | QCOW_OFLAG_COPIED);
   l2_put (img, e);
   *changed = true;

@@ -125,7 +125,7 @@ static int link_clusters (struct q2_image *img, uint64_t offset, uint64_t n,
     uint64_t guest = start + (i << lay->cluster_bits);
     if ((r = l2_get_writable (img, guest, &e)) < 0)
       break;
-    uint64_t old = l2_entry_get (e, layout_l2_index (lay, guest));
+    uint64_t old = l2_entry_get (img, e, layout_l2_index (lay, guest));
     l2_entry_set (img, e, layout_l2_index (lay, guest),
                   (target + (i << lay->cluster_bits)) | QCOW_OFLAG_COPIED);
     l2_put (img, e);
@@ -178,6 +178,141 @@ static int write_new (struct q2_image *img, const struct mapping *m, const char 
   return r;
 }
 
+/* Extended L2 entries: the old contents of subcluster s of the cluster
+ * m maps at guest g (not compressed).
+ */
+static int old_sub (struct q2_image *img, const struct mapping *m, uint64_t g, unsigned s,
+                    char *out)
+{
+  const struct layout *lay = &img->m.lay;
+  uint64_t scs = layout_sc_size (lay), guest = g + ((uint64_t) s << layout_sc_bits (lay)), host;
+  int r;
+
+  if (!((m->bitmap >> 32 >> s) & 1) && ((m->bitmap >> s) & 1)) {
+    host = (m->entry & L2E_OFFSET_MASK) + ((uint64_t) s << layout_sc_bits (lay));
+    r = host_pread (img->data, out, scs, host);
+    return r < 0 ? request_io_error (img, "read", host, guest, r) : 0;
+  }
+  if (!((m->bitmap >> 32 >> s) & 1) && img->backing)
+    return backing_read (img->backing, out, scs, guest);
+  memset (out, 0, scs);
+  return 0;
+}
+
+/* The subclusters s0 to s1 of the cluster at guest g, with len bytes of
+ * the write at in on top of their old contents, into span.
+ */
+static int fill_span (struct q2_image *img, const struct mapping *m, uint64_t g,
+                      unsigned s0, unsigned s1, const char *buf, uint64_t in, uint64_t len,
+                      char *span)
+{
+  const struct layout *lay = &img->m.lay;
+  uint64_t scs = layout_sc_size (lay), base = (uint64_t) s0 << layout_sc_bits (lay);
+  int r = 0;
+
+  if (m->entry & QCOW_OFLAG_COMPRESSED)
+    r = compress_read (&img->m.hf, lay, m->entry, g, span);
+  else {
+    if (in & (scs - 1))
+      r = old_sub (img, m, g, s0, span);
+    if (r == 0 && (in + len) & (scs - 1) && (s1 > s0 || !(in & (scs - 1))))
+      r = old_sub (img, m, g, s1, span + ((uint64_t) (s1 - s0) << layout_sc_bits (lay)));
+  }
+  if (r == 0)
+    memcpy (span + (in - base), buf, len);
+  return r;
+}
+
+/* What a new cluster replacing a shared one needs of it: the allocated
+ * subclusters the write leaves, copied.
+ */
+static int copy_allocated (struct q2_image *img, const struct mapping *m, uint64_t g,
+                           uint64_t keep, uint64_t target, char *sub)
+{
+  const struct layout *lay = &img->m.lay;
+  uint64_t scs = layout_sc_size (lay), from = m->entry & L2E_OFFSET_MASK, o;
+  unsigned s;
+  int r;
+
+  for (s = 0; s < L2_SUBCLUSTERS; s++) {
+    if (!((keep >> s) & 1))
+      continue;
+    o = (uint64_t) s << layout_sc_bits (lay);
+    if ((r = host_pread (img->data, sub, scs, from + o)) < 0)
+      return request_io_error (img, "read", from + o, g + o, r);
+    if ((r = host_pwrite (img->data, sub, scs, target + o)) < 0)
+      return request_io_error (img, "write", target + o, g + o, r);
+  }
+  return 0;
+}
+
+/* The bitmap after subclusters span were written: allocated, not zero.
+ * A compressed cluster was rewritten whole.
+ */
+static uint64_t written_bitmap (const struct mapping *m, uint64_t span)
+{
+  if (m->entry & QCOW_OFLAG_COMPRESSED)
+    return L2_BITMAP_ALLOC;
+  return (m->bitmap | span) & ~(span << 32);
+}
+
+/* Extended L2 entries: a write into one cluster that cannot go in place
+ * as it is.  Only the subclusters it touches are written (their untouched
+ * parts from the old contents) and become allocated; the others keep what
+ * they were, so no backing data is copied into them.  The cluster is ours
+ * alone: written in place; else a new one, which gets a copy of what the
+ * old one had allocated (a compressed one is rewritten whole).
+ */
+static int write_sub (struct q2_image *img, const struct mapping *m, const char *buf,
+                      uint64_t offset, uint64_t len, bool *apply_frees)
+{
+  const struct layout *lay = &img->m.lay;
+  uint64_t in = layout_in_cluster (lay, offset), g = offset - in, target, got, span;
+  bool compressed = !!(m->entry & QCOW_OFLAG_COMPRESSED);
+  bool in_place = (m->entry & L2E_OFFSET_MASK) && !compressed && m->copied;
+  unsigned s0 = compressed ? 0 : in >> layout_sc_bits (lay);
+  unsigned s1 = compressed ? L2_SUBCLUSTERS - 1 : (in + len - 1) >> layout_sc_bits (lay);
+  uint64_t bytes = (uint64_t) (s1 - s0 + 1) << layout_sc_bits (lay);
+  CLEANUP_FREE char *sbuf = malloc (bytes);
+  struct cache_entry *e;
+  int r = 0;
+
+  if (!sbuf)
+    return -ENOMEM;
+  span = (s1 == 31 ? ~0u : (1u << (s1 + 1)) - 1) & ~((1u << s0) - 1);
+  mutex_lock (&img->m.lock);
+  if (in_place)
+    target = m->entry & L2E_OFFSET_MASK;
+  else if ((r = alloc_clusters (&img->alloc, 1, &target, &got)) == 0 && got < 1)
+    r = -ENOSPC;
+  mutex_unlock (&img->m.lock);
+  if (r < 0)
+    return r;
+
+  r = fill_span (img, m, g, s0, s1, buf, in, len, sbuf);
+  if (r == 0 && (r = host_pwrite (img->data, sbuf, bytes,
+                                  target + ((uint64_t) s0 << layout_sc_bits (lay)))) < 0)
+    request_io_error (img, "write", target + ((uint64_t) s0 << layout_sc_bits (lay)),
+                      g + ((uint64_t) s0 << layout_sc_bits (lay)), r);
+  if (r == 0 && !in_place && !compressed && (m->entry & L2E_OFFSET_MASK))
+    r = copy_allocated (img, m, g, m->bitmap & L2_BITMAP_ALLOC & ~span, target, sbuf);
+
+  mutex_lock (&img->m.lock);
+  if (r == 0 && (r = l2_get_writable (img, g, &e)) == 0) {
+    l2_entry_set (img, e, layout_l2_index (lay, g), target | QCOW_OFLAG_COPIED);
+    l2_bitmap_set (img, e, layout_l2_index (lay, g), written_bitmap (m, span));
+    l2_put (img, e);
+    if (!in_place)
+      r = cluster_unref_later (img, m->entry, false);
+  }
+  else if (!in_place)
+    alloc_release (&img->alloc, target, META_DATA, NULL);
+  if (alloc_pending (&img->alloc) > PENDING_APPLY_THRESHOLD)
+    *apply_frees = true;
+  mutex_unlock (&img->m.lock);
+  return r;
+}
+
 int cow_write (struct q2_image *img, const void *buf, uint64_t count, uint64_t offset,
                bool *apply_frees)
 {
@@ -197,6 +332,11 @@ int cow_write (struct q2_image *img, const void *buf, uint64_t count, uint64_t o
       r = host_pwrite (img->data, buf, len, m.host);
       if (r < 0)
         request_io_error (img, "write", m.host, offset, r);
+    }
+    else if (img->m.lay.extl2) {
+      uint64_t rest = img->m.lay.cluster_size - layout_in_cluster (&img->m.lay, offset);
+      len = count < rest ? count : rest;
+      r = write_sub (img, &m, buf, offset, len, apply_frees);
     }
     else
       r = write_new (img, &m, buf, offset, &len, apply_frees);

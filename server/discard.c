@@ -125,10 +125,16 @@ static int punch_add (struct reclaim *rc, uint64_t offset, uint64_t len, bool ma
 /* The entry that reads as zeros without any allocation, if there is one:
  * v2 images with a backing file have none.
  */
-static bool zero_entry (const struct q2_image *img, uint64_t *e)
+static bool zero_entry (const struct q2_image *img, uint64_t *e, uint64_t *bitmap)
 {
+  *bitmap = 0;
   if (!img->backing)
     *e = 0;
+  else if (img->m.lay.extl2) {
+    /* Bit 0 means nothing there: every subcluster reads as zero instead. */
+    *e = 0;
+    *bitmap = L2_BITMAP_ZERO;
+  }
   else if (img->m.lay.version >= 3)
     *e = QCOW_OFLAG_ZERO;
   else
@@ -137,17 +143,20 @@ static bool zero_entry (const struct q2_image *img, uint64_t *e)
 }
 
 static int set_entry (struct reclaim *rc, uint64_t guest, uint64_t old, uint64_t e,
-                      bool free_old, bool punched)
+                      uint64_t bitmap, bool free_old, bool punched)
 {
   struct q2_image *img = rc->img;
+  uint64_t idx = layout_l2_index (&img->m.lay, guest);
   struct cache_entry *t;
   int r;
 
-  rc->cleared |= e == 0;
+  rc->cleared |= e == 0 && bitmap == 0;
   LOCK_FOR_SCOPE (&img->m.lock);
   if ((r = l2_get_writable (img, guest, &t)) < 0)
     return r;
-  l2_entry_set (img, t, layout_l2_index (&img->m.lay, guest), e);
+  l2_entry_set (img, t, idx, e);
+  if (img->m.lay.extl2)
+    l2_bitmap_set (img, t, idx, bitmap);
   l2_put (img, t);
   return free_old ? cluster_unref_later (img, old, punched) : 0;
 }
@@ -185,16 +194,16 @@ static int write_zeros (struct reclaim *rc, uint64_t guest, uint64_t len)
 static int whole_owned (struct reclaim *rc, uint64_t guest, const struct mapping *m)
 {
   struct q2_image *img = rc->img;
-  uint64_t host = m->entry & L2E_OFFSET_MASK, cs = img->m.lay.cluster_size, e;
+  uint64_t host = m->entry & L2E_OFFSET_MASK, cs = img->m.lay.cluster_size, e, bm;
   bool v3 = img->m.lay.version >= 3;
   int r;
 
-  if (rc->release && !rc->keep && zero_entry (img, &e)) {
+  if (rc->release && !rc->keep && zero_entry (img, &e, &bm)) {
     if (!img->m.lay.data_file && (r = u64_vector_append (&rc->unref, host)) < 0)
       return r;
     if ((r = punch_add (rc, host, cs, false)) < 0)
       return r;
-    return set_entry (rc, guest, m->entry, e, false, false);
+    return set_entry (rc, guest, m->entry, e, bm, false, false);
   }
   if (m->kind == MAP_ZERO_ALLOC) {
     /* discard=keep punched it when it got the zero flag. */
@@ -211,26 +220,26 @@ static int whole_owned (struct reclaim *rc, uint64_t guest, const struct mapping
                strerror (-r));
     return r;
   }
-  return v3 ? set_entry (rc, guest, m->entry, m->entry | QCOW_OFLAG_ZERO, false, false) : 0;
+  return v3 ? set_entry (rc, guest, m->entry, m->entry | QCOW_OFLAG_ZERO, 0, false, false) : 0;
 }
 
 /* A whole cluster shared with a snapshot, or compressed. */
 static int whole_shared (struct reclaim *rc, uint64_t guest, const struct mapping *m)
 {
-  uint64_t e;
+  uint64_t e, bm;
 
   if (m->kind != MAP_COMPRESSED) {
     rc->shared_seen = true;
     not_freed (rc, &rc->counts.snapshot, rc->img->m.lay.cluster_size);
   }
-  if (!zero_entry (rc->img, &e))
+  if (!zero_entry (rc->img, &e, &bm))
     return rc->op == OP_ZERO ? write_zeros (rc, guest, rc->img->m.lay.cluster_size) : 0;
-  return set_entry (rc, guest, m->entry, e, true, false);
+  return set_entry (rc, guest, m->entry, e, bm, true, false);
 }
 
 static int whole_cluster (struct reclaim *rc, uint64_t guest, const struct mapping *m)
 {
-  uint64_t e;
+  uint64_t e, bm;
 
   switch (m->kind) {
   case MAP_ZERO_PLAIN:
@@ -245,8 +254,8 @@ static int whole_cluster (struct reclaim *rc, uint64_t guest, const struct mappi
       return 0;
     }
     not_freed (rc, &rc->counts.backing, rc->img->m.lay.cluster_size);
-    if (zero_entry (rc->img, &e))
-      return set_entry (rc, guest, 0, e, false, false);
+    if (zero_entry (rc->img, &e, &bm))
+      return set_entry (rc, guest, 0, e, bm, false, false);
     return rc->op == OP_ZERO ? write_zeros (rc, guest, rc->img->m.lay.cluster_size) : 0;
   case MAP_NORMAL:
   case MAP_ZERO_ALLOC:
@@ -256,6 +265,164 @@ static int whole_cluster (struct reclaim *rc, uint64_t guest, const struct mappi
     return whole_shared (rc, guest, m);
   }
   return -EIO;
+}
+
+/* Extended L2 entries: subclusters s0 to before s1, as bitmap bits. */
+static uint64_t sub_mask (unsigned s0, unsigned s1)
+{
+  if (s1 <= s0)
+    return 0;
+  return (s1 - s0 == 64 ? ~0ull : (1ull << (s1 - s0)) - 1) << s0;
+}
+
+/* What the subclusters in mask give nothing back for, and why. */
+static void sub_not_freed (struct reclaim *rc, uint64_t alloc, uint64_t zero, uint64_t mask,
+                           bool owned)
+{
+  uint64_t scs = layout_sc_size (&rc->img->m.lay), plain = mask & ~alloc & ~zero;
+
+  not_freed (rc, &rc->counts.already_free, __builtin_popcountll (mask & zero) * scs);
+  not_freed (rc, rc->img->backing ? &rc->counts.backing : &rc->counts.already_free,
+             __builtin_popcountll (plain) * scs);
+  if (!owned && (mask & alloc)) {
+    rc->shared_seen = true;
+    not_freed (rc, &rc->counts.snapshot, __builtin_popcountll (mask & alloc) * scs);
+  }
+}
+
+/* The host range of the subclusters in mask, widened over the neighbours
+ * that hold no data after the change (alloc), given back in whole host
+ * blocks; or, for write-zeroes that keeps the space, zeroed.
+ */
+static int sub_host_op (struct reclaim *rc, uint64_t host, uint64_t mask, uint64_t alloc)
+{
+  struct q2_image *img = rc->img;
+  const struct layout *lay = &img->m.lay;
+  unsigned lo = __builtin_ctzll (mask), hi = 64 - __builtin_clzll (mask);
+  uint64_t start, end;
+  int r;
+
+  if (!rc->release) {
+    r = host_zero (img->data, host + ((uint64_t) lo << layout_sc_bits (lay)),
+                   (uint64_t) (hi - lo) << layout_sc_bits (lay));
+    if (r < 0)
+      log_error ("%s: cannot zero host offset 0x%" PRIx64 ": %s", lay->name,
+                 host + ((uint64_t) lo << layout_sc_bits (lay)), strerror (-r));
+    return r;
+  }
+  while (lo > 0 && !((alloc >> (lo - 1)) & 1))
+    lo--;
+  while (hi < L2_SUBCLUSTERS && !((alloc >> hi) & 1))
+    hi++;
+  start = host + ((uint64_t) lo << layout_sc_bits (lay));
+  start = (start + HOST_BLOCK - 1) & ~(uint64_t) (HOST_BLOCK - 1);
+  end = (host + ((uint64_t) hi << layout_sc_bits (lay))) & ~(uint64_t) (HOST_BLOCK - 1);
+  /* Those subclusters read through their bits now, whatever the host
+   * holds there: any way of freeing the range will do.
+   */
+  return start < end ? release_data (rc, start, end - start, false) : 0;
+}
+
+/* Whole subclusters (mask) of the cluster at guest g, not compressed.
+ * They lose their allocation; where a backing file would show through, or
+ * the space is kept (discard=keep, write-zeroes without MAY_TRIM), they
+ * get zero bits instead.  A cluster left with no allocated subcluster is
+ * dropped like a whole one: ours alone, punched and freed once the entry is
+ * on disk; shared, only this reference goes.
+ */
+/* The new first word and bitmap for whole subclusters (mask) of the
+ * cluster m maps; *drop: the cluster's host offset goes.
+ */
+static void sub_new_entry (const struct reclaim *rc, const struct mapping *m, uint64_t mask,
+                           uint64_t *ne, uint64_t *nb, bool *drop)
+{
+  uint64_t off = m->entry & L2E_OFFSET_MASK, alloc = m->bitmap & L2_BITMAP_ALLOC;
+  uint64_t zero = m->bitmap >> 32, na = alloc & ~mask, nz;
+  bool owned = off && m->copied, backing = rc->img->backing != NULL;
+
+  if (!off)
+    nz = backing ? zero | mask : zero;
+  else if (!owned || (rc->release && !rc->keep))
+    nz = backing ? zero | mask : zero & ~mask;
+  else
+    nz = zero | mask;
+  *drop = off && !na && (!owned || (rc->release && !rc->keep));
+  *ne = *drop ? 0 : m->entry;
+  *nb = *drop && !backing ? 0 : nz << 32 | na;
+}
+
+/* Whole subclusters (mask) of the cluster at guest g, not compressed.
+ * They lose their allocation; where a backing file would show through, or
+ * the space is kept (discard=keep, write-zeroes without MAY_TRIM), they
+ * get zero bits instead.  A cluster left with no allocated subcluster is
+ * dropped like a whole one: ours alone, punched and freed once the entry is
+ * on disk; shared, only this reference goes.
+ */
+static int sub_whole (struct reclaim *rc, uint64_t g, uint64_t mask)
+{
+  struct q2_image *img = rc->img;
+  const struct layout *lay = &img->m.lay;
+  uint64_t idx = layout_l2_index (lay, g), off, alloc, ne, nb;
+  struct cache_entry *t;
+  struct mapping m;
+  bool owned, drop;
+  int r;
+
+  {
+    LOCK_FOR_SCOPE (&img->m.lock);
+    if ((r = cluster_map (img, g, lay->cluster_size, &m)) < 0 || m.kind == MAP_COMPRESSED)
+      return r;
+    off = m.entry & L2E_OFFSET_MASK;
+    alloc = m.bitmap & L2_BITMAP_ALLOC;
+    owned = off && m.copied;
+    sub_not_freed (rc, alloc, m.bitmap >> 32, mask, owned);
+    sub_new_entry (rc, &m, mask, &ne, &nb, &drop);
+    if (ne == m.entry && nb == m.bitmap)
+      return 0;
+    if ((r = l2_get_writable (img, g, &t)) < 0)
+      return r;
+    l2_entry_set (img, t, idx, ne);
+    l2_bitmap_set (img, t, idx, nb);
+    l2_put (img, t);
+    rc->cleared |= ne == 0 && nb == 0;
+    if (!owned)
+      return drop ? cluster_unref_later (img, m.entry, false) : 0;
+  }
+  if (drop) {
+    if ((r = u64_vector_append (&rc->unref, off)) < 0)
+      return r;
+    return punch_add (rc, off, lay->cluster_size, false);
+  }
+  return alloc & mask ? sub_host_op (rc, off, mask, nb & L2_BITMAP_ALLOC) : 0;
+}
+
+/* The allocated subclusters among cand of the cluster at guest g that are
+ * all hole in the host file now, freed as if discarded whole.
+ */
+static int sub_holes (struct reclaim *rc, uint64_t g, uint64_t cand)
+{
+  struct q2_image *img = rc->img;
+  const struct layout *lay = &img->m.lay;
+  uint64_t scs = layout_sc_size (lay), off, mask = 0;
+  struct mapping m;
+  bool hole;
+  unsigned s;
+  int r;
+
+  if ((r = cluster_map_locked (img, g, lay->cluster_size, &m)) < 0)
+    return r;
+  off = m.entry & L2E_OFFSET_MASK;
+  cand &= m.bitmap & L2_BITMAP_ALLOC;
+  if (m.kind == MAP_COMPRESSED || !off || !m.copied || !cand)
+    return 0;
+  /* Only a chance to free them: if the host cannot tell, they stay. */
+  if (host_is_hole (img->data, off, lay->cluster_size, &hole) == 0 && hole)
+    mask = cand;
+  else
+    for (s = 0; s < L2_SUBCLUSTERS; s++)
+      if ((cand >> s) & 1 && host_is_hole (img->data, off + s * scs, scs, &hole) == 0 && hole)
+        mask |= 1ull << s;
+  return mask ? sub_whole (rc, g, mask) : 0;
 }
 
 /* Part of a cluster we own: punch what host blocks it covers. */
@@ -299,6 +466,9 @@ static int partial_owned (struct reclaim *rc, uint64_t guest, uint64_t len,
   }
   if (!rc->release || rc->keep)
     return 0;
+  if (lay->extl2)
+    return sub_holes (rc, guest - layout_in_cluster (lay, guest),
+                      1ull << (layout_in_cluster (lay, guest) >> layout_sc_bits (lay)));
   /* Whether the cluster is all hole now is only a chance to free it:
    * if the host cannot tell, the cluster stays.
    */
@@ -332,6 +502,39 @@ static int partial_cluster (struct reclaim *rc, uint64_t guest, uint64_t len,
   return -EIO;
 }
 
+/* Part of a subcluster: by its kind, as part of a cluster would be. */
+static int sub_part (struct reclaim *rc, uint64_t guest, uint64_t len)
+{
+  struct mapping m;
+  int r;
+
+  if ((r = cluster_map_locked (rc->img, guest, len, &m)) < 0)
+    return r;
+  return partial_cluster (rc, guest, len, &m);
+}
+
+/* Extended L2 entries, one cluster (not compressed): the whole subclusters
+ * of [offset, offset + len) by their bits, the parts at the edges as parts.
+ */
+static int sub_cluster (struct reclaim *rc, uint64_t offset, uint64_t len)
+{
+  const struct layout *lay = &rc->img->m.lay;
+  uint64_t in = layout_in_cluster (lay, offset), g = offset - in, end = in + len;
+  uint32_t b = layout_sc_bits (lay);
+  unsigned s0 = (in + layout_sc_size (lay) - 1) >> b, s1 = end >> b;
+  int r = 0;
+
+  if (s0 > s1)
+    return sub_part (rc, offset, len);
+  if (s0 < s1)
+    r = sub_whole (rc, g, sub_mask (s0, s1));
+  if (r == 0 && in < ((uint64_t) s0 << b))
+    r = sub_part (rc, offset, ((uint64_t) s0 << b) - in);
+  if (r == 0 && ((uint64_t) s1 << b) < end)
+    r = sub_part (rc, g + ((uint64_t) s1 << b), end - ((uint64_t) s1 << b));
+  return r;
+}
+
 /* An L2 table whose entries are all empty is freed (L1 entry cleared). */
 static int free_l2_if_empty (struct q2_image *img, uint64_t l1i)
 {
@@ -345,8 +548,9 @@ static int free_l2_if_empty (struct q2_image *img, uint64_t l1i)
     return 0;
   if ((r = l2_get (img, l1i << (m->lay.cluster_bits + m->lay.l2_bits), &t)) < 0)
     return r;
-  for (i = 0; i < layout_l2_entries (&m->lay) && empty; i++)
-    empty = l2_entry_get (t, i) == 0;
+  /* Every word: extended L2 entries have two. */
+  for (i = 0; i < m->lay.cluster_size / 8 && empty; i++)
+    empty = be64_get ((const uint8_t *) t->buf + i * 8) == 0;
   l2_put (img, t);
   if (!empty)
     return 0;
@@ -384,8 +588,11 @@ static int check_l2 (struct reclaim *rc, uint64_t next_l1)
 /* Nothing to do over a run that already reads as zeros and owns nothing. */
 static bool nothing_to_do (const struct reclaim *rc, const struct mapping *m)
 {
+  /* With subclusters, an unallocated one may lie in a cluster that the
+   * discard could free.
+   */
   return m->kind == MAP_ZERO_PLAIN ||
-    (m->kind == MAP_UNALLOC &&
+    (m->kind == MAP_UNALLOC && !(m->entry & L2E_OFFSET_MASK) &&
      (!rc->img->backing || (rc->op == OP_DISCARD && rc->img->m.lay.version < 3)));
 }
 
@@ -444,7 +651,9 @@ static int reclaim_range (struct q2_image *img, uint64_t count, uint64_t offset,
     else {
       if ((r = check_l2 (rc, offset >> l1_shift)) < 0)
         break;
-      if (in == 0 && len == lay->cluster_size)
+      if (lay->extl2 && m.kind != MAP_COMPRESSED)
+        r = sub_cluster (rc, offset, len);
+      else if (in == 0 && len == lay->cluster_size)
         r = whole_cluster (rc, offset, &m);
       else
         r = partial_cluster (rc, offset, len, &m);
@@ -475,7 +684,10 @@ int discard_if_hole (struct q2_image *img, uint64_t guest, uint64_t host)
    * was answered: only the same cluster, still ours alone, is looked at.
    */
   r = cluster_map_locked (img, guest, lay->cluster_size, &m);
-  if (r == 0 && m.kind == MAP_NORMAL && m.copied &&
+  if (r == 0 && lay->extl2 && (m.entry & L2E_OFFSET_MASK) == host &&
+      (r = check_l2 (&rc, guest >> (lay->cluster_bits + lay->l2_bits))) == 0)
+    r = sub_holes (&rc, guest, L2_BITMAP_ALLOC);
+  else if (r == 0 && m.kind == MAP_NORMAL && m.copied &&
       (m.entry & L2E_OFFSET_MASK) == host &&
       host_is_hole (img->data, host, lay->cluster_size, &hole) == 0 && hole &&
       (r = check_l2 (&rc, guest >> (lay->cluster_bits + lay->l2_bits))) == 0)

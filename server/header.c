@@ -85,9 +85,18 @@ static int refuse_features (struct layout *lay, const uint8_t *buf,
               "that this version cannot serve safely", lay->name, bit, name);
     return -ENOTSUP;
   }
-  if (lay->incompat & INCOMPAT_EXTL2) {
-    log_error ("%s: the image uses extended L2 entries (subclusters), which are "
-              "not supported yet; convert it with qemu-img convert -O qcow2", lay->name);
+  /* QEMU never makes these: subclusters of less than 512 bytes, or a
+   * data file whose raw contents would have to follow every subcluster.
+   */
+  if ((lay->incompat & INCOMPAT_EXTL2) && lay->cluster_bits < QCOW2_EXTL2_MIN_CLUSTER_BITS) {
+    log_error ("%s: the image uses extended L2 entries with %" PRIu64 "-byte clusters; "
+               "they need clusters of at least 16 KiB", lay->name, lay->cluster_size);
+    return -EINVAL;
+  }
+  if ((lay->incompat & INCOMPAT_EXTL2) && lay->data_file) {
+    log_error ("%s: the image uses extended L2 entries (subclusters) with an external "
+               "data file, which is not supported; convert it with qemu-img convert "
+               "-O qcow2", lay->name);
     return -ENOTSUP;
   }
   if (!readonly && header_write_refusal (lay)) {
@@ -149,7 +158,9 @@ static int parse_geometry (struct layout *lay, const uint8_t *buf)
     return -EINVAL;
   }
   lay->cluster_size = 1ull << lay->cluster_bits;
-  lay->l2_bits = lay->cluster_bits - 3;
+  /* Only a v3 header has the incompatible bits that say so. */
+  lay->extl2 = lay->version >= 3 && (lay->incompat & INCOMPAT_EXTL2);
+  lay->l2_bits = lay->cluster_bits - (lay->extl2 ? 4 : 3);
   lay->rb_bits = lay->cluster_bits + 3 - lay->refcount_order;
   lay->refcount_max = lay->refcount_order == 6 ? UINT64_MAX
     : (1ull << (1u << lay->refcount_order)) - 1;

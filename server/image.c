@@ -682,6 +682,7 @@ void q2_header_info (const struct q2_image *img, struct q2_header_info *h)
   h->lazy_refcounts = !!(lay->compat & COMPAT_LAZY_REFCOUNTS);
   h->corrupt = !!(lay->incompat & INCOMPAT_CORRUPT);
   h->dirty = !!(lay->incompat & INCOMPAT_DIRTY);
+  h->extended_l2 = lay->extl2;
   h->bitmaps = !!(lay->autoclear & AUTOCLEAR_BITMAPS);
   h->backing_file = img->backing_name;
   h->backing_format = img->backing_format[0] ? img->backing_format : NULL;

@@ -12,15 +12,32 @@
 #include "header.h"
 #include "l2.h"
 
-uint64_t l2_entry_get (const struct cache_entry *e, uint64_t index)
+uint64_t l2_entry_get (const struct q2_image *img, const struct cache_entry *e,
+                       uint64_t index)
 {
-  return be64_get ((const uint8_t *) e->buf + index * 8);
+  return be64_get ((const uint8_t *) e->buf + index * layout_l2_entry_bytes (&img->m.lay));
 }
 
 void l2_entry_set (struct q2_image *img, struct cache_entry *e, uint64_t index, uint64_t v)
 {
   assert (e->kind == META_L2 && e->pins > 0);
-  be64_put ((uint8_t *) e->buf + index * 8, v);
+  be64_put ((uint8_t *) e->buf + index * layout_l2_entry_bytes (&img->m.lay), v);
+  cache_mark_dirty (&img->m.cache, e);
+}
+
+uint64_t l2_bitmap_get (const struct q2_image *img, const struct cache_entry *e,
+                        uint64_t index)
+{
+  if (!img->m.lay.extl2)
+    return 0;
+  return be64_get ((const uint8_t *) e->buf + index * 16 + 8);
+}
+
+void l2_bitmap_set (struct q2_image *img, struct cache_entry *e, uint64_t index,
+                    uint64_t bitmap)
+{
+  assert (e->kind == META_L2 && e->pins > 0 && img->m.lay.extl2);
+  be64_put ((uint8_t *) e->buf + index * 16 + 8, bitmap);
   cache_mark_dirty (&img->m.cache, e);
 }
 

@@ -27,7 +27,15 @@ void l2_put (struct q2_image *img, struct cache_entry *e);
 int l2_move_table (struct q2_image *img, uint64_t l1i, bool *moved);
 int l2_move_l1 (struct q2_image *img, bool *moved);
 
-uint64_t l2_entry_get (const struct cache_entry *e, uint64_t index);
+/* The first word of entry index; with extended L2 entries, the second
+ * (the subcluster bitmap, 0 without them).  Setting one leaves the other.
+ */
+uint64_t l2_entry_get (const struct q2_image *img, const struct cache_entry *e,
+                       uint64_t index);
 void l2_entry_set (struct q2_image *img, struct cache_entry *e, uint64_t index, uint64_t v);
+uint64_t l2_bitmap_get (const struct q2_image *img, const struct cache_entry *e,
+                        uint64_t index);
+void l2_bitmap_set (struct q2_image *img, struct cache_entry *e, uint64_t index,
+                    uint64_t bitmap);
 
 #endif

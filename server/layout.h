@@ -9,6 +9,7 @@
 #ifndef Q2_LAYOUT_H
 #define Q2_LAYOUT_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "overlap.h"
@@ -20,6 +21,11 @@ struct layout {
   uint32_t cluster_bits;
   uint64_t cluster_size;
   uint32_t l2_bits;           /* log2 of entries per L2 table */
+  /* Extended L2 entries: 16 bytes, the second word a bitmap of 32
+   * subclusters (low half allocated, high half reads as zero).  Without
+   * them a cluster is one subcluster.
+   */
+  bool extl2;
   uint32_t refcount_order;    /* refcount width is 1 << order bits */
   uint32_t rb_bits;           /* log2 of counts per refcount block */
   uint64_t refcount_max;
@@ -52,6 +58,21 @@ struct layout {
 static inline uint64_t layout_l2_entries (const struct layout *lay)
 {
   return 1ull << lay->l2_bits;
+}
+
+static inline uint64_t layout_l2_entry_bytes (const struct layout *lay)
+{
+  return lay->extl2 ? 16 : 8;
+}
+
+static inline uint32_t layout_sc_bits (const struct layout *lay)
+{
+  return lay->cluster_bits - (lay->extl2 ? 5 : 0);
+}
+
+static inline uint64_t layout_sc_size (const struct layout *lay)
+{
+  return 1ull << layout_sc_bits (lay);
 }
 
 /* Clusters needed to hold n bytes. */

@@ -3,6 +3,8 @@
 
 #include <string.h>
 
+#include "qcow2-format.h"
+
 #include "backing.h"
 #include "cluster.h"
 #include "engine.h"
@@ -37,6 +39,13 @@ int map_status (struct q2_image *img, uint64_t offset, uint64_t len, int depth,
   }
   e->zero = true;
   e->file = img->m.lay.name;
+  /* An unallocated subcluster of a cluster that has a host offset: qemu-img
+   * map gives the offset it would have.
+   */
+  if (!img->backing && (m.entry & L2E_OFFSET_MASK)) {
+    e->has_offset = true;
+    e->offset = m.host;
+  }
   if (!img->backing)
     return 0;
   r = backing_map_status (img->backing, offset, m.bytes, depth + 1, e);

@@ -81,8 +81,10 @@ static int still_movable (struct q2_image *img, uint64_t guest, uint64_t host,
   *ok = false;
   if ((r = cluster_map (img, guest, img->m.lay.cluster_size, m)) < 0)
     return r;
-  if ((m->kind != MAP_NORMAL && m->kind != MAP_ZERO_ALLOC) || !m->copied ||
-      (m->entry & L2E_OFFSET_MASK) != host)
+  /* The entry, not the kind, says where the cluster is: with subclusters
+   * the kind is only the first one's.
+   */
+  if (m->kind == MAP_COMPRESSED || !m->copied || (m->entry & L2E_OFFSET_MASK) != host)
     return 0;
   if ((r = refcount_get (&img->m, host >> img->m.lay.cluster_bits, &rc)) < 0)
     return r;
@@ -110,7 +112,8 @@ int move_data (struct q2_image *img, uint64_t guest, uint64_t host, bool *moved)
   if (r < 0 || !where)
     goto out;
 
-  r = copy_cluster (img, host, where, guest, map.kind == MAP_NORMAL);
+  r = copy_cluster (img, host, where, guest,
+                    m->lay.extl2 ? (map.bitmap & L2_BITMAP_ALLOC) != 0 : map.kind == MAP_NORMAL);
 
   mutex_lock (&m->lock);
   if (r < 0)

@@ -73,6 +73,15 @@ qemu-img create -q -f qcow2 -o cluster_size=4096 c4k.qcow2 256M
 scatter c4k.qcow2 256 $((256 << 10))
 compacts "4 KiB clusters" c4k.qcow2
 
+# Extended L2 entries: clusters with only some subclusters allocated, one
+# with a zero subcluster, written last so that they lie at the end of the
+# file; each must move with its bitmap.
+qemu-img create -q -f qcow2 -o extended_l2=on,cluster_size=128k extl2.qcow2 256M
+scatter extl2.qcow2 256 $((512 << 10))
+qemu-io -f qcow2 -c 'write -P 0x5e 255M 4k' -c 'write -P 0x5f 261188k 8k' \
+    -c 'write -P 0x60 253M 128k' -c 'write -z 259076k 4k' extl2.qcow2 >/dev/null
+compacts "extended L2 entries, 128 KiB clusters" extl2.qcow2
+
 # 512-byte clusters: the refcount table outgrows its first place within a
 # few MiB and moves to the end of the file, so it must move back.
 qemu-img create -q -f qcow2 -o cluster_size=512 c512.qcow2 64M

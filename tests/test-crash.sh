@@ -39,9 +39,11 @@ started=$(date +%s)
 # fills from a backing file, clusters shared with an internal snapshot, and
 # 512-byte clusters, where the file outgrows the refcount table within a
 # few MiB, so the table moves and the header is switched mid-workload; and
-# compaction moving clusters while the workload runs; and persistent
-# bitmaps kept current, each crash state leaving them in use or whole.
-SHAPES=${CRASH_SHAPES:-v3-64k v3-4k v2 backing snapshot v3-512 compact bitmaps}
+# compaction moving clusters while the workload runs; persistent bitmaps
+# kept current, each crash state leaving them in use or whole; and
+# extended L2 entries, where subclusters are allocated, zeroed and trimmed
+# one by one and clusters whose subclusters all went are freed.
+SHAPES=${CRASH_SHAPES:-v3-64k v3-4k v2 backing snapshot v3-512 compact bitmaps extl2}
 nshapes=$(echo $SHAPES | wc -w)
 
 # make_image NAME: creates $TMP/NAME.qcow2 with some data already in it
@@ -116,6 +118,11 @@ make_image() {
         qemu-img bitmap --add "$img" b0
         qemu-img bitmap --add --granularity 4k "$img" b4k
         qemu-io -f qcow2 -c 'write -P 0x99 0 4M' -c 'write -z 20M 1M' "$img" >/dev/null ;;
+    extl2)
+        CS=131072
+        qemu-img create -q -f qcow2 -o extended_l2=on,cluster_size=128k "$img" $SIZE
+        qemu-io -f qcow2 -c 'write -P 0x91 0 4M' -c 'write -P 0x92 8196k 12k' \
+            -c 'write -z 4100k 8k' -c 'write -c -P 0x93 16M 1M' "$img" >/dev/null ;;
     esac
 }
 

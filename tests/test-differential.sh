@@ -10,7 +10,8 @@
 #                reproduce.  The seed of each variant is printed.
 #   OPS=N        operations per variant (default 2000)
 #   OPS_MIX=...  passed to nbd_random_ops.py --ops-mix (default: writes,
-#                reads, flushes); with trim in the mix, variants without a
+#                reads, flushes; for the extended L2 variants, zeroes and
+#                trims too); with trim in the mix, variants without a
 #                backing file check that trimmed whole clusters read as
 #                zeros
 #   VARIANTS="v2 chain ..."  run only these variants
@@ -40,7 +41,7 @@ esac
 SEED=${SEED:-4217}
 OPS=${OPS:-2000}
 OPS_MIX=${OPS_MIX:-}
-ALL_VARIANTS="v2 v3 c4k c64k c2m rc1 rc64 zlib zstd chain rawback snap datafile dataraw lazy"
+ALL_VARIANTS="v2 v3 c4k c64k c2m rc1 rc64 zlib zstd chain rawback snap datafile dataraw lazy extl2 extl2back extl2snap"
 VARIANTS=${VARIANTS:-$ALL_VARIANTS}
 SIZE=64M
 DRIVER=$srcdir/nbd_random_ops.py
@@ -191,38 +192,7 @@ prepare_snap() {
     SNAP=snap1
 }
 
-# An external data file (named absolutely: qemu-io, run from elsewhere,
-# would look for a relative name in its own folder).  Trims and zeroes
-# are in the mix (unless OPS_MIX says otherwise): what they do to the data
-# file is what this variant is about.
-prepare_datafile() {
-    local dir=$1
-    qemu-img create -q -f qcow2 -o data_file="$dir/img.data" "$dir/img.qcow2" $SIZE
-    IMG=$dir/img.qcow2
-    MIX=write:45,read:30,flush:5,zero:10,trim:10
-    prefill "$IMG"
-}
-
-# data_file_raw: the data file is the disk, byte for byte, at all times;
-# RAW_DATA has it compared with the reference afterwards.
-prepare_dataraw() {
-    local dir=$1
-    qemu-img create -q -f qcow2 -o data_file="$dir/img.data",data_file_raw=on "$dir/img.qcow2" $SIZE
-    IMG=$dir/img.qcow2
-    RAW_DATA=$dir/img.data
-    MIX=write:45,read:30,flush:5,zero:10,trim:10
-    prefill "$IMG"
-}
-
-# lazy_refcounts with the dirty bit: QEMU killed after writing leaves the
-# counts of its clusters at 0, and the server must rebuild them at open.
-prepare_lazy() {
-    local dir=$1
-    prepare_plain "$dir" -o lazy_refcounts=on
-    prefill "$IMG"
-    (qemu-io -f qcow2 -c 'write -P 0x99 8M 3M' -c 'write -P 0x9a 50M 64K' -c 'sigraise 9' "$IMG" ||
-         true) >/dev/null 2>&1
-    qemu-img info "$IMG" | grep -q '^cleanly shut down: no' || fail "lazy: qemu-io left no dirty bit"
+ALL_VARIANTS="v2 v3 c4k c64k c2m rc1 rc64 zlib zstd chain rawback snap datafile dataraw lazy extl2 extl2back extl2snap"
 }
 
 variant_failed() {
@@ -256,7 +226,7 @@ run_variant() {
     local compat
     compat=$(qemu-img info --output=json "$IMG" | grep '"compat"')
 
-    local mix_args=() mix=${OPS_MIX:-$MIX}
+ALL_VARIANTS="v2 v3 c4k c64k c2m rc1 rc64 zlib zstd chain rawback snap datafile dataraw lazy extl2 extl2back extl2snap"
     if [ -n "$mix" ]; then
         mix_args=(--ops-mix "$mix")
         case $mix in

@@ -11,11 +11,11 @@
 # many requests in flight, and it checks that a leaky image is served
 # and written to correctly afterwards.
 #
-# KILLS (default 200, 20 under valgrind) rounds in total, shared by three
+# KILLS (default 200, 20 under valgrind) rounds in total, shared by four
 # images: 64 KiB clusters; 4 KiB clusters with a metadata cache too small
 # for the image, so that evictions write L2 tables and refcount blocks back
-# in the middle of the load; and one that compaction keeps moving, so that
-# kills land in the middle of moves.  KILL_SEED varies the load and the
+# in the middle of the load; one that compaction keeps moving, so that
+# kills land in the middle of moves; and extended L2 entries.  KILL_SEED varies the load and the
 # kill times; KILL_KEEP=DIR keeps the image and journals of a failing round.
 set -eu
 srcdir=${srcdir:-$(cd "$(dirname "$0")" && pwd)}
@@ -42,18 +42,19 @@ SIZE=32M
 helper="$srcdir/crash_replay.py"
 started=$(date +%s)
 
-# Three images: the second is where evictions happen during the load; on
+# Four images: the second is where evictions happen during the load; on
 # the third, compaction moves clusters all the time (the eager test hook:
 # it looks every 50 ms and compacts past any free cluster), so kills land
-# in the middle of moves.
-NAMES="c64k c4k compact"
-declare -A CS PARAMS EAGER
+# in the middle of moves; the fourth has extended L2 entries (subclusters).
+NAMES="c64k c4k compact extl2"
+declare -A CS PARAMS EAGER OPTS
 CS[c64k]=65536 PARAMS[c64k]= EAGER[c64k]=
 CS[c4k]=4096 PARAMS[c4k]=cache-size=32k EAGER[c4k]=
 CS[compact]=65536 PARAMS[compact]=compact-rate=16M EAGER[compact]=1
+CS[extl2]=131072 PARAMS[extl2]= EAGER[extl2]= OPTS[extl2]=,extended_l2=on
 for name in $NAMES; do
     img=$TMP/$name.qcow2
-    qemu-img create -q -f qcow2 -o cluster_size=${CS[$name]} "$img" $SIZE
+    qemu-img create -q -f qcow2 -o cluster_size=${CS[$name]}${OPTS[$name]:-} "$img" $SIZE
     # Some data from the start, some of it compressed, so that the clients
     # also overwrite in place and COW from compressed clusters.
     qemu-io -f qcow2 -c 'write -P 0x11 0 3M' -c 'write -c -P 0x22 8M 1M' \
@@ -83,7 +84,7 @@ keep_round() {
 failures=0 leaky=0 leaked=0 rounds=0 moving=0
 for round in $(seq 1 "$KILLS"); do
     # Take the images in turn; each keeps its own state between its rounds.
-    case $((round % 3)) in 1) name=c64k ;; 2) name=c4k ;; *) name=compact ;; esac
+    case $((round % 4)) in 1) name=c64k ;; 2) name=c4k ;; 3) name=extl2 ;; *) name=compact ;; esac
     img=$TMP/$name.qcow2
     serve $name
     rc=0

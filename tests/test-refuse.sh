@@ -147,8 +147,16 @@ cp "$TMP/good.qcow2" "$TMP/unknown.qcow2"
 run_case expect_refused "unknown incompatible bit 10" file="$TMP/unknown.qcow2" \
     -- "unknown incompatible feature"
 
-new_image -o extended_l2=on "$TMP/extl2.qcow2" 16M
-run_case expect_refused "extended L2 entries" file="$TMP/extl2.qcow2" -- "extended L2" "not supported"
+# Extended L2 entries are served (test-subclusters.sh), but not with
+# subclusters under 512 bytes, which QEMU never creates, nor with an
+# external data file.
+new_image -o cluster_size=4096 "$TMP/extl2.qcow2" 16M
+"$PYTHON" "$PATCH" set-bit "$TMP/extl2.qcow2" incompatible_features 4
+run_case expect_refused "extended L2 entries with 4 KiB clusters" file="$TMP/extl2.qcow2" \
+    -- "extended L2" "at least 16 KiB"
+new_image -o extended_l2=on,cluster_size=65536,data_file="$TMP/extl2.raw" "$TMP/extl2df.qcow2" 16M
+run_case expect_refused "extended L2 entries with a data file" file="$TMP/extl2df.qcow2" \
+    -- "extended L2" "data file" "not supported"
 
 # External data files are served (test-data-file.sh); what stays refused:
 # snapshots need refcounts a data file has none of, a raw data file cannot

@@ -52,6 +52,11 @@ qemu-img create -q -f qcow2 plain.qcow2 64M
 qemu-io -f qcow2 -c 'write -P 1 0 3M' -c 'write -z 8M 1M' plain.qcow2 >/dev/null
 same_as_qemu plain plain.qcow2
 
+qemu-img create -q -f qcow2 -o extended_l2=on,cluster_size=128k extl2.qcow2 64M
+qemu-io -f qcow2 -c 'write -P 1 4k 1M' -c 'write -z 8M 12k' extl2.qcow2 >/dev/null
+same_as_qemu extended-l2 extl2.qcow2
+grep -q '^    extended l2: true' t.out || fail "extended-l2: info does not say extended l2: true"
+
 { head -c 1M /dev/urandom; yes qcow2reclaim | head -c 1M; } >rnd.raw
 qemu-img convert -q -c -O qcow2 rnd.raw comp.qcow2
 same_as_qemu compressed comp.qcow2
@@ -139,8 +144,10 @@ grep -q '^    plugin: serves it for reading and writing' <("$TOOL" info plain.qc
     fail "plain: info does not say the plugin writes it"
 echo "ok: why the plugin would serve an image read-only only"
 
-# An image the plugin refuses altogether: info fails, saying why.
-qemu-img create -q -f qcow2 -o extended_l2=on ext.qcow2 16M
+# An image the plugin refuses altogether (extended L2 entries with
+# subclusters under 512 bytes): info fails, saying why.
+qemu-img create -q -f qcow2 -o cluster_size=4096 ext.qcow2 16M
+"$PYTHON" "$PATCH" set-bit ext.qcow2 incompatible_features 4 >/dev/null
 set +e; "$TOOL" info ext.qcow2 >out 2>&1; rc=$?; set -e
 [ $rc -eq 1 ] && grep -q 'extended L2' out || { cat out; fail "extended L2: info did not refuse it, saying why"; }
 echo "ok: refused: $(head -1 out)"

@@ -193,7 +193,8 @@ static void print_qemu_part (const struct facts *f)
     printf ("    data file: %s\n    data file raw: %s\n", h->data_file,
             yes_no (h->data_file_raw));
   if (h->version >= 3)
-    printf ("    corrupt: %s\n    extended l2: false\n", yes_no (h->corrupt));
+    printf ("    corrupt: %s\n    extended l2: %s\n", yes_no (h->corrupt),
+            yes_no (h->extended_l2));
 }
 
 /* An image on a block device: the volume may be reduced to the size
@@ -321,7 +322,8 @@ static void print_json_format_specific (const struct facts *f)
     printf (", \"data-file-raw\": %s", yes_no (h->data_file_raw));
   }
   if (h->version >= 3)
-    printf (", \"corrupt\": %s, \"extended-l2\": false", yes_no (h->corrupt));
+    printf (", \"corrupt\": %s, \"extended-l2\": %s", yes_no (h->corrupt),
+            yes_no (h->extended_l2));
   printf (" } },\n");
 }
 

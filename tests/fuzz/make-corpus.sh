@@ -56,6 +56,10 @@ scatter "$out/v3-c512.qcow2"
 new v2-c512 256K -o cluster_size=512,compat=0.10
 scatter "$out/v2-c512.qcow2"
 new v3-c64k 1M -o cluster_size=65536
+# Extended L2 entries at the smallest cluster they allow: 512 B subclusters
+# allocated, zeroed and unallocated side by side.
+new v3-extl2-c16k 1M -o cluster_size=16384,extended_l2=on
+scatter "$out/v3-extl2-c16k.qcow2"
 new v2-c64k 1M -o cluster_size=65536,compat=0.10
 
 # Refcount widths: sub-byte, the default 16 and the full 64 bits.
