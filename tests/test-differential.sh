@@ -10,8 +10,8 @@
 #                reproduce.  The seed of each variant is printed.
 #   OPS=N        operations per variant (default 2000)
 #   OPS_MIX=...  passed to nbd_random_ops.py --ops-mix (default: writes,
-#                reads, flushes; for the extended L2 variants, zeroes and
-#                trims too); with trim in the mix, variants without a
+#                reads, flushes; the data file and extended L2 variants
+#                add zeroes and trims); with trim in the mix, variants without a
 #                backing file check that trimmed whole clusters read as
 #                zeros
 #   VARIANTS="v2 chain ..."  run only these variants
@@ -192,7 +192,69 @@ prepare_snap() {
     SNAP=snap1
 }
 
-ALL_VARIANTS="v2 v3 c4k c64k c2m rc1 rc64 zlib zstd chain rawback snap datafile dataraw lazy extl2 extl2back extl2snap"
+# An external data file (named absolutely: qemu-io, run from elsewhere,
+# would look for a relative name in its own folder).  Trims and zeroes
+# are in the mix (unless OPS_MIX says otherwise): what they do to the data
+# file is what this variant is about.
+prepare_datafile() {
+    local dir=$1
+    qemu-img create -q -f qcow2 -o data_file="$dir/img.data" "$dir/img.qcow2" $SIZE
+    IMG=$dir/img.qcow2
+    MIX=write:45,read:30,flush:5,zero:10,trim:10
+    prefill "$IMG"
+}
+
+# data_file_raw: the data file is the disk, byte for byte, at all times;
+# RAW_DATA has it compared with the reference afterwards.
+prepare_dataraw() {
+    local dir=$1
+    qemu-img create -q -f qcow2 -o data_file="$dir/img.data",data_file_raw=on "$dir/img.qcow2" $SIZE
+    IMG=$dir/img.qcow2
+    RAW_DATA=$dir/img.data
+    MIX=write:45,read:30,flush:5,zero:10,trim:10
+    prefill "$IMG"
+}
+
+# lazy_refcounts with the dirty bit: QEMU killed after writing leaves the
+# counts of its clusters at 0, and the server must rebuild them at open.
+prepare_lazy() {
+    local dir=$1
+    prepare_plain "$dir" -o lazy_refcounts=on
+    prefill "$IMG"
+    (qemu-io -f qcow2 -c 'write -P 0x99 8M 3M' -c 'write -P 0x9a 50M 64K' -c 'sigraise 9' "$IMG" ||
+         true) >/dev/null 2>&1
+    qemu-img info "$IMG" | grep -q '^cleanly shut down: no' || fail "lazy: qemu-io left no dirty bit"
+}
+
+# Extended L2 entries (32 subclusters of 4 KiB), prefilled so that clusters
+# hold allocated, zero and unallocated subclusters side by side; and the
+# same over a backing file, which must show through the unallocated ones.
+EXTL2_OPTS=extended_l2=on,cluster_size=131072
+prepare_extl2() {
+    prepare_plain "$1" -o $EXTL2_OPTS; CS=131072; prefill "$IMG"
+    qio "$IMG" qcow2 'write -z 1028K 8K' 'write -P 0x67 2052K 4K' 'write -z -u 20484K 12K'
+}
+prepare_extl2back() {
+    local dir=$1
+    (
+        cd "$dir"
+        qemu-img create -q -f qcow2 base.qcow2 $SIZE
+        qio base.qcow2 qcow2 'write -P 0xa1 0 24M' 'write -P 0xa2 40M 8M'
+        qemu-img create -q -f qcow2 -o $EXTL2_OPTS -b base.qcow2 -F qcow2 top.qcow2 $SIZE
+    )
+    IMG=$dir/top.qcow2 CS=131072 BACKING_FILES=$dir/base.qcow2
+    prefill "$IMG"
+    qio "$IMG" qcow2 'write -P 0xd1 1028K 4K' 'write -z 2052K 8K' 'discard 20M 256K'
+}
+# Compressed clusters and an internal snapshot sharing the rest: writes
+# copy the allocated subclusters, trims only drop this layer's reference.
+prepare_extl2snap() {
+    prepare_compressed "$1" "$2" -o $EXTL2_OPTS
+    CS=131072
+    qio "$IMG" qcow2 'write -P 0x71 52M 4K' 'write -z 53M 8K' 'write -P 0x72 54M 132K'
+    qemu-img snapshot -c snap1 "$IMG"
+    qio "$IMG" qcow2 'write -P 0x73 56M 4K'
+    SNAP=snap1
 }
 
 variant_failed() {
@@ -226,7 +288,10 @@ run_variant() {
     local compat
     compat=$(qemu-img info --output=json "$IMG" | grep '"compat"')
 
-ALL_VARIANTS="v2 v3 c4k c64k c2m rc1 rc64 zlib zstd chain rawback snap datafile dataraw lazy extl2 extl2back extl2snap"
+    local mix_args=() mix=${OPS_MIX:-$MIX}
+    # Subclusters are mostly about what zeroes and trims leave.
+    case $v in extl2*) mix=${mix:-write:45,read:30,flush:5,zero:10,trim:10}
+    esac
     if [ -n "$mix" ]; then
         mix_args=(--ops-mix "$mix")
         case $mix in
@@ -285,7 +350,7 @@ ALL_VARIANTS="v2 v3 c4k c64k c2m rc1 rc64 zlib zstd chain rawback snap datafile 
 for v in $VARIANTS; do
     case " $ALL_VARIANTS " in *" $v "*) ;; *) fail "unknown variant $v" ;; esac
 done
-echo "test-differential: server=$SERVER seed=$SEED ops=$OPS${OPS_MIX:+ mix=$OPS_MIX} (datafile, dataraw: trims and zeroes unless OPS_MIX is given)"
+echo "test-differential: server=$SERVER seed=$SEED ops=$OPS${OPS_MIX:+ mix=$OPS_MIX} (datafile, dataraw, extl2*: trims and zeroes unless OPS_MIX is given)"
 # The seed of a variant depends on its place in ALL_VARIANTS, not on which
 # variants run, so VARIANTS=x reproduces a failure of x in a full run.
 IDX=0
