@@ -122,6 +122,11 @@ static int read_header (struct q2_image *img, char **data_name)
   /* A repair is what takes the corrupt and dirty marks away. */
   if ((r = header_parse (lay, buf, n, size, img->readonly || img->repair, &ex)) < 0)
     return r;
+  if (lay->crypt_method != CRYPT_NONE) {
+    log_error ("%s: the image is encrypted (LUKS); encrypted images are not supported",
+               lay->name);
+    return -ENOTSUP;
+  }
   if (ex.backing_offset && ex.backing_len) {
     if (!(img->backing_name = strndup ((char *) buf + ex.backing_offset, ex.backing_len)))
       return -ENOMEM;
