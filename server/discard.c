@@ -88,6 +88,7 @@ static void counts_add (struct trim_counts *to, const struct trim_counts *c)
   __atomic_add_fetch (&to->small, c->small, __ATOMIC_RELAXED);
   __atomic_add_fetch (&to->already_free, c->already_free, __ATOMIC_RELAXED);
   __atomic_add_fetch (&to->compressed, c->compressed, __ATOMIC_RELAXED);
+  __atomic_add_fetch (&to->encrypted, c->encrypted, __ATOMIC_RELAXED);
 }
 
 /* Adjacent punches of one request become one fallocate call. */
@@ -176,6 +177,13 @@ static int whole_owned (struct reclaim *rc, uint64_t guest, const struct mapping
     not_freed (rc, &rc->counts.already_free, cs);
     return 0;
   }
+  /* Without a zero flag (v2) the entry keeps naming the cluster, and
+   * neither a hole nor zeros there decrypt to zeros.
+   */
+  if (img->crypto && !v3) {
+    not_freed (rc, &rc->counts.encrypted, cs);
+    return rc->op == OP_ZERO ? write_zeros (rc, guest, cs) : 0;
+  }
   if (rc->release) {
     /* keep mode, or a v2 image over a backing file: the hole reads zeros. */
     punch_add (rc, host, cs);
@@ -232,6 +240,16 @@ static int whole_cluster (struct reclaim *rc, uint64_t guest, const struct mappi
   return -EIO;
 }
 
+/* Part of a cluster of an encrypted image, which stays named: a hole or
+ * zeros there would decrypt to garbage, so nothing is punched, and
+ * write-zeroes writes encrypted zeros.
+ */
+static int partial_encrypted (struct reclaim *rc, uint64_t guest, uint64_t len)
+{
+  not_freed (rc, &rc->counts.encrypted, len);
+  return rc->op == OP_ZERO ? write_zeros (rc, guest, len) : 0;
+}
+
 /* Part of a cluster we own: punch what host blocks it covers. */
 static int partial_owned (struct reclaim *rc, uint64_t guest, uint64_t len,
                           const struct mapping *m)
@@ -245,6 +263,8 @@ static int partial_owned (struct reclaim *rc, uint64_t guest, uint64_t len,
   bool hole;
   int r = 0;
 
+  if (img->crypto)
+    return partial_encrypted (rc, guest, len);
   if (!rc->release)
     r = host_zero (img->data, h, len);
   else {

@@ -136,8 +136,10 @@ static void print_qemu_part (const struct facts *f)
 
   printf ("image: %s\nfile format: qcow2\n", q2_file_name (f->img));
   print_size_bytes ("virtual size: ", q2_virtual_size (f->img));
-  printf ("disk size: %s\ncluster_size: %u\n", human_size (f->host, buf),
-          q2_cluster_size (f->img));
+  printf ("disk size: %s\n", human_size (f->host, buf));
+  if (h->encryption)
+    printf ("encrypted: yes\n");
+  printf ("cluster_size: %u\n", q2_cluster_size (f->img));
   if (h->dirty)
     printf ("cleanly shut down: no\n");
   if (h->backing_file) {
@@ -159,6 +161,8 @@ static void print_qemu_part (const struct facts *f)
   if (h->version >= 3)
     printf ("    lazy refcounts: %s\n", yes_no (h->lazy_refcounts));
   printf ("    refcount bits: %u\n", h->refcount_bits);
+  if (h->encryption)
+    printf ("    encrypt:\n        format: %s\n", h->encryption);
   if (h->version >= 3)
     printf ("    corrupt: %s\n    extended l2: false\n", yes_no (h->corrupt));
 }
@@ -269,6 +273,8 @@ static void print_json (const struct facts *f)
   printf (",\n  \"format\": \"qcow2\",\n  \"virtual-size\": %" PRIu64 ",\n"
           "  \"actual-size\": %" PRIu64 ",\n  \"cluster-size\": %" PRIu64 ",\n",
           q2_virtual_size (f->img), f->host, cs);
+  if (h->encryption)
+    printf ("  \"encrypted\": true,\n  \"encryption-format\": \"%s\",\n", h->encryption);
   if (h->backing_file) {
     printf ("  \"backing-filename\": ");
     json_string (h->backing_file);
