@@ -424,16 +424,21 @@ int crypto_pwrite (const struct crypto *c, struct hostfile *hf, const void *buf,
                    size_t len, uint64_t host)
 {
   const uint8_t *src = buf;
+  size_t cap = len < WRITE_CHUNK ? len + CRYPTO_SECTOR : WRITE_CHUNK;
   int r = 0;
 
   if (!c)
     return host_pwrite (hf, buf, len, host);
-  CLEANUP_FREE uint8_t *b = malloc (WRITE_CHUNK + CRYPTO_SECTOR);
+  /* A small write gets a small buffer (one of WRITE_CHUNK would be an
+   * mmap and munmap for every 4 KiB write), room for its offset in its
+   * first sector included, so that each turn writes something.
+   */
+  CLEANUP_FREE uint8_t *b = malloc (cap + 2 * CRYPTO_SECTOR);
   if (!b)
     return -ENOMEM;
   while (len > 0 && r == 0) {
     uint64_t first = host & ~(uint64_t) (CRYPTO_SECTOR - 1);
-    size_t n = WRITE_CHUNK - (host - first) < len ? WRITE_CHUNK - (host - first) : len;
+    size_t n = cap - (host - first) < len ? cap - (host - first) : len;
     size_t span = (host + n - first + CRYPTO_SECTOR - 1) & ~(size_t) (CRYPTO_SECTOR - 1);
     if ((r = fill_edges (c, hf, b, span, first, host, n)) < 0)
       break;

@@ -63,6 +63,29 @@ static bool qemu_reads_back (const char *path)
   return system (cmd) == 0;
 }
 
+/* Small writes at every position in a sector (a write as long as its
+ * offset in its sector once looped for ever), against a model of the
+ * cluster's plaintext (the write across the chunks below goes over them).
+ */
+static void small_writes (struct crypto *c, struct hostfile *hf, uint64_t host)
+{
+  static const size_t offs[] = { 0, 1, 300, 511, 512, 700, 4095 };
+  static const size_t lens[] = { 1, 212, 300, 511, 512, 513, 1000 };
+  static uint8_t model[65536], got[65536], data[1000];
+  size_t i, j;
+
+  CHECK (crypto_pread (c, hf, model, sizeof model, host) == 0);
+  for (i = 0; i < sizeof offs / sizeof *offs; i++)
+    for (j = 0; j < sizeof lens / sizeof *lens; j++) {
+      uint64_t at = 8192 + offs[i];
+      memset (data, (int) (i * 16 + j + 1), lens[j]);
+      CHECK (crypto_pwrite (c, hf, data, lens[j], host + at) == 0);
+      memcpy (model + at, data, lens[j]);
+      CHECK (crypto_pread (c, hf, got, sizeof got, host) == 0);
+      CHECK (memcmp (got, model, sizeof got) == 0);
+    }
+}
+
 static void check_image (const char *dir, const char *name, const char *create_opts)
 {
   char path[512];
@@ -115,6 +138,8 @@ static void check_image (const char *dir, const char *name, const char *create_o
   CHECK (memcmp (buf, raw, 512) != 0);
   crypto_decrypt (c, host + 512, buf, sizeof raw);
   CHECK (buf[0] == 0x5a && buf[sizeof raw - 1] == 0x5a);
+
+  small_writes (c, &hf, host);
 
   /* Part of two sectors, then a write across the chunks (the cluster is
    * 64 KiB: the rest goes past it, into space qemu-io does not read).
