@@ -82,9 +82,13 @@ EOF
 stat_of() { sed -n "s/^$2=//p" "$1"; }
 
 # --- Random requests, against a reference and then QEMU ----------------------
+# case_differential NAME [CREATE-OPTIONS...]: v3, and v2, which has no zero
+# flag, so that whole-cluster write-zeroes there write encrypted zeros.
 case_differential() {
+    local name=$1; shift
     local img=$TMP/diff.qcow2 sock=$TMP/diff.sock rc=0 out
-    luks_create "$img" 64M
+    rm -f "$img"
+    luks_create "$img" 64M "$@"
     qio "$img" 'write -P 0x11 0 1M' 'write -P 0x22 5243392 300K' 'write -P 0x33 20M 4M' \
         'write -z 21M 1M' 'discard 23M 512K' 'write -P 0x66 63M 1M'
     to_raw "$img" "$TMP/ref.raw"
@@ -110,7 +114,7 @@ EOF
     check_luks_clean "$img"
     grep -q "$CANARY" "$TMP/out.raw" || fail "the canary is not in the guest's data"
     no_cleartext "$img"
-    echo "ok: random requests: QEMU reads what was served, check clean, no clear text"
+    echo "ok: $name: random requests: QEMU reads what was served, check clean, no clear text"
     echo "$out" | sed -n 's/^nbd_random_ops: /    /p' | tail -n 1
 }
 
@@ -209,6 +213,41 @@ case_discard_and_compact() {
     echo "ok: compact=auto moved $(stat_of "$stats" clusters_moved) clusters; QEMU reads them"
 }
 
+# --- dir=: the passphrase is kept for images opened later ---------------------
+case_dir() {
+    local d=$TMP/dir sock=$TMP/dir.sock
+    mkdir -p "$d"
+    luks_create "$d/enc.qcow2" 16M
+    qemu-img create -q -f qcow2 "$d/plain.qcow2" 16M
+    start_server "$sock" "$TMP/dir.log" dir="$d" passphrase=+"$TMP/pass"
+    # Each connection opens its image and, as the last one, closes it: the
+    # second round opens both again, after the first connections are gone.
+    local round
+    for round in 1 2; do
+        "$PYTHON" - "$sock" "$round" "$CANARY" <<'EOF'
+import sys, nbd
+sock, rnd, canary = sys.argv[1], int(sys.argv[2]), sys.argv[3].encode()
+for name in ("enc.qcow2", "plain.qcow2"):
+    h = nbd.NBD()
+    h.set_export_name(name)
+    h.connect_unix(sock)
+    if rnd == 1:
+        h.pwrite((canary * 300)[:8192], 65536)
+        h.flush()
+    else:
+        assert h.pread(8192, 65536) == (canary * 300)[:8192], name
+    h.shutdown()
+EOF
+    done
+    stop_server "$LAST_SERVER_PID"
+    ! log_errors "$TMP/dir.log" || fail "dir=: the server logged errors"
+    no_cleartext "$d/enc.qcow2"
+    grep -q "$CANARY" "$d/plain.qcow2" || fail "dir=: the plain image should hold the canary"
+    qio "$d/enc.qcow2" "read -P 0 0 65536"
+    check_luks_clean "$d/enc.qcow2"
+    echo "ok: dir=: an encrypted image opens again with the kept passphrase, next to a plain one"
+}
+
 # --- Partial trims punch nothing; the tool needs no key ------------------------
 case_partial_and_tool() {
     local img=$TMP/partial.qcow2 sock=$TMP/partial.sock stats=$TMP/partial.stats
@@ -232,7 +271,9 @@ case_partial_and_tool() {
     echo "ok: qcow2reclaim info and check need no key"
 }
 
-run_case case_differential
+run_case case_differential v3
+run_case case_differential v2 -o compat=0.10
+run_case case_dir
 run_case case_passphrase_forms
 run_case case_discard_and_compact
 run_case case_partial_and_tool
