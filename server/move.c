@@ -36,7 +36,6 @@ static int recrypt_cluster (struct q2_image *img, uint64_t from, uint64_t to,
   if ((r = crypto_pread (img->crypto, &img->m.hf, buf, cs, from)) < 0)
     return request_io_error (img, "read", from, guest, r);
   r = crypto_pwrite (img->crypto, &img->m.hf, buf, cs, to);
-  explicit_bzero (buf, cs);
   return r < 0 ? request_io_error (img, "write", to, guest, r) : 0;
 }
 
