@@ -156,6 +156,19 @@ assert got == (canary * (70000 // len(canary) + 1))[:70000], "passphrase=-3 read
 EOF
     stop_server "$LAST_SERVER_PID"
     echo "ok: passphrase=-FD (3<FILE) reads what passphrase=+FILE wrote"
+    # passphrase=- asks on the terminal: script(1) gives nbdkit one.
+    if command -v script >/dev/null 2>&1 && command -v nbdcopy >/dev/null 2>&1; then
+        (sleep 1; printf '%s\n' "$PASS") |
+            timeout 60 script -qec "nbdkit -f -U '$TMP/prompt.sock' '$PLUGIN' file='$img' \
+                passphrase=- readonly=true --run 'nbdcopy \$uri $TMP/prompt.raw'" \
+                /dev/null >"$TMP/prompt.log" 2>&1 ||
+            { cat "$TMP/prompt.log" >&2; fail "passphrase=-: nbdkit or nbdcopy failed"; }
+        to_raw "$img" "$TMP/forms.raw"
+        cmp "$TMP/prompt.raw" "$TMP/forms.raw" >&2 || fail "passphrase=-: other bytes than QEMU reads"
+        echo "ok: passphrase=- (typed on a terminal)"
+    else
+        echo "skipped: passphrase=- (needs script(1) and nbdcopy)"
+    fi
     qio "$img" "read -P 0 0 1000"
     no_cleartext "$img"
 }
