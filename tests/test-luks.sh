@@ -140,6 +140,10 @@ case_passphrase_forms() {
     expect_refused "a wrong passphrase" "$img" "no key slot accepts the passphrase" \
         passphrase=wrong
     expect_refused "no passphrase" "$img" "passphrase=" readonly=true
+    qemu-img create -q -f qcow2 "$TMP/base.qcow2" 16M
+    luks_create "$TMP/over.qcow2" 16M -b "$TMP/base.qcow2" -F qcow2
+    expect_refused "an encrypted image with a backing file" "$TMP/over.qcow2" \
+        "is encrypted and has a backing file; that is not supported" passphrase="$PASS"
 
     start_server "$sock" "$TMP/forms.log" file="$img" passphrase=+"$TMP/pass"
     write_canary "$sock" 1000 70000
