@@ -184,10 +184,14 @@ static int parse_header (const uint8_t *ph, const char *name, struct luks_header
   char cipher[NAME_LEN + 1], mode[NAME_LEN + 1], hash[NAME_LEN + 1];
   size_t i;
 
-  if (memcmp (ph, luks_magic, sizeof luks_magic) != 0 || be16_get (ph + PH_VERSION) != 1) {
-    log_error ("%s: the encryption header is not a LUKS1 header (no LUKS magic, or "
-               "version %u)", name, be16_get (ph + PH_VERSION));
+  if (memcmp (ph, luks_magic, sizeof luks_magic) != 0) {
+    log_error ("%s: the encryption header is not a LUKS1 header (no LUKS magic)", name);
     return -EINVAL;
+  }
+  if (be16_get (ph + PH_VERSION) != 1) {
+    log_error ("%s: the encryption header is LUKS version %u; only LUKS1 (what QEMU "
+               "writes into qcow2 images) is supported", name, be16_get (ph + PH_VERSION));
+    return -ENOTSUP;
   }
   field_name (ph + PH_CIPHER, cipher);
   field_name (ph + PH_MODE, mode);

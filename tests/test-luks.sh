@@ -285,7 +285,16 @@ case_partial_and_tool() {
     "$TOOL" check "$img" >"$TMP/check.out" ||
         { cat "$TMP/check.out" >&2; fail "qcow2reclaim check without the key is not clean"; }
     grep -q "No errors were found" "$TMP/check.out" || fail "check without the key found errors"
-    echo "ok: qcow2reclaim info and check need no key"
+    # Not even the LUKS header is read: with its magic gone, check is as clean.
+    cp "$img" "$TMP/nomagic.qcow2"
+    [ "$(dd if="$img" bs=1 skip=$((0x40000)) count=4 status=none)" = LUKS ] ||
+        fail "the LUKS header is not where qemu-img puts it at 64 KiB clusters (0x40000)"
+    printf 'XXXXXX' | dd of="$TMP/nomagic.qcow2" bs=1 seek=$((0x40000)) conv=notrunc status=none
+    "$TOOL" check "$TMP/nomagic.qcow2" >"$TMP/check.out" ||
+        { cat "$TMP/check.out" >&2; fail "check reads the LUKS header"; }
+    expect_refused "a LUKS header without its magic" "$TMP/nomagic.qcow2" \
+        "is not a LUKS1 header" passphrase="$PASS"
+    echo "ok: qcow2reclaim info and check need no key, nor a LUKS header"
 }
 
 run_case case_differential v3
