@@ -55,6 +55,12 @@
 #define HDR_EXT_FEATURE_TABLE   0x6803f857u
 #define HDR_EXT_DATA_FILE       0x44415441u
 #define HDR_EXT_BITMAPS         0x23852875u
+#define HDR_EXT_CRYPTO          0x0537be77u   /* u64 offset, u64 length of the LUKS header */
+
+/* crypt_method */
+#define CRYPT_NONE 0
+#define CRYPT_AES  1            /* the legacy AES-CBC of qcow2: refused */
+#define CRYPT_LUKS 2
 
 /* Persistent bitmaps: the extension's fields, a directory entry's fixed
  * part, and where a bitmap table entry keeps its data cluster.

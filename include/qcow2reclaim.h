@@ -52,6 +52,16 @@ struct q2_options {
   bool repair;
   const char *backing;      /* NULL: the image's own; "none": refuse backing files */
   const char *data_file;    /* NULL: the external data file the image names */
+  /* The passphrase of a LUKS-encrypted image (len bytes; NULL: none given).
+   * The engine keeps no copy: the caller wipes it once q2_open returned.
+   */
+  const char *passphrase;
+  size_t passphrase_len;
+  /* An encrypted image opens without its passphrase, for its metadata
+   * only (qcow2reclaim info, map, check and its repair): reading or
+   * writing guest data, and compaction, are then refused.
+   */
+  bool metadata_only;
   size_t cache_size;        /* bytes of L2 tables and refcount blocks to keep, 0 = default */
   enum q2_discard_mode discard;
   enum q2_detect_zeroes detect_zeroes;
@@ -84,6 +94,8 @@ int q2_close (struct q2_image *img);
 int q2_after_fork (struct q2_image *img);
 
 uint64_t q2_virtual_size (const struct q2_image *img);
+/* LUKS-encrypted: data is encrypted in 512-byte sectors. */
+bool q2_encrypted (const struct q2_image *img);
 uint32_t q2_cluster_size (const struct q2_image *img);
 bool q2_readonly (const struct q2_image *img);
 
@@ -132,6 +144,10 @@ struct q2_stats {
   uint64_t not_freed_small;     /* parts of host blocks (4 KiB) */
   uint64_t not_freed_already_free;
   uint64_t not_freed_compressed;  /* parts of compressed clusters */
+  /* Parts of clusters of an encrypted image: a hole there would not read
+   * as zeros, so nothing is punched.
+   */
+  uint64_t not_freed_encrypted;
   /* Gauges, as of the call. */
   uint64_t file_length;
   uint64_t host_allocated;      /* bytes the host file takes on disk */
@@ -243,6 +259,7 @@ struct q2_header_info {
    */
   const char *data_file, *data_path;
   bool data_file_raw;
+  const char *encryption;       /* "luks"; NULL: not encrypted */
   /* Why the plugin would serve the image read-only only (marked corrupt or
    * dirty), as a sentence; NULL: it would serve it for writing.
    */

@@ -35,6 +35,10 @@ static char *statsfile;
 static enum q2_detect_zeroes detect_zeroes = Q2_DETECT_ZEROES_OFF;
 static enum q2_compact_mode compact = Q2_COMPACT_AUTO;
 static uint64_t compact_rate;
+/* The passphrase of encrypted images: with file=, wiped once the image is
+ * open; with dir=, kept for the images still to open, wiped at unload.
+ */
+static char *passphrase;
 
 /* file=: one image for all connections: one metadata cache, so
  * multi-conn is safe, and its stats file.  dir= opens one per image
@@ -83,6 +87,15 @@ static void logger (int level, const char *msg)
     notice ("%s", msg);
   else
     nbdkit_debug ("%s", msg);
+}
+
+static void wipe_passphrase (void)
+{
+  if (passphrase) {
+    explicit_bzero (passphrase, strlen (passphrase));
+    free (passphrase);
+    passphrase = NULL;
+  }
 }
 
 static void q2r_load (void)
@@ -134,6 +147,7 @@ static void q2r_unload (void)
   free (backing);
   free (data_file);
   free (statsfile);
+  wipe_passphrase ();
 }
 
 /* Sizes as nbdkit users write them: 65536, 64K, 64M, 64MiB, 1G, 1GiB
@@ -212,7 +226,7 @@ static char *resolve_file (const char *key, const char *value)
  */
 static const char *const parameters[] = {
   "file", "dir", "readonly", "backing", "cache-size", "discard", "detect-zeroes",
-  "compact", "compact-rate", "statsfile", "data-file",
+  "compact", "compact-rate", "statsfile", "data-file", "passphrase",
 };
 static bool given[sizeof parameters / sizeof *parameters];
 
@@ -263,6 +277,11 @@ static int q2r_config (const char *key, const char *value)
   else if (strcmp (key, "data-file") == 0) {
     free (data_file);
     if (!(data_file = resolve_file (key, value)))
+      return -1;
+  }
+  else if (strcmp (key, "passphrase") == 0) {
+    /* SECRET, +FILE, - (asks on the terminal) or -FD, as nbdkit reads them. */
+    if (nbdkit_read_password (value, &passphrase) == -1)
       return -1;
   }
   else if (strcmp (key, "cache-size") == 0) {
@@ -388,6 +407,10 @@ static int q2r_config_complete (void)
   "                      with a backing file.\n" \
   "data-file=<FILE>      Use FILE as the external data file instead of the one\n" \
   "                      the image names.\n" \
+  "passphrase=<SECRET>|+<FILE>|-|-<FD>\n" \
+  "                      The passphrase of a LUKS-encrypted image: given, read\n" \
+  "                      from FILE or from file descriptor FD, or asked for on\n" \
+  "                      the terminal (-).\n" \
   "cache-size=<SIZE>     Bytes of L2 tables and refcount blocks kept in memory\n" \
   "                      (default 32M: 256 GiB of disk at 64 KiB clusters stays\n" \
   "                      cached; larger disks work, re-reading tables).\n" \
@@ -443,11 +466,15 @@ static int check_writable (void)
  */
 static int open_file (struct q2_options *o)
 {
+  int r;
+
   if (!o->readonly && check_writable () < 0)
     return -1;
   if (statsfile && !(stats = statsfile_new (statsfile)))
     return -1;
-  if (q2_open (o, &image) < 0)
+  r = q2_open (o, &image);
+  wipe_passphrase ();
+  if (r < 0)
     return -1;
   if (stats && statsfile_attach (stats, image, true) < 0) {
     q2_close (image);
@@ -465,6 +492,7 @@ static int q2r_get_ready (void)
     .cache_size = cache_size, .discard = discard, .detect_zeroes = detect_zeroes,
     .compact = compact, .compact_rate = compact_rate,
     .worker_notify = worked,
+    .passphrase = passphrase, .passphrase_len = passphrase ? strlen (passphrase) : 0,
   };
 
   if (dir)
@@ -549,7 +577,10 @@ static int q2r_block_size (void *h, uint32_t *minimum, uint32_t *preferred,
 {
   uint32_t cs = q2_cluster_size (img_of (h));
 
-  *minimum = 1;
+  /* An encrypted image's sectors are 512 bytes: a smaller write reads,
+   * decrypts and rewrites its sector.
+   */
+  *minimum = q2_encrypted (img_of (h)) ? 512 : 1;
   *preferred = cs < 4096 ? 4096 : cs;
   *maximum = 0xffffffff;
   return 0;
@@ -656,6 +687,7 @@ static void q2r_dump_plugin (void)
   printf ("qcow2reclaim_io_uring=no\n");
 #endif
   printf ("qcow2reclaim_compression=deflate,zstd\n");
+  printf ("qcow2reclaim_encryption=luks\n");
 }
 
 #define THREAD_MODEL NBDKIT_THREAD_MODEL_PARALLEL

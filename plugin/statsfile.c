@@ -75,14 +75,14 @@ void statsfile_format (struct q2_image *img, char *buf, size_t len)
             "\nimage_end_offset=%" PRIu64 "\nbytes_trimmed=%" PRIu64
             "\nnot_freed_snapshot=%" PRIu64 "\nnot_freed_backing=%" PRIu64
             "\nnot_freed_small=%" PRIu64 "\nnot_freed_already_free=%" PRIu64
-            "\nnot_freed_compressed=%" PRIu64 "\n",
+            "\nnot_freed_compressed=%" PRIu64 "\nnot_freed_encrypted=%" PRIu64 "\n",
             s.bytes_punched, s.clusters_freed, s.l2_tables_freed,
             s.refblocks_freed, s.truncations, s.bytes_truncated,
             s.clusters_moved, s.bytes_moved, s.free_bytes_punched, s.pinned_bytes,
             s.file_length, s.host_allocated, s.target_length, s.bytes_given_back,
             s.image_end_offset, s.bytes_trimmed, s.not_freed_snapshot,
             s.not_freed_backing, s.not_freed_small, s.not_freed_already_free,
-            s.not_freed_compressed);
+            s.not_freed_compressed, s.not_freed_encrypted);
   /* An image on a block device: the size lvreduce may take the volume
    * down to once the server has stopped.
    */

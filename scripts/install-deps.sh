@@ -5,7 +5,7 @@
 set -e
 PACKAGES="build-essential autoconf automake libtool pkg-config
   nbdkit nbdkit-plugin-dev libnbd-dev libnbd-bin python3-libnbd nbdfuse
-  qemu-utils liburing-dev zlib1g-dev libzstd-dev
+  qemu-utils liburing-dev zlib1g-dev libzstd-dev nettle-dev
   fuse3 e2fsprogs xfsprogs util-linux iproute2 fio openssl strace
   clang libclang-rt-14-dev valgrind"
 missing=

@@ -2,7 +2,7 @@
 /* Consistency check: every reference in the image (header, L1 tables of the
  * active layer and of each internal snapshot, L2 tables, data and
  * compressed clusters, refcount table and blocks, snapshot table, persistent
- * bitmaps) is counted and compared with the stored refcounts, as `qemu-img
+ * bitmaps, the encryption header) is counted and compared with the stored refcounts, as `qemu-img
  * check` does.
  */
 #include <config.h>
@@ -36,7 +36,7 @@
  */
 enum ref_kind {
   REF_HEADER, REF_L1, REF_L2, REF_DATA, REF_COMPRESSED, REF_REFTABLE, REF_REFBLOCK,
-  REF_SNAPSHOTS, REF_BITMAP_DIR, REF_BITMAP_TABLE, REF_BITMAP_DATA, REF_KINDS
+  REF_SNAPSHOTS, REF_BITMAP_DIR, REF_BITMAP_TABLE, REF_BITMAP_DATA, REF_CRYPTO, REF_KINDS
 };
 static const char *const ref_names[REF_KINDS] = {
   [REF_HEADER] = "header", [REF_L1] = "L1 table", [REF_L2] = "L2 table",
@@ -44,6 +44,7 @@ static const char *const ref_names[REF_KINDS] = {
   [REF_REFTABLE] = "refcount table", [REF_REFBLOCK] = "refcount block",
   [REF_SNAPSHOTS] = "snapshot table", [REF_BITMAP_DIR] = "bitmap directory",
   [REF_BITMAP_TABLE] = "bitmap table", [REF_BITMAP_DATA] = "bitmap data cluster",
+  [REF_CRYPTO] = "encryption header",
 };
 #define KIND_NONE 0             /* per cluster: 0, or the kind + 1 */
 
@@ -694,6 +695,11 @@ static int walk_all (struct walk *w)
 
   LOCK_FOR_SCOPE (&img->m.lock);
   add_ref (w, 0, w->lay->cluster_size, OWNER_ACTIVE, REF_HEADER);
+  /* The LUKS header and key material: read by nobody here, counted all the
+   * same (a repair must not free them), and never decrypted.
+   */
+  if (w->lay->crypto_length)
+    add_ref (w, w->lay->crypto_offset, w->lay->crypto_length, OWNER_ACTIVE, REF_CRYPTO);
   if ((r = walk_l1 (w, w->lay->l1_offset, img->m.l1.size, OWNER_ACTIVE)) < 0 ||
       (r = walk_snapshots (w)) < 0 ||
       (r = walk_bitmaps (w)) < 0 ||

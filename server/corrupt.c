@@ -62,6 +62,8 @@ int corrupt_check_range (const struct layout *lay, uint64_t offset, uint64_t len
     why = "inside the L1 table";
   else if (overlaps (offset, len, lay->reftable_offset, lay->reftable_clusters * cs))
     why = "inside the refcount table";
+  else if (overlaps (offset, len, lay->crypto_offset, lay->crypto_length))
+    why = "inside the encryption header";
   for (c = offset >> lay->cluster_bits; !why && c <= (offset + len - 1) >> lay->cluster_bits; c++)
     if ((k = overlap_kind (&lay->meta, c)) != META_DATA && k != self)
       why = held[k];

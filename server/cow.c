@@ -17,6 +17,7 @@
 #include "cluster.h"
 #include "compress.h"
 #include "cow.h"
+#include "crypto.h"
 #include "engine.h"
 #include "l2.h"
 #include "request.h"
@@ -42,7 +43,7 @@ static int old_cluster (struct q2_image *img, const struct mapping *m, uint64_t 
     return 0;
   case MAP_NORMAL: {
     uint64_t host = (m->entry & L2E_OFFSET_MASK) + (k << lay->cluster_bits);
-    r = host_pread (img->data, out, lay->cluster_size, host);
+    r = crypto_pread (img->crypto, img->data, out, lay->cluster_size, host);
     return r < 0 ? request_io_error (img, "read", host, guest, r) : 0;
   }
   case MAP_COMPRESSED:
@@ -60,6 +61,7 @@ static bool reads_zero (const struct q2_image *img, const struct mapping *m)
 /* One partially written cluster: old contents with the new bytes on top.
  * Where the old contents are zeros, the rest of the cluster becomes a hole
  * rather than written zeros, as QEMU does: less I/O and less host space.
+ * Not in an encrypted image, where a hole does not decrypt to zeros.
  */
 static int write_partial (struct q2_image *img, const struct mapping *m, uint64_t k,
                           uint64_t guest, uint64_t target, const char *data,
@@ -68,7 +70,7 @@ static int write_partial (struct q2_image *img, const struct mapping *m, uint64_
   uint64_t cs = img->m.lay.cluster_size;
   int r;
 
-  if (reads_zero (img, m) && host_can_punch (img->data) &&
+  if (reads_zero (img, m) && !img->crypto && host_can_punch (img->data) &&
       host_punch (img->data, target, cs) == 0) {
     r = host_pwrite (img->data, data, len, target + in);
     return r < 0 ? request_io_error (img, "write", target + in, guest + in, r) : 0;
@@ -76,7 +78,7 @@ static int write_partial (struct q2_image *img, const struct mapping *m, uint64_
   if ((r = old_cluster (img, m, k, guest, cbuf)) < 0)
     return r;
   memcpy (cbuf + in, data, len);
-  r = host_pwrite (img->data, cbuf, cs, target);
+  r = crypto_pwrite (img->crypto, img->data, cbuf, cs, target);
   return r < 0 ? request_io_error (img, "write", target, guest, r) : 0;
 }
 
@@ -105,7 +107,8 @@ static int fill_clusters (struct q2_image *img, const struct mapping *m, const c
   }
   if (r == 0 && last > first) {
     uint64_t host = target + first * cs;
-    r = host_pwrite (img->data, buf + first * cs - in, (last - first) * cs, host);
+    r = crypto_pwrite (img->crypto, img->data, buf + first * cs - in, (last - first) * cs,
+                       host);
     if (r < 0)
       request_io_error (img, "write", host, start + first * cs, r);
   }
@@ -190,7 +193,7 @@ static int old_sub (struct q2_image *img, const struct mapping *m, uint64_t g, u
 
   if (!((m->bitmap >> 32 >> s) & 1) && ((m->bitmap >> s) & 1)) {
     host = (m->entry & L2E_OFFSET_MASK) + ((uint64_t) s << layout_sc_bits (lay));
-    r = host_pread (img->data, out, scs, host);
+    r = crypto_pread (img->crypto, img->data, out, scs, host);
     return r < 0 ? request_io_error (img, "read", host, guest, r) : 0;
   }
   if (!((m->bitmap >> 32 >> s) & 1) && img->backing)
@@ -238,9 +241,9 @@ static int copy_allocated (struct q2_image *img, const struct mapping *m, uint64
     if (!((keep >> s) & 1))
       continue;
     o = (uint64_t) s << layout_sc_bits (lay);
-    if ((r = host_pread (img->data, sub, scs, from + o)) < 0)
+    if ((r = crypto_pread (img->crypto, img->data, sub, scs, from + o)) < 0)
       return request_io_error (img, "read", from + o, g + o, r);
-    if ((r = host_pwrite (img->data, sub, scs, target + o)) < 0)
+    if ((r = crypto_pwrite (img->crypto, img->data, sub, scs, target + o)) < 0)
       return request_io_error (img, "write", target + o, g + o, r);
   }
   return 0;
@@ -290,7 +293,7 @@ static int write_sub (struct q2_image *img, const struct mapping *m, const char 
     return r;
 
   r = fill_span (img, m, g, s0, s1, buf, in, len, sbuf);
-  if (r == 0 && (r = host_pwrite (img->data, sbuf, bytes,
+  if (r == 0 && (r = crypto_pwrite (img->crypto, img->data, sbuf, bytes,
                                   target + ((uint64_t) s0 << layout_sc_bits (lay)))) < 0)
     request_io_error (img, "write", target + ((uint64_t) s0 << layout_sc_bits (lay)),
                       g + ((uint64_t) s0 << layout_sc_bits (lay)), r);
@@ -329,7 +332,7 @@ int cow_write (struct q2_image *img, const void *buf, uint64_t count, uint64_t o
       break;
     len = m.bytes;
     if (m.kind == MAP_NORMAL && (m.copied || img->m.lay.data_file)) {
-      r = host_pwrite (img->data, buf, len, m.host);
+      r = crypto_pwrite (img->crypto, img->data, buf, len, m.host);
       if (r < 0)
         request_io_error (img, "write", m.host, offset, r);
     }

@@ -103,6 +103,7 @@ static void counts_add (struct trim_counts *to, const struct trim_counts *c)
   __atomic_add_fetch (&to->small, c->small, __ATOMIC_RELAXED);
   __atomic_add_fetch (&to->already_free, c->already_free, __ATOMIC_RELAXED);
   __atomic_add_fetch (&to->compressed, c->compressed, __ATOMIC_RELAXED);
+  __atomic_add_fetch (&to->encrypted, c->encrypted, __ATOMIC_RELAXED);
 }
 
 /* Adjacent punches of one request become one fallocate call. */
@@ -209,6 +210,13 @@ static int whole_owned (struct reclaim *rc, uint64_t guest, const struct mapping
     /* discard=keep punched it when it got the zero flag. */
     not_freed (rc, &rc->counts.already_free, cs);
     return 0;
+  }
+  /* Without a zero flag (v2) the entry keeps naming the cluster, and
+   * neither a hole nor zeros there decrypt to zeros.
+   */
+  if (img->crypto && !v3) {
+    not_freed (rc, &rc->counts.encrypted, cs);
+    return rc->op == OP_ZERO ? write_zeros (rc, guest, cs) : 0;
   }
   if (rc->release) {
     /* keep mode, or a v2 image over a backing file: the hole reads zeros. */
@@ -425,6 +433,16 @@ static int sub_holes (struct reclaim *rc, uint64_t g, uint64_t cand)
   return mask ? sub_whole (rc, g, mask) : 0;
 }
 
+/* Part of a cluster of an encrypted image, which stays named: a hole or
+ * zeros there would decrypt to garbage, so nothing is punched, and
+ * write-zeroes writes encrypted zeros.
+ */
+static int partial_encrypted (struct reclaim *rc, uint64_t guest, uint64_t len)
+{
+  not_freed (rc, &rc->counts.encrypted, len);
+  return rc->op == OP_ZERO ? write_zeros (rc, guest, len) : 0;
+}
+
 /* Part of a cluster we own: punch what host blocks it covers. */
 static int partial_owned (struct reclaim *rc, uint64_t guest, uint64_t len,
                           const struct mapping *m)
@@ -438,6 +456,8 @@ static int partial_owned (struct reclaim *rc, uint64_t guest, uint64_t len,
   bool hole;
   int r = 0;
 
+  if (img->crypto)
+    return partial_encrypted (rc, guest, len);
   if (!rc->release) {
     if ((r = host_zero (img->data, h, len)) < 0)
       return zero_failed (img, h, len, r);

@@ -25,6 +25,7 @@ struct backing;
 struct bitmaps;
 struct compact;
 struct copied;
+struct crypto;
 
 /* What trims (and write-zeroes that may trim) asked for, and the bytes of
  * it that gave nothing back, by reason (discard.c decides them).
@@ -36,6 +37,7 @@ struct trim_counts {
   uint64_t small;             /* parts of host blocks, at the edges of a partial trim */
   uint64_t already_free;      /* unallocated, or already reading zeros */
   uint64_t compressed;        /* parts of compressed clusters */
+  uint64_t encrypted;         /* parts of clusters of an encrypted image */
 };
 
 struct q2_image {
@@ -54,6 +56,10 @@ struct q2_image {
   struct punch *punch;        /* the deferred punches' worker (punch.h) */
   struct backing *backing;    /* NULL: unallocated clusters read as zeros */
   struct bitmaps *bitmaps;    /* persistent bitmaps (bitmap.h); NULL: none */
+  /* The cipher of a LUKS-encrypted image's data (crypto.h); NULL: not
+   * encrypted, or opened for its metadata only (lay.crypt_method says).
+   */
+  struct crypto *crypto;
   struct rangelock guest_lock;
 
   bool readonly;

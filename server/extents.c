@@ -60,11 +60,15 @@ int extents_status (struct q2_image *img, uint64_t offset, uint64_t len,
     *type = Q2_EXTENT_HOLE | Q2_EXTENT_ZERO;
     return 0;
   case MAP_NORMAL:
+    /* In an encrypted image a hole decrypts to garbage, not zeros. */
+    if (img->m.lay.crypt_method)
+      break;
     return host_status (img, m.host, type, run);
   default:
-    *type = 0;
-    return 0;
+    break;
   }
+  *type = 0;
+  return 0;
 }
 
 int extents_walk (struct q2_image *img, uint64_t count, uint64_t offset, bool req_one,

@@ -56,6 +56,10 @@ static int parse_extensions (struct layout *lay, const uint8_t *buf,
       memcpy (ex->backing_format, buf + off + 8, n);
       ex->backing_format[n] = '\0';
     }
+    if (t == HDR_EXT_CRYPTO && l >= 16) {
+      lay->crypto_offset = be64_get (buf + off + 8);
+      lay->crypto_length = be64_get (buf + off + 16);
+    }
     if (t == HDR_EXT_DATA_FILE) {
       ex->data_file_offset = off + 8;
       ex->data_file_len = l;
@@ -101,6 +105,51 @@ static int refuse_features (struct layout *lay, const uint8_t *buf,
   }
   if (!readonly && header_write_refusal (lay)) {
     log_error ("%s: %s", lay->name, header_write_refusal (lay));
+    return -EINVAL;
+  }
+  return 0;
+}
+
+/* LUKS is served (crypto.c); the legacy AES of qcow2 is not: QEMU itself
+ * no longer opens it for writing, and its flaws are known.
+ */
+static int parse_crypt_method (struct layout *lay, const uint8_t *buf)
+{
+  lay->crypt_method = be32_get (buf + HDR_CRYPT_METHOD);
+  if (lay->crypt_method == CRYPT_AES) {
+    log_error ("%s: the image uses the legacy AES encryption of qcow2 (method 1), "
+               "which has known weaknesses and is not supported; convert it to a "
+               "LUKS-encrypted image with qemu-img convert -o encrypt.format=luks",
+               lay->name);
+    return -ENOTSUP;
+  }
+  if (lay->crypt_method != CRYPT_NONE && lay->crypt_method != CRYPT_LUKS) {
+    log_error ("%s: the image is encrypted with an unknown method (%u)", lay->name,
+               lay->crypt_method);
+    return -ENOTSUP;
+  }
+  return 0;
+}
+
+/* The LUKS header lies in clusters of its own, inside the file. */
+static int check_crypto_area (const struct layout *lay, uint64_t file_size)
+{
+  if (lay->crypt_method != CRYPT_LUKS) {
+    if (lay->crypto_length)
+      log_error ("%s: the image has an encryption header but is not LUKS-encrypted",
+                 lay->name);
+    return lay->crypto_length ? -EINVAL : 0;
+  }
+  if (!lay->crypto_length) {
+    log_error ("%s: the image is LUKS-encrypted but has no encryption header "
+               "extension (0x%x)", lay->name, HDR_EXT_CRYPTO);
+    return -EINVAL;
+  }
+  if (lay->crypto_offset & (lay->cluster_size - 1) || lay->crypto_offset == 0 ||
+      lay->crypto_offset > file_size || lay->crypto_length > file_size - lay->crypto_offset) {
+    log_error ("%s: the encryption header at 0x%" PRIx64 " (%" PRIu64 " bytes) is not "
+               "at a cluster boundary inside the file", lay->name, lay->crypto_offset,
+               lay->crypto_length);
     return -EINVAL;
   }
   return 0;
@@ -263,11 +312,8 @@ int header_parse (struct layout *lay, const uint8_t *buf, uint64_t buflen,
               lay->name, lay->version);
     return -ENOTSUP;
   }
-  if (be32_get (buf + HDR_CRYPT_METHOD) != 0) {
-    log_error ("%s: the image is encrypted (method %u); encrypted images are not "
-              "supported", lay->name, be32_get (buf + HDR_CRYPT_METHOD));
-    return -ENOTSUP;
-  }
+  if ((r = parse_crypt_method (lay, buf)) < 0)
+    return r;
   lay->refcount_order = 4;
   lay->header_length = HDR_V2_LENGTH;
   if (lay->version == 3) {
@@ -286,7 +332,8 @@ int header_parse (struct layout *lay, const uint8_t *buf, uint64_t buflen,
   ext_end = buflen < lay->cluster_size ? buflen : lay->cluster_size;
   if ((r = refuse_features (lay, buf, ext_start, ext_end, readonly)) < 0)
     return r;
-  if ((r = parse_extensions (lay, buf, ext_start, ext_end, ex)) < 0)
+  if ((r = parse_extensions (lay, buf, ext_start, ext_end, ex)) < 0 ||
+      (r = check_crypto_area (lay, file_size)) < 0)
     return r;
 
   ex->backing_offset = be64_get (buf + HDR_BACKING_OFFSET);

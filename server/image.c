@@ -25,6 +25,7 @@
 #include "copied.h"
 #include "corrupt.h"
 #include "cow.h"
+#include "crypto.h"
 #include "discard.h"
 #include "engine.h"
 #include "extents.h"
@@ -204,6 +205,50 @@ static int open_data_file (struct q2_image *img, const struct q2_options *o,
   return o->force_share ? 0 : hostlock_take (&img->data_hf, !o->readonly);
 }
 
+/* A LUKS-encrypted image is unlocked with the passphrase given, or opened
+ * for its metadata only.  Its backing file would need a key of its own
+ * (QEMU takes one per image), and an external data file another place
+ * for the tweaks: both are refused rather than half served.
+ */
+static int open_crypto (struct q2_image *img, const struct q2_options *o,
+                        const struct backing_chain *above)
+{
+  const struct layout *lay = &img->m.lay;
+
+  if (lay->crypt_method != CRYPT_LUKS)
+    return 0;
+  if (above) {
+    log_error ("%s: the backing file %s is encrypted; encrypted backing files are not "
+               "supported", above->name, lay->name);
+    return -ENOTSUP;
+  }
+  if (img->backing_name || lay->data_file) {
+    log_error ("%s: the image is encrypted and has %s; that is not supported (convert "
+               "it to a standalone encrypted image with qemu-img convert)", lay->name,
+               img->backing_name ? "a backing file" : "an external data file");
+    return -ENOTSUP;
+  }
+  if (o->passphrase)
+    return crypto_open (&img->crypto, &img->m.hf, lay->name, lay->crypto_offset,
+                        lay->crypto_length, o->passphrase, o->passphrase_len);
+  if (o->metadata_only)
+    return 0;
+  log_error ("%s: the image is encrypted (LUKS); give its passphrase with "
+             "passphrase=SECRET, passphrase=+FILE, passphrase=- or passphrase=-FD",
+             lay->name);
+  return -EACCES;
+}
+
+/* An encrypted image opened for its metadata only has no key for data. */
+static int refuse_without_key (const struct q2_image *img, const char *what)
+{
+  if (img->m.lay.crypt_method != CRYPT_LUKS || img->crypto)
+    return 0;
+  log_error ("%s: cannot %s: the image is encrypted and was opened without its "
+             "passphrase", img->m.lay.name, what);
+  return -EACCES;
+}
+
 /* backing=none refuses images that need a backing file; backing=FILE
  * replaces the one the header names, and an image that names none has
  * nothing to replace: FILE showing through its unallocated clusters,
@@ -347,6 +392,7 @@ static int image_open (const struct q2_options *o, int depth,
   m->lay.name = m->hf.name;
   if ((!o->force_share && (r = hostlock_take (&m->hf, !o->readonly)) < 0) ||
       (r = read_header (img)) < 0 ||
+      (r = open_crypto (img, o, above)) < 0 ||
       (r = open_data_file (img, o, img->data_name)) < 0 ||
       (r = table_load (&m->l1, &m->hf, &m->lay, "L1 table", m->lay.l1_offset,
                        m->lay.l1_entries)) < 0 ||
@@ -354,7 +400,8 @@ static int image_open (const struct q2_options *o, int depth,
                        m->lay.reftable_offset, layout_reftable_entries (&m->lay))) < 0 ||
       (r = build_overlap (img)) < 0 ||
       (r = copied_new (&img->copied)) < 0 ||
-      (r = compact_new (&img->compact, o->compact == Q2_COMPACT_AUTO && !img->repair,
+      (r = compact_new (&img->compact, o->compact == Q2_COMPACT_AUTO && !img->repair &&
+                        (img->crypto || m->lay.crypt_method != CRYPT_LUKS),
                         o->compact_rate,
                         o->worker_notify, o->worker_opaque)) < 0)
     goto fail;
@@ -444,6 +491,7 @@ int q2_close (struct q2_image *img)
   }
   backing_close (img->backing);
   bitmap_free (img->bitmaps);
+  crypto_free (img->crypto);
   cache_free (&m->cache);
   overlap_free (&m->lay.meta);
   table_free (&m->l1);
@@ -469,6 +517,11 @@ uint64_t q2_virtual_size (const struct q2_image *img)
 uint32_t q2_cluster_size (const struct q2_image *img)
 {
   return (uint32_t) img->m.lay.cluster_size;
+}
+
+bool q2_encrypted (const struct q2_image *img)
+{
+  return img->m.lay.crypt_method == CRYPT_LUKS;
 }
 
 bool q2_readonly (const struct q2_image *img)
@@ -498,7 +551,9 @@ uint32_t q2_snapshot_count (const struct q2_image *img)
 
 int q2_read (struct q2_image *img, void *buf, uint64_t count, uint64_t offset)
 {
-  return read_range (img, buf, count, offset);
+  int r = refuse_without_key (img, "read guest data");
+
+  return r < 0 ? r : read_range (img, buf, count, offset);
 }
 
 /* Copy-on-write asked for the deferred frees it left: the first two steps
@@ -529,7 +584,8 @@ int q2_write (struct q2_image *img, const void *buf, uint64_t count,
 
   if (img->readonly || img->repair)
     return -EROFS;
-  if ((r = request_check (img, count, offset)) < 0 || (r = refuse_changes (img)) < 0)
+  if ((r = request_check (img, count, offset)) < 0 || (r = refuse_changes (img)) < 0 ||
+      (r = refuse_without_key (img, "write guest data")) < 0)
     return r;
   if (img->detect_zeroes && is_zero (buf, count)) {
     r = q2_zero (img, count, offset, (flags & Q2_FUA) |
@@ -557,6 +613,8 @@ int q2_zero (struct q2_image *img, uint64_t count, uint64_t offset, unsigned fla
 
   if (img->repair)
     return -EROFS;
+  if (r == 0)
+    r = refuse_without_key (img, "zero guest data");
   if (r < 0)
     return r;
   if (!img->readonly)
@@ -577,6 +635,8 @@ int q2_discard (struct q2_image *img, uint64_t count, uint64_t offset, unsigned 
 
   if (img->repair)
     return -EROFS;
+  if (r == 0)
+    r = refuse_without_key (img, "discard guest data");
   if (r < 0)
     return r;
   if (!img->readonly)
@@ -687,6 +747,7 @@ void q2_header_info (const struct q2_image *img, struct q2_header_info *h)
   h->backing_file = img->backing_name;
   h->backing_format = img->backing_format[0] ? img->backing_format : NULL;
   h->backing_path = img->backing ? backing_path (img->backing) : NULL;
+  h->encryption = lay->crypt_method == CRYPT_LUKS ? "luks" : NULL;
   h->write_refusal = header_write_refusal (lay);
   h->data_file = lay->data_file ? (img->data_name ? img->data_name : "") : NULL;
   h->data_file_raw = lay->data_raw;
@@ -786,6 +847,9 @@ int q2_compact (struct q2_image *img, bool dry_run, q2_progress_fn progress,
     return -EROFS;
   if (!img->readonly && (r = refuse_changes (img)) < 0)
     return r;
+  /* A move re-encrypts the cluster for its new place. */
+  if (!dry_run && (r = refuse_without_key (img, "compact (moving data needs the key)")) < 0)
+    return r;
   return compact_run (img, dry_run, progress, opaque, res);
 }
 
@@ -831,6 +895,7 @@ void q2_get_stats (struct q2_image *img, struct q2_stats *s)
   s->not_freed_small = __atomic_load_n (&img->trims.small, __ATOMIC_RELAXED);
   s->not_freed_already_free = __atomic_load_n (&img->trims.already_free, __ATOMIC_RELAXED);
   s->not_freed_compressed = __atomic_load_n (&img->trims.compressed, __ATOMIC_RELAXED);
+  s->not_freed_encrypted = __atomic_load_n (&img->trims.encrypted, __ATOMIC_RELAXED);
   if (shrink_used_end (img, &s->image_end_offset) < 0)
     s->image_end_offset = 0;
   device_stats (img, s);

@@ -41,6 +41,11 @@ struct layout {
   uint64_t csize_mask, coffset_mask;
   uint32_t nb_snapshots;
   uint64_t snapshots_offset;
+  /* LUKS encryption (crypt_method CRYPT_LUKS): where the LUKS header and
+   * its key material lie, in clusters of their own (0 length: none).
+   */
+  uint32_t crypt_method;
+  uint64_t crypto_offset, crypto_length;
   /* The persistent bitmaps' directory, when the autoclear bit says the
    * extension is valid (0 bitmaps otherwise): only counted, never changed.
    */

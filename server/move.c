@@ -14,11 +14,30 @@
 #include "qcow2-format.h"
 #include "cleanup.h"
 #include "cluster.h"
+#include "crypto.h"
 #include "engine.h"
 #include "l2.h"
 #include "move.h"
 #include "refcount.h"
 #include "request.h"
+
+/* An encrypted cluster's tweaks are its host offsets: decrypted where it
+ * was, encrypted for where it goes, written whole.
+ */
+static int recrypt_cluster (struct q2_image *img, uint64_t from, uint64_t to,
+                            uint64_t guest)
+{
+  uint64_t cs = img->m.lay.cluster_size;
+  CLEANUP_FREE char *buf = malloc (cs);
+  int r;
+
+  if (!buf)
+    return -ENOMEM;
+  if ((r = crypto_pread (img->crypto, &img->m.hf, buf, cs, from)) < 0)
+    return request_io_error (img, "read", from, guest, r);
+  r = crypto_pwrite (img->crypto, &img->m.hf, buf, cs, to);
+  return r < 0 ? request_io_error (img, "write", to, guest, r) : 0;
+}
 
 /* Copies what the source cluster holds, keeping its holes holes: a
  * cluster punched in part by sub-cluster discards stays as sparse.
@@ -32,6 +51,8 @@ static int copy_cluster (struct q2_image *img, uint64_t from, uint64_t to, uint6
   bool sparse;
   int r;
 
+  if (data && img->crypto)
+    return recrypt_cluster (img, from, to, guest);
   /* A free cluster is usually a hole already (freeing punched it): then
    * no punch, which costs the filesystem far more than the check.
    */

@@ -9,6 +9,7 @@
 #include "cleanup.h"
 #include "cluster.h"
 #include "compress.h"
+#include "crypto.h"
 #include "engine.h"
 #include "read.h"
 #include "request.h"
@@ -30,7 +31,7 @@ static int read_run (struct q2_image *img, const struct mapping *m, char *buf,
     memset (buf, 0, m->bytes);
     return 0;
   case MAP_NORMAL:
-    r = host_pread (img->data, buf, m->bytes, m->host);
+    r = crypto_pread (img->crypto, img->data, buf, m->bytes, m->host);
     return r < 0 ? request_io_error (img, "read", m->host, offset, r) : 0;
   case MAP_COMPRESSED: {
     CLEANUP_FREE char *cbuf = malloc (lay->cluster_size);

@@ -442,6 +442,9 @@ def main():
     p.add_argument("--final-flush", action="store_true",
                    help="flush before disconnecting (by default the "
                         "server's own shutdown must make data durable)")
+    p.add_argument("--unaligned", action="store_true",
+                   help="send requests below the server's minimum block "
+                        "size too (libnbd refuses them by default)")
     p.add_argument("--trace", action="store_true",
                    help="print every operation as it is sent")
     a = p.parse_args()
@@ -461,6 +464,8 @@ def main():
 
     start = time.monotonic()
     h = nbd.NBD()
+    if a.unaligned:
+        h.set_strict_mode(h.get_strict_mode() & ~nbd.STRICT_ALIGN)
     try:
         h.connect_uri(a.uri)
     except nbd.Error as e:

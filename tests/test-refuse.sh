@@ -134,13 +134,15 @@ luks() {
         "$TMP/luks.qcow2" 16M
 }
 luks || luks
-run_case expect_refused "LUKS encrypted image" file="$TMP/luks.qcow2" -- "encrypted"
+run_case expect_refused "LUKS encrypted image without a passphrase" file="$TMP/luks.qcow2" \
+    -- "encrypted" "passphrase="
 
 # QEMU no longer creates AES images, but old ones exist; the header field
 # alone must be enough to refuse.
 cp "$TMP/good.qcow2" "$TMP/aes.qcow2"
 "$PYTHON" "$PATCH" set-header "$TMP/aes.qcow2" crypt_method 1
-run_case expect_refused "AES encrypted image (crypt_method 1)" file="$TMP/aes.qcow2" -- "encrypted"
+run_case expect_refused "AES encrypted image (crypt_method 1)" file="$TMP/aes.qcow2" \
+    -- "legacy AES encryption" "not supported"
 
 cp "$TMP/good.qcow2" "$TMP/unknown.qcow2"
 "$PYTHON" "$PATCH" set-bit "$TMP/unknown.qcow2" incompatible_features 10

@@ -165,8 +165,10 @@ static void print_qemu_part (const struct facts *f)
 
   printf ("image: %s\nfile format: qcow2\n", q2_file_name (f->img));
   print_size_bytes ("virtual size: ", q2_virtual_size (f->img));
-  printf ("disk size: %s\ncluster_size: %u\n", human_size (f->host, buf),
-          q2_cluster_size (f->img));
+  printf ("disk size: %s\n", human_size (f->host, buf));
+  if (h->encryption)
+    printf ("encrypted: yes\n");
+  printf ("cluster_size: %u\n", q2_cluster_size (f->img));
   if (h->dirty)
     printf ("cleanly shut down: no\n");
   if (h->backing_file) {
@@ -190,8 +192,11 @@ static void print_qemu_part (const struct facts *f)
   print_bitmaps (f);
   printf ("    refcount bits: %u\n", h->refcount_bits);
   if (h->data_file)
-    printf ("    data file: %s\n    data file raw: %s\n", h->data_file,
-            yes_no (h->data_file_raw));
+    printf ("    data file: %s\n", h->data_file);
+  if (h->encryption)
+    printf ("    encrypt:\n        format: %s\n", h->encryption);
+  if (h->data_file)
+    printf ("    data file raw: %s\n", yes_no (h->data_file_raw));
   if (h->version >= 3)
     printf ("    corrupt: %s\n    extended l2: %s\n", yes_no (h->corrupt),
             yes_no (h->extended_l2));
@@ -339,6 +344,8 @@ static void print_json (const struct facts *f)
   printf (",\n  \"format\": \"qcow2\",\n  \"virtual-size\": %" PRIu64 ",\n"
           "  \"actual-size\": %" PRIu64 ",\n  \"cluster-size\": %" PRIu64 ",\n",
           q2_virtual_size (f->img), f->host, cs);
+  if (h->encryption)
+    printf ("  \"encrypted\": true,\n  \"encryption-format\": \"%s\",\n", h->encryption);
   if (h->backing_file) {
     printf ("  \"backing-filename\": ");
     json_string (h->backing_file);

@@ -22,7 +22,7 @@ static const char usage[] =
   "usage: qcow2reclaim info [-U] [--summary] [--output=human|json] IMAGE...\n"
   "       qcow2reclaim map [-U] [--output=human|json] IMAGE\n"
   "       qcow2reclaim check [-U | -r leaks|all] [--output=human|json] IMAGE\n"
-  "       qcow2reclaim compact [--dry-run [-U]] [--output=human|json] IMAGE\n"
+  "       qcow2reclaim compact [--dry-run [-U]] [--passphrase-file=FILE] [--output=human|json] IMAGE\n"
   "       qcow2reclaim --help | --version\n"
   "\n"
   "info     what qemu-img info shows, then the space each snapshot holds alone,\n"
@@ -39,7 +39,10 @@ static const char usage[] =
   "         2 done but clusters that cannot move keep it past the bound\n"
   "\n"
   "-U, --force-share  read an image another program has open for writing,\n"
-  "         without its lock (as qemu-img -U); what is shown may be stale\n";
+  "         without its lock (as qemu-img -U); what is shown may be stale\n"
+  "--passphrase-file=FILE  the passphrase of a LUKS-encrypted image, which\n"
+  "         compact needs to re-encrypt the clusters it moves (info, map and\n"
+  "         check read only metadata, and need none)\n";
 
 struct tool_options opt;
 
@@ -55,11 +58,46 @@ static void progress (void *opaque, uint64_t done, uint64_t total)
   }
 }
 
+/* The file whole, without one final newline (as nbdkit reads +FILE). */
+static int read_passphrase (const char *path, char *buf, size_t size, size_t *len)
+{
+  FILE *f = fopen (path, "re");
+  size_t n;
+
+  if (!f) {
+    fprintf (stderr, "qcow2reclaim: --passphrase-file=%s: %s\n", path, strerror (errno));
+    return -1;
+  }
+  n = fread (buf, 1, size, f);
+  fclose (f);
+  if (n == size) {
+    explicit_bzero (buf, size);
+    fprintf (stderr, "qcow2reclaim: --passphrase-file=%s: longer than %zu bytes\n", path,
+             size - 1);
+    return -1;
+  }
+  if (n && buf[n - 1] == '\n')
+    n--;
+  *len = n;
+  return 0;
+}
+
+/* Encrypted images open for their metadata without a passphrase. */
 int tool_open (const char *file, bool writable, struct q2_image **img)
 {
   struct q2_options o = { .file = file, .readonly = !writable, .force_share = opt.force_share,
-                          .repair = writable && opt.repair, .compact = Q2_COMPACT_OFF };
-  int r = q2_open (&o, img);
+                          .repair = writable && opt.repair, .compact = Q2_COMPACT_OFF,
+                          .metadata_only = true };
+  char pass[1024];
+  int r;
+
+  if (opt.passphrase_file) {
+    if (read_passphrase (opt.passphrase_file, pass, sizeof pass, &o.passphrase_len) < 0)
+      return -EINVAL;
+    o.passphrase = pass;
+  }
+  r = q2_open (&o, img);
+  explicit_bzero (pass, sizeof pass);
 
   /* -EAGAIN: the lock, whose message the engine has given. */
   if (r == -EAGAIN && !writable)
@@ -279,6 +317,7 @@ int main (int argc, char **argv)
     { "repair", required_argument, NULL, 'r' },
     { "help", no_argument, NULL, 'h' },
     { "version", no_argument, NULL, 'V' },
+    { "passphrase-file", required_argument, NULL, 'P' },
     { NULL, 0, NULL, 0 },
   };
   struct q2_image *img;
@@ -292,6 +331,7 @@ int main (int argc, char **argv)
     case 'n': opt.dry_run = true; break;
     case 'U': opt.force_share = true; break;
     case 's': summary = true; break;
+    case 'P': opt.passphrase_file = optarg; break;
     case 'r':
       if (strcmp (optarg, "leaks") == 0)
         opt.repair = Q2_REPAIR_LEAKS;
@@ -340,6 +380,11 @@ int main (int argc, char **argv)
   }
   if (opt.dry_run && strcmp (cmd, "compact")) {
     fprintf (stderr, "qcow2reclaim: --dry-run goes with compact only\n");
+    return 1;
+  }
+  if (opt.passphrase_file && strcmp (cmd, "compact")) {
+    fprintf (stderr, "qcow2reclaim: --passphrase-file goes with compact only (info, map "
+             "and check need no passphrase)\n");
     return 1;
   }
   if (opt.force_share && strcmp (cmd, "compact") == 0 && !opt.dry_run) {

@@ -16,6 +16,7 @@ struct tool_options {
   bool dry_run;               /* compact --dry-run */
   bool force_share;           /* -U */
   enum q2_repair_mode repair; /* check -r; 0: none */
+  const char *passphrase_file;  /* compact --passphrase-file; NULL: none */
 };
 extern struct tool_options opt;
 

@@ -10,7 +10,7 @@
 # the code under test, which the automake build does not add.
 #
 # Debian packages: clang-14 (or clang), libclang-rt-14-dev (the fuzzer and
-# sanitizer runtimes), pkg-config, zlib1g-dev, libzstd-dev, liburing-dev.
+# sanitizer runtimes), pkg-config, zlib1g-dev, libzstd-dev, nettle-dev, liburing-dev.
 # Exit status 77 means "cannot build here" (no clang or no fuzzer runtime),
 # so callers can skip rather than fail.
 set -eu
@@ -47,7 +47,7 @@ fi
 rm -f "$probe" "$out/probe" "$out/probe.log"
 
 # The same libraries configure found; a missing one is a real error.
-deps="zlib libzstd"
+deps="zlib libzstd nettle"
 grep -q '^#define HAVE_LIBURING 1' "$top_builddir/config.h" && deps="$deps liburing"
 # shellcheck disable=SC2086 # a list of package names
 pc_cflags=$(pkg-config --cflags $deps)
