@@ -82,7 +82,8 @@ EOF
 stat_of() { sed -n "s/^$2=//p" "$1"; }
 
 # --- Random requests, against a reference and then QEMU ----------------------
-# case_differential NAME [CREATE-OPTIONS...]: v3, and v2, which has no zero
+# case_differential NAME [CREATE-OPTIONS...]: v3; extended L2 entries, whose
+# subclusters are read, written and copied through the cipher too; and v2, which has no zero
 # flag, so that whole-cluster write-zeroes there write encrypted zeros.
 case_differential() {
     local name=$1; shift
@@ -299,6 +300,7 @@ case_partial_and_tool() {
 
 run_case case_differential v3
 run_case case_differential v2 -o compat=0.10
+run_case case_differential extl2 -o extended_l2=on,cluster_size=128k
 run_case case_dir
 run_case case_passphrase_forms
 run_case case_discard_and_compact
