@@ -290,15 +290,15 @@ static void sub_not_freed (struct reclaim *rc, uint64_t alloc, uint64_t zero, ui
   }
 }
 
-/* The host range of the subclusters in mask, widened over the neighbours
- * that hold no data after the change (alloc), given back in whole host
- * blocks; or, for write-zeroes that keeps the space, zeroed.
+/* The host range of the subclusters lo to before hi, widened over the
+ * neighbours that hold no data after the change (alloc), given back in
+ * whole host blocks; or, for write-zeroes that keeps the space, zeroed.
  */
-static int sub_host_op (struct reclaim *rc, uint64_t host, uint64_t mask, uint64_t alloc)
+static int sub_run_op (struct reclaim *rc, uint64_t host, unsigned lo, unsigned hi,
+                       uint64_t alloc)
 {
   struct q2_image *img = rc->img;
   const struct layout *lay = &img->m.lay;
-  unsigned lo = __builtin_ctzll (mask), hi = 64 - __builtin_clzll (mask);
   uint64_t start, end;
   int r;
 
@@ -323,13 +323,26 @@ static int sub_host_op (struct reclaim *rc, uint64_t host, uint64_t mask, uint64
   return start < end ? release_data (rc, start, end - start, false) : 0;
 }
 
-/* Whole subclusters (mask) of the cluster at guest g, not compressed.
- * They lose their allocation; where a backing file would show through, or
- * the space is kept (discard=keep, write-zeroes without MAY_TRIM), they
- * get zero bits instead.  A cluster left with no allocated subcluster is
- * dropped like a whole one: ours alone, punched and freed once the entry is
- * on disk; shared, only this reference goes.
+/* The subclusters in mask, one run of them at a time: the mask of a
+ * cluster found partly hole may have gaps, and a subcluster in a gap
+ * still holds data.
  */
+static int sub_host_op (struct reclaim *rc, uint64_t host, uint64_t mask, uint64_t alloc)
+{
+  unsigned lo, hi;
+  int r;
+
+  while (mask) {
+    lo = __builtin_ctzll (mask);
+    for (hi = lo; hi < 64 && ((mask >> hi) & 1); hi++)
+      ;
+    if ((r = sub_run_op (rc, host, lo, hi, alloc)) < 0)
+      return r;
+    mask &= hi < 64 ? ~0ull << hi : 0;
+  }
+  return 0;
+}
+
 /* The new first word and bitmap for whole subclusters (mask) of the
  * cluster m maps; *drop: the cluster's host offset goes.
  */
