@@ -145,8 +145,10 @@ static bool bad_bitmap (const struct layout *lay, uint64_t e, uint64_t bitmap)
     return false;
   if (e & QCOW_OFLAG_COMPRESSED)
     return bitmap != 0;
+  /* In a data file, COPIED names cluster 0 at offset 0. */
   return ((bitmap >> 32) & bitmap) ||
-    (!(e & L2E_OFFSET_MASK) && (bitmap & L2_BITMAP_ALLOC));
+    (!(e & L2E_OFFSET_MASK) && !(lay->data_file && (e & QCOW_OFLAG_COPIED)) &&
+     (bitmap & L2_BITMAP_ALLOC));
 }
 
 static void count_l2_entry (struct walk *w, uint64_t e, uint64_t bitmap, uint32_t owner,

@@ -34,6 +34,12 @@ static int check_bitmap (const struct layout *lay, uint64_t guest, uint64_t entr
                         " (bitmap 0x%016" PRIx64 ") has %s", guest, bitmap, what);
 }
 
+bool cluster_has_host (const struct q2_image *img, uint64_t entry)
+{
+  return (entry & L2E_OFFSET_MASK) ||
+    (img->m.lay.data_file && (entry & QCOW_OFLAG_COPIED));
+}
+
 static int classify_entry (struct q2_image *img, uint64_t guest, uint64_t entry,
                            enum map_kind *kind)
 {
@@ -56,8 +62,7 @@ static int classify_entry (struct q2_image *img, uint64_t guest, uint64_t entry,
   if (entry & L2E_RESERVED_MASK || off & (lay->cluster_size - 1))
     return corrupt_error (lay, "L2 entry 0x%" PRIx64 " for guest offset 0x%" PRIx64
                           " has reserved bits set or an unaligned offset", entry, guest);
-  /* In a data file, guest cluster 0 lives at offset 0: COPIED says it is there. */
-  alloc = off || (lay->data_file && (entry & QCOW_OFLAG_COPIED));
+  alloc = cluster_has_host (img, entry);
   /* With subclusters, bit 0 means nothing: the bitmap says what is zero. */
   if ((entry & QCOW_OFLAG_ZERO) && !lay->extl2) {
     if (lay->version < 3)
@@ -113,15 +118,15 @@ static unsigned sub_run_end (const struct layout *lay, enum map_kind ck, uint64_
 }
 
 /* Can the next cluster join the run? */
-static bool same_run (const struct mapping *m, enum map_kind kind, uint64_t entry,
-                      uint64_t expect_host)
+static bool same_run (const struct q2_image *img, const struct mapping *m,
+                      enum map_kind kind, uint64_t entry, uint64_t expect_host)
 {
   if (kind != m->kind)
     return false;
   switch (kind) {
   case MAP_UNALLOC:
     /* Not over a host cluster whose other subclusters hold data. */
-    return !(entry & L2E_OFFSET_MASK) && !(m->entry & L2E_OFFSET_MASK);
+    return !cluster_has_host (img, entry) && !cluster_has_host (img, m->entry);
   case MAP_ZERO_PLAIN:
     return true;
   case MAP_NORMAL:
@@ -169,7 +174,7 @@ int cluster_map (struct q2_image *img, uint64_t offset, uint64_t bytes, struct m
       r = 0;
       break;
     }
-    if (!same_run (m, sub_kind (lay, ck, bitmap, 0), entry,
+    if (!same_run (img, m, sub_kind (lay, ck, bitmap, 0), entry,
                    (m->entry & L2E_OFFSET_MASK) + n * lay->cluster_size))
       break;
     s = sub_run_end (lay, ck, bitmap, 1, m->kind);

@@ -39,6 +39,11 @@ int cluster_map (struct q2_image *img, uint64_t offset, uint64_t bytes, struct m
 int cluster_map_locked (struct q2_image *img, uint64_t offset, uint64_t bytes,
                         struct mapping *m);
 
+/* Whether an L2 entry (not compressed) names a host cluster: in a data
+ * file, cluster 0 lives at offset 0, and COPIED says it is there.
+ */
+bool cluster_has_host (const struct q2_image *img, uint64_t entry);
+
 /* Drops the references an L2 entry held, once the entry replacing it is on
  * disk; punched says their host range is already a hole.
  */

@@ -259,6 +259,29 @@ static uint64_t written_bitmap (const struct mapping *m, uint64_t span)
   return (m->bitmap | span) & ~(span << 32);
 }
 
+/* A raw data file reads as the disk: the first write into a cluster with
+ * nothing allocated leaves zeros in the subclusters it does not touch
+ * (s0 to s1 it does), which read zeros through their bits, whatever was
+ * written into the raw file behind the image's back.
+ */
+static int raw_zero_rest (struct q2_image *img, uint64_t g, unsigned s0, unsigned s1)
+{
+  const struct layout *lay = &img->m.lay;
+  uint64_t a = (uint64_t) s0 << layout_sc_bits (lay);
+  uint64_t b = (uint64_t) (s1 + 1) << layout_sc_bits (lay);
+  uint64_t part[2][2] = { { 0, a }, { b, lay->cluster_size } };
+  int i, r;
+
+  for (i = 0; i < 2; i++) {
+    uint64_t off = g + part[i][0], len = part[i][1] - part[i][0];
+    if (len == 0 || (host_can_punch (img->data) && host_punch (img->data, off, len) == 0))
+      continue;
+    if ((r = host_zero (img->data, off, len)) < 0)
+      return request_io_error (img, "zero", off, off, r);
+  }
+  return 0;
+}
+
 /* Extended L2 entries: a write into one cluster that cannot go in place
  * as it is.  Only the subclusters it touches are written (their untouched
  * parts from the old contents) and become allocated; the others keep what
@@ -272,7 +295,10 @@ static int write_sub (struct q2_image *img, const struct mapping *m, const char 
   const struct layout *lay = &img->m.lay;
   uint64_t in = layout_in_cluster (lay, offset), g = offset - in, target, got, span;
   bool compressed = !!(m->entry & QCOW_OFLAG_COMPRESSED);
-  bool in_place = (m->entry & L2E_OFFSET_MASK) && !compressed && m->copied;
+  bool has_host = !compressed && cluster_has_host (img, m->entry);
+  /* A data file's clusters are ours alone, fixed at their guest offsets. */
+  bool in_place = has_host && (m->copied || lay->data_file);
+  bool fresh = !in_place && !lay->data_file;
   unsigned s0 = compressed ? 0 : in >> layout_sc_bits (lay);
   unsigned s1 = compressed ? L2_SUBCLUSTERS - 1 : (in + len - 1) >> layout_sc_bits (lay);
   uint64_t bytes = (uint64_t) (s1 - s0 + 1) << layout_sc_bits (lay);
@@ -286,18 +312,23 @@ static int write_sub (struct q2_image *img, const struct mapping *m, const char 
   mutex_lock (&img->m.lock);
   if (in_place)
     target = m->entry & L2E_OFFSET_MASK;
+  else if (lay->data_file)
+    target = g;
   else if ((r = alloc_clusters (&img->alloc, 1, &target, &got)) == 0 && got < 1)
     r = -ENOSPC;
   mutex_unlock (&img->m.lock);
   if (r < 0)
     return r;
 
-  r = fill_span (img, m, g, s0, s1, buf, in, len, sbuf);
+  if (lay->data_raw && !(m->bitmap & L2_BITMAP_ALLOC))
+    r = raw_zero_rest (img, target, s0, s1);
+  if (r == 0)
+    r = fill_span (img, m, g, s0, s1, buf, in, len, sbuf);
   if (r == 0 && (r = crypto_pwrite (img->crypto, img->data, sbuf, bytes,
                                   target + ((uint64_t) s0 << layout_sc_bits (lay)))) < 0)
     request_io_error (img, "write", target + ((uint64_t) s0 << layout_sc_bits (lay)),
                       g + ((uint64_t) s0 << layout_sc_bits (lay)), r);
-  if (r == 0 && !in_place && !compressed && (m->entry & L2E_OFFSET_MASK))
+  if (r == 0 && fresh && has_host)
     r = copy_allocated (img, m, g, m->bitmap & L2_BITMAP_ALLOC & ~span, target, sbuf);
 
   mutex_lock (&img->m.lock);
@@ -308,7 +339,7 @@ static int write_sub (struct q2_image *img, const struct mapping *m, const char 
     if (!in_place)
       r = cluster_unref_later (img, m->entry, false);
   }
-  else if (!in_place)
+  else if (fresh)
     alloc_release (&img->alloc, target, META_DATA, NULL);
   if (alloc_pending (&img->alloc) > PENDING_APPLY_THRESHOLD)
     *apply_frees = true;

@@ -298,26 +298,40 @@ static void sub_not_freed (struct reclaim *rc, uint64_t alloc, uint64_t zero, ui
   }
 }
 
-/* The host range of the subclusters in mask, widened over the neighbours
- * that hold no data after the change (alloc), given back in whole host
- * blocks; or, for write-zeroes that keeps the space, zeroed.
+/* A raw data file reads zeros at once where subclusters [a, b) were
+ * cleared, also in the parts of host blocks [start, end) left out.
  */
-static int sub_host_op (struct reclaim *rc, uint64_t host, uint64_t mask, uint64_t alloc)
+static int raw_zero_parts (struct reclaim *rc, uint64_t a, uint64_t b, uint64_t start,
+                           uint64_t end)
+{
+  struct q2_image *img = rc->img;
+  uint64_t part[2][2] = { { a, start < b ? start : b }, { end > a ? end : a, b } };
+  int i, r;
+
+  if (start >= end)
+    part[0][1] = b, part[1][0] = b;
+  for (i = 0; i < 2; i++)
+    if (part[i][0] < part[i][1] &&
+        (r = host_zero (img->data, part[i][0], part[i][1] - part[i][0])) < 0)
+      return zero_failed (img, part[i][0], part[i][1] - part[i][0], r);
+  return 0;
+}
+
+/* The host range of the subclusters lo to before hi, widened over the
+ * neighbours that hold no data after the change (alloc), given back in
+ * whole host blocks; or, for write-zeroes that keeps the space, zeroed.
+ */
+static int sub_run_op (struct reclaim *rc, uint64_t host, unsigned lo, unsigned hi,
+                       uint64_t alloc)
 {
   struct q2_image *img = rc->img;
   const struct layout *lay = &img->m.lay;
-  unsigned lo = __builtin_ctzll (mask), hi = 64 - __builtin_clzll (mask);
-  uint64_t start, end;
+  uint64_t a = host + ((uint64_t) lo << layout_sc_bits (lay));
+  uint64_t b = host + ((uint64_t) hi << layout_sc_bits (lay)), start, end;
   int r;
 
-  if (!rc->release) {
-    r = host_zero (img->data, host + ((uint64_t) lo << layout_sc_bits (lay)),
-                   (uint64_t) (hi - lo) << layout_sc_bits (lay));
-    if (r < 0)
-      log_error ("%s: cannot zero host offset 0x%" PRIx64 ": %s", lay->name,
-                 host + ((uint64_t) lo << layout_sc_bits (lay)), strerror (-r));
-    return r;
-  }
+  if (!rc->release)
+    return (r = host_zero (img->data, a, b - a)) < 0 ? zero_failed (img, a, b - a, r) : 0;
   while (lo > 0 && !((alloc >> (lo - 1)) & 1))
     lo--;
   while (hi < L2_SUBCLUSTERS && !((alloc >> hi) & 1))
@@ -328,33 +342,56 @@ static int sub_host_op (struct reclaim *rc, uint64_t host, uint64_t mask, uint64
   /* Those subclusters read through their bits now, whatever the host
    * holds there: any way of freeing the range will do.
    */
-  return start < end ? release_data (rc, start, end - start, false) : 0;
+  if (start < end && (r = release_data (rc, start, end - start, false)) < 0)
+    return r;
+  return img->m.lay.data_raw ? raw_zero_parts (rc, a, b, start, end) : 0;
 }
 
-/* Whole subclusters (mask) of the cluster at guest g, not compressed.
- * They lose their allocation; where a backing file would show through, or
- * the space is kept (discard=keep, write-zeroes without MAY_TRIM), they
- * get zero bits instead.  A cluster left with no allocated subcluster is
- * dropped like a whole one: ours alone, punched and freed once the entry is
- * on disk; shared, only this reference goes.
+/* The subclusters in mask, one run of them at a time: the mask of a
+ * cluster found partly hole may have gaps, and a subcluster in a gap
+ * still holds data.
  */
+static int sub_host_op (struct reclaim *rc, uint64_t host, uint64_t mask, uint64_t alloc)
+{
+  unsigned lo, hi;
+  int r;
+
+  while (mask) {
+    lo = __builtin_ctzll (mask);
+    for (hi = lo; hi < 64 && ((mask >> hi) & 1); hi++)
+      ;
+    if ((r = sub_run_op (rc, host, lo, hi, alloc)) < 0)
+      return r;
+    mask &= hi < 64 ? ~0ull << hi : 0;
+  }
+  return 0;
+}
+
+/* A cluster with a host offset that only this entry names: COPIED, or in
+ * a data file (never shared, no snapshots).
+ */
+static bool sub_owned (const struct q2_image *img, const struct mapping *m)
+{
+  return cluster_has_host (img, m->entry) && (m->copied || img->m.lay.data_file);
+}
+
 /* The new first word and bitmap for whole subclusters (mask) of the
  * cluster m maps; *drop: the cluster's host offset goes.
  */
 static void sub_new_entry (const struct reclaim *rc, const struct mapping *m, uint64_t mask,
                            uint64_t *ne, uint64_t *nb, bool *drop)
 {
-  uint64_t off = m->entry & L2E_OFFSET_MASK, alloc = m->bitmap & L2_BITMAP_ALLOC;
-  uint64_t zero = m->bitmap >> 32, na = alloc & ~mask, nz;
-  bool owned = off && m->copied, backing = rc->img->backing != NULL;
+  uint64_t alloc = m->bitmap & L2_BITMAP_ALLOC, zero = m->bitmap >> 32, na = alloc & ~mask, nz;
+  bool mapped = cluster_has_host (rc->img, m->entry), owned = sub_owned (rc->img, m);
+  bool backing = rc->img->backing != NULL;
 
-  if (!off)
+  if (!mapped)
     nz = backing ? zero | mask : zero;
   else if (!owned || (rc->release && !rc->keep))
     nz = backing ? zero | mask : zero & ~mask;
   else
     nz = zero | mask;
-  *drop = off && !na && (!owned || (rc->release && !rc->keep));
+  *drop = mapped && !na && (!owned || (rc->release && !rc->keep));
   *ne = *drop ? 0 : m->entry;
   *nb = *drop && !backing ? 0 : nz << 32 | na;
 }
@@ -382,7 +419,7 @@ static int sub_whole (struct reclaim *rc, uint64_t g, uint64_t mask)
       return r;
     off = m.entry & L2E_OFFSET_MASK;
     alloc = m.bitmap & L2_BITMAP_ALLOC;
-    owned = off && m.copied;
+    owned = sub_owned (img, &m);
     sub_not_freed (rc, alloc, m.bitmap >> 32, mask, owned);
     sub_new_entry (rc, &m, mask, &ne, &nb, &drop);
     if (ne == m.entry && nb == m.bitmap)
@@ -397,7 +434,7 @@ static int sub_whole (struct reclaim *rc, uint64_t g, uint64_t mask)
       return drop ? cluster_unref_later (img, m.entry, false) : 0;
   }
   if (drop) {
-    if ((r = u64_vector_append (&rc->unref, off)) < 0)
+    if (!lay->data_file && (r = u64_vector_append (&rc->unref, off)) < 0)
       return r;
     return punch_add (rc, off, lay->cluster_size, false);
   }
@@ -421,7 +458,7 @@ static int sub_holes (struct reclaim *rc, uint64_t g, uint64_t cand)
     return r;
   off = m.entry & L2E_OFFSET_MASK;
   cand &= m.bitmap & L2_BITMAP_ALLOC;
-  if (m.kind == MAP_COMPRESSED || !off || !m.copied || !cand)
+  if (m.kind == MAP_COMPRESSED || !sub_owned (img, &m) || !cand)
     return 0;
   /* Only a chance to free them: if the host cannot tell, they stay. */
   if (host_is_hole (img->data, off, lay->cluster_size, &hole) == 0 && hole)
@@ -612,7 +649,7 @@ static bool nothing_to_do (const struct reclaim *rc, const struct mapping *m)
    * discard could free.
    */
   return m->kind == MAP_ZERO_PLAIN ||
-    (m->kind == MAP_UNALLOC && !(m->entry & L2E_OFFSET_MASK) &&
+    (m->kind == MAP_UNALLOC && !cluster_has_host (rc->img, m->entry) &&
      (!rc->img->backing || (rc->op == OP_DISCARD && rc->img->m.lay.version < 3)));
 }
 

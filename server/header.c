@@ -89,19 +89,11 @@ static int refuse_features (struct layout *lay, const uint8_t *buf,
               "that this version cannot serve safely", lay->name, bit, name);
     return -ENOTSUP;
   }
-  /* QEMU never makes these: subclusters of less than 512 bytes, or a
-   * data file whose raw contents would have to follow every subcluster.
-   */
+  /* QEMU never makes subclusters of less than 512 bytes. */
   if ((lay->incompat & INCOMPAT_EXTL2) && lay->cluster_bits < QCOW2_EXTL2_MIN_CLUSTER_BITS) {
     log_error ("%s: the image uses extended L2 entries with %" PRIu64 "-byte clusters; "
                "they need clusters of at least 16 KiB", lay->name, lay->cluster_size);
     return -EINVAL;
-  }
-  if ((lay->incompat & INCOMPAT_EXTL2) && lay->data_file) {
-    log_error ("%s: the image uses extended L2 entries (subclusters) with an external "
-               "data file, which is not supported; convert it with qemu-img convert "
-               "-O qcow2", lay->name);
-    return -ENOTSUP;
   }
   if (!readonly && header_write_refusal (lay)) {
     log_error ("%s: %s", lay->name, header_write_refusal (lay));

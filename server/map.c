@@ -42,7 +42,7 @@ int map_status (struct q2_image *img, uint64_t offset, uint64_t len, int depth,
   /* An unallocated subcluster of a cluster that has a host offset: qemu-img
    * map gives the offset it would have.
    */
-  if (!img->backing && (m.entry & L2E_OFFSET_MASK)) {
+  if (!img->backing && cluster_has_host (img, m.entry)) {
     e->has_offset = true;
     e->offset = m.host;
   }

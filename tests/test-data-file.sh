@@ -6,7 +6,9 @@
 # as the reference.  With data_file_raw the data file itself must equal the
 # reference byte for byte, after a first run and at the end.  The data file
 # is found relative to the image (the server runs elsewhere), data-file=
-# overrides it, it is locked, and trims give its space back.
+# overrides it, it is locked, and trims give its space back, also trims of
+# subclusters (extended L2 entries); a raw one reads zeros where they read
+# zeros, also after bytes were written into it behind the image's back.
 . "$srcdir/functions.sh"
 requires qemu-img --version
 requires qemu-io --version
@@ -75,6 +77,76 @@ space() {
     echo "ok: a trim gave back $(( (before - after) / 2 )) KiB of the data file, which is locked while served"
 }
 run_case space
+
+# Extended L2 entries (128 KiB clusters of 32 x 4 KiB subclusters): every
+# other subcluster of 16 MiB trimmed gives host space back in the data
+# file, plain or raw; the rest reads back, QEMU reads the same, and a raw
+# data file is the disk.
+subclusters() {
+    local dir=$TMP/sub kind opts before after
+    for kind in plain raw; do
+        opts=extended_l2=on,cluster_size=128k,data_file=d.raw
+        [ $kind = raw ] && opts=$opts,data_file_raw=on
+        rm -rf "$dir"; mkdir -p "$dir"
+        (cd "$dir" && qemu-img create -q -f qcow2 -o $opts img.qcow2 32M &&
+             qemu-io -f qcow2 -c 'write -P 0x5a 0 16M' img.qcow2 >/dev/null)
+        before=$(stat -c %b "$dir/d.raw")
+        start_server "$dir/sock" "$dir/log" file="$dir/img.qcow2"
+        nbd_do "nbd+unix:///?socket=$dir/sock" '
+for o in range(0, 16 << 20, 8192):
+    h.trim(4096, o)
+h.flush()
+for o in range(0, 16 << 20, 8192):
+    assert h.pread(8192, o) == bytes(4096) + b"\x5a" * 4096, o' ||
+            fail "subclusters, $kind: trimmed subclusters do not read zeros, or the others lost data"
+        stop_server "$LAST_SERVER_PID"
+        after=$(stat -c %b "$dir/d.raw")
+        [ $(( (before - after) * 512 )) -ge $((7 << 20)) ] ||
+            fail "subclusters, $kind: the data file gave back $(( (before - after) / 2 )) KiB of 8 MiB trimmed"
+        inside "$dir" check_clean img.qcow2
+        inside "$dir" qemu-img convert -O raw img.qcow2 out.raw
+        "$PYTHON" - "$dir/out.raw" <<'PY' || fail "subclusters, $kind: QEMU reads something else"
+import sys
+raw = open(sys.argv[1], "rb").read()
+want = (bytes(4096) + b"\x5a" * 4096) * (2048) + bytes(16 << 20)
+assert raw == want
+PY
+        if [ $kind = raw ]; then
+            cmp -n 32M "$dir/d.raw" "$dir/out.raw" ||
+                fail "subclusters, raw: the data file differs from the disk"
+        fi
+        echo "ok: subclusters, $kind data file: every other 4 KiB trimmed gave back $(( (before - after) / 2 )) KiB of it, check clean"
+    done
+}
+run_case subclusters
+
+# A raw data file with bytes written behind the image's back where the
+# subclusters are unallocated (they read zeros): a write into one of them
+# leaves zeros in the raw file around it, as the disk reads.
+stale() {
+    local dir=$TMP/stale
+    mkdir -p "$dir"
+    (cd "$dir" && qemu-img create -q -f qcow2 \
+         -o extended_l2=on,cluster_size=128k,data_file=d.raw,data_file_raw=on img.qcow2 16M &&
+         qemu-io -f raw -c 'write -P 0x77 0 256K' d.raw >/dev/null)
+    start_server "$dir/sock" "$dir/log" file="$dir/img.qcow2"
+    nbd_do "nbd+unix:///?socket=$dir/sock" '
+h.pwrite(b"\x42" * 4096, 4096); h.pwrite(b"\x43" * 1000, 131072 + 70000); h.flush()'
+    stop_server "$LAST_SERVER_PID"
+    inside "$dir" check_clean img.qcow2
+    inside "$dir" qemu-img convert -O raw img.qcow2 out.raw
+    "$PYTHON" - "$dir/out.raw" "$dir/d.raw" <<'PY' || fail "stale: the disk or the raw data file is wrong"
+import sys
+want = bytearray(16 << 20)
+want[4096:8192] = b"\x42" * 4096
+want[131072 + 70000:131072 + 71000] = b"\x43" * 1000
+for name in sys.argv[1:]:
+    got = open(name, "rb").read()
+    assert got == want, (name, next(i for i in range(len(want)) if got[i] != want[i]))
+PY
+    echo "ok: a write into unallocated subclusters of a raw data file leaves zeros around it"
+}
+run_case stale
 
 # data-file= names the data file when it moved; without it the image is refused.
 override() {

@@ -41,7 +41,7 @@ esac
 SEED=${SEED:-4217}
 OPS=${OPS:-2000}
 OPS_MIX=${OPS_MIX:-}
-ALL_VARIANTS="v2 v3 c4k c64k c2m rc1 rc64 zlib zstd chain rawback snap datafile dataraw lazy extl2 extl2back extl2snap"
+ALL_VARIANTS="v2 v3 c4k c64k c2m rc1 rc64 zlib zstd chain rawback snap datafile dataraw lazy extl2 extl2back extl2snap extl2data extl2raw"
 VARIANTS=${VARIANTS:-$ALL_VARIANTS}
 SIZE=64M
 DRIVER=$srcdir/nbd_random_ops.py
@@ -255,6 +255,37 @@ prepare_extl2snap() {
     qemu-img snapshot -c snap1 "$IMG"
     qio "$IMG" qcow2 'write -P 0x73 56M 4K'
     SNAP=snap1
+}
+
+# Extended L2 entries with an external data file over a backing file (QEMU
+# allows the pair): guest clusters at their guest offsets in the data file,
+# the bitmaps saying what shows through.
+prepare_extl2data() {
+    local dir=$1
+    (
+        cd "$dir"
+        qemu-img create -q -f qcow2 base.qcow2 $SIZE
+        qio base.qcow2 qcow2 'write -P 0xa1 0 24M' 'write -P 0xa2 40M 8M'
+        qemu-img create -q -f qcow2 -o $EXTL2_OPTS,data_file="$dir/img.data" \
+            -b base.qcow2 -F qcow2 img.qcow2 $SIZE
+    )
+    IMG=$dir/img.qcow2 CS=131072 BACKING_FILES=$dir/base.qcow2
+    MIX=write:45,read:30,flush:5,zero:10,trim:10
+    prefill "$IMG"
+    qio "$IMG" qcow2 'write -P 0xd1 1028K 4K' 'write -z 2052K 8K' 'discard 20M 256K'
+}
+# ... and raw, with 64 KiB clusters: subclusters of 2 KiB, so that what a
+# trim or zero clears is often part of a host block, which must read
+# zeros in the raw file all the same.
+prepare_extl2raw() {
+    local dir=$1
+    qemu-img create -q -f qcow2 -o extended_l2=on,cluster_size=65536 \
+        -o data_file="$dir/img.data",data_file_raw=on "$dir/img.qcow2" $SIZE
+    IMG=$dir/img.qcow2
+    RAW_DATA=$dir/img.data
+    MIX=write:45,read:30,flush:5,zero:10,trim:10
+    prefill "$IMG"
+    qio "$IMG" qcow2 'write -z 1028K 6K' 'write -P 0x67 2050K 2K' 'write -z -u 20482K 12K'
 }
 
 variant_failed() {

@@ -149,16 +149,20 @@ cp "$TMP/good.qcow2" "$TMP/unknown.qcow2"
 run_case expect_refused "unknown incompatible bit 10" file="$TMP/unknown.qcow2" \
     -- "unknown incompatible feature"
 
-# Extended L2 entries are served (test-subclusters.sh), but not with
-# subclusters under 512 bytes, which QEMU never creates, nor with an
-# external data file.
+# Extended L2 entries are served (test-subclusters.sh), also with an
+# external data file, raw or not (test-data-file.sh), but not with
+# subclusters under 512 bytes, which QEMU never creates.
 new_image -o cluster_size=4096 "$TMP/extl2.qcow2" 16M
 "$PYTHON" "$PATCH" set-bit "$TMP/extl2.qcow2" incompatible_features 4
 run_case expect_refused "extended L2 entries with 4 KiB clusters" file="$TMP/extl2.qcow2" \
     -- "extended L2" "at least 16 KiB"
-new_image -o extended_l2=on,cluster_size=65536,data_file="$TMP/extl2.raw" "$TMP/extl2df.qcow2" 16M
-run_case expect_refused "extended L2 entries with a data file" file="$TMP/extl2df.qcow2" \
-    -- "extended L2" "data file" "not supported"
+for raw in off on; do
+    new_image -o extended_l2=on,cluster_size=65536,data_file="$TMP/extl2-$raw.raw" \
+        -o data_file_raw=$raw "$TMP/extl2df-$raw.qcow2" 16M
+    qemu-io -c 'write -P 0x5a 0 4k' "$TMP/extl2df-$raw.qcow2" >/dev/null
+    run_case expect_serves "extended L2 entries with a data file, data_file_raw=$raw" \
+        file="$TMP/extl2df-$raw.qcow2"
+done
 
 # External data files are served (test-data-file.sh); what stays refused:
 # snapshots need refcounts a data file has none of, a raw data file cannot

@@ -11,6 +11,8 @@
 # - The other subclusters of some clusters trimmed, of others zeroed with
 #   MAY_TRIM, one by one: those clusters are freed (no leak for qemu-img
 #   check, unallocated for qemu-img map, the file's allocation falls).
+# - Trims of parts of subclusters, punched later, that leave two
+#   subclusters all hole with one holding data between them: the data stays.
 # - Over a backing file: trimmed subclusters read zeros (zero bits), the
 #   others the data or the backing file; clusters with every subcluster
 #   trimmed are freed.  Write-zeroes without MAY_TRIM keeps the cluster.
@@ -197,6 +199,21 @@ assert m[0]["start"] == 0 and m[0]["length"] == 2 << 20 and "offset" not in m[0]
 EOF2
 same_map big.qcow2
 echo "ok: 4 KiB trims and zeroes covering 64 KiB subclusters clear them, and then the cluster"
+
+# --- Holes on both sides of data ---------------------------------------------
+# 256 KiB clusters have 8 KiB subclusters.  With the punches held until
+# the flush, subclusters 0 and 2 are found all hole together while 1
+# between them holds data: giving back the first two must leave the one
+# in the gap.
+qemu-img create -q -f qcow2 -o extended_l2=on,cluster_size=256k gap.qcow2 8M
+QCOW2RECLAIM_PUNCH_HOLD=1 serve gap gap.qcow2 compact=off
+ops "$URI" "write 0 24576 8" flush "trim 0 4096" "trim 4096 4096" "trim 16384 4096" \
+    "trim 20480 4096" flush \
+    "expect 0 8192 zero" "expect 8192 8192 data 8" "expect 16384 8192 zero" ||
+    fail "holes on both sides: the subcluster between them lost its data"
+stop_server "$PID"
+check_clean gap.qcow2
+echo "ok: two subclusters found all hole at once leave the data between them"
 
 # --- Over a backing file ----------------------------------------------------
 qemu-img create -q -f raw base.raw 32M
