@@ -182,13 +182,16 @@ length() { stat -c %s "$1"; }
 within_bound() {
     [ "$(length "$1")" -le $(( $(stat -c %b "$1") * 512 * 11 / 10 + MiB )) ]
 }
-# bitmap_at_end IMG [--disable]: b0 added after 64 MiB of data, more
-# data written, the 64 MiB trimmed through the plugin (which sets their
-# bits), b0's bits kept in IMG.before.
+# bitmap_at_end IMG [CLUSTER-SIZE [BITMAP-OPTION...]]: b0 added after
+# 64 MiB of data, more data written, the 64 MiB trimmed through the plugin
+# (which sets their bits), b0's bits kept in IMG.before.
 bitmap_at_end() {
-    qemu-img create -q -f qcow2 "$1" "$SIZE"
+    local img=$1 cs=${2:-65536}
+    shift $(( $# < 2 ? $# : 2 ))
+    set -- "$img" "$@"
+    qemu-img create -q -f qcow2 -o cluster_size="$cs" "$1" "$SIZE"
     qemu-io -f qcow2 -c 'write -P 3 0 64M' "$1" >/dev/null
-    qemu-img bitmap --add ${2:-} "$1" b0
+    qemu-img bitmap --add "${@:2}" "$1" b0
     qemu-io -f qcow2 -c 'write -P 4 70M 1M' "$1" >/dev/null
     start_server "$TMP/s.sock" "$1.log" file="$1" compact=off
     local pid=$LAST_SERVER_PID
@@ -223,6 +226,12 @@ PY
 "$TOOL" compact c.qcow2 >c.compact || { cat c.compact; fail "c.qcow2: compaction failed"; }
 moved c.qcow2 'qcow2reclaim compact'
 
+# 512-byte clusters and granules: 128 data clusters, a table of two
+# clusters.
+bitmap_at_end e.qcow2 512 -g 512
+"$TOOL" compact e.qcow2 >e.compact || { cat e.compact; fail "e.qcow2: compaction failed"; }
+moved e.qcow2 'qcow2reclaim compact'
+
 bitmap_at_end d.qcow2
 start_server "$TMP/s.sock" d.log file=d.qcow2 compact=auto
 pid=$LAST_SERVER_PID
@@ -233,7 +242,7 @@ moved d.qcow2 'the compaction worker'
 
 # A bitmap left as it is (disabled: it records nothing) stays where it
 # is, counted as pinned by bitmaps, not as a leak.
-bitmap_at_end p.qcow2 --disable
+bitmap_at_end p.qcow2 65536 --disable
 "$TOOL" compact --output=json p.qcow2 >p.plan || [ $? = 2 ] ||
     { cat p.plan; fail "p.qcow2: compaction failed"; }
 "$PYTHON" - p.plan <<'PY' || fail "p.qcow2: a disabled bitmap is not counted as pinned by bitmaps"
