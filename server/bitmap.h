@@ -60,9 +60,29 @@ int bitmap_write_data (struct bitmaps *b, struct alloc *a);
 /* A table names a cluster claimed since it was last written. */
 bool bitmap_tables_dirty (const struct bitmaps *b);
 /* Such tables, once the counts of what they name are written: synced
- * before and after.
+ * before and after; then the directory names tables compaction moved,
+ * synced, and what the tables no longer name is freed later (a->pending).
  */
-int bitmap_write_tables (struct bitmaps *b, struct meta *m);
+int bitmap_write_tables (struct bitmaps *b, struct alloc *a);
+/* Compaction (DESIGN.md, "Compaction"): the clusters a kept bitmap's
+ * table and data and the directory hold, and their moves.  fn is called
+ * for each run of n clusters from first that meets [lo, hi): movable,
+ * with a reference for bitmap_move, or freeing (moved away, freed once
+ * what names the new place is on disk).  Only an image open for writing
+ * has any; bitmaps left as they are stay where they are.
+ */
+typedef int (*bitmap_cluster_fn) (void *opaque, uint64_t first, uint64_t n, uint64_t ref,
+                                  bool freeing);
+int bitmap_clusters (const struct bitmaps *b, uint64_t lo, uint64_t hi,
+                     bitmap_cluster_fn fn, void *opaque);
+/* Moves what ref names, whose highest cluster the plan saw at cluster, to
+ * the lowest free place below it (callers hold the metadata lock);
+ * *moved false: the plan went stale or there is no room.  *clusters: its
+ * size.  Data and tables move as a copy-on-write whose switch the next
+ * write-back makes; the directory moves at once, the header switched.
+ */
+int bitmap_move (struct bitmaps *b, struct alloc *a, uint64_t ref, uint64_t cluster,
+                 bool *moved, uint64_t *clusters);
 /* The close, with everything written back and synced: clears the in-use
  * flags, synced.
  */

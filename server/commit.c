@@ -64,7 +64,7 @@ static int step_bitmap_tables (struct q2_image *img, bool *synced)
   if (!bitmap_tables_dirty (img->bitmaps))
     return 0;
   *synced = true;
-  return bitmap_write_tables (img->bitmaps, &img->m);
+  return bitmap_write_tables (img->bitmaps, &img->alloc);
 }
 
 int commit_run (struct q2_image *img, bool *synced)

@@ -8,15 +8,16 @@
  * entries that name them, and the refcount table, the L1 table and the
  * header for the metadata there.  Then, from the highest down, each moves
  * to the lowest free cluster below it (move.c for data, l2.c and alloc.c
- * for tables), and the commit sequence cuts the freed end off.  Every move
+ * for tables, bitmap.c for persistent bitmaps), and the commit sequence cuts the freed end off.  Every move
  * is a copy-on-write in the engine's usual order, so a power cut leaves
  * one valid copy named; a stale plan is caught when the move looks again.
  *
- * What cannot move stays, and is counted by why: compressed clusters
- * (their bytes share host clusters), clusters and tables shared with
- * internal snapshots, the snapshots' own tables, persistent bitmaps (their
- * directory, tables and data), and counted clusters that nothing names
- * (leaks).
+ * Persistent bitmaps the image keeps current move too (bitmap.c does it,
+ * in the same order).  What cannot move stays, and is counted by why:
+ * compressed clusters (their bytes share host clusters), clusters and
+ * tables shared with internal snapshots, the snapshots' own tables,
+ * persistent bitmaps left as they are (disabled, in use at open, of a
+ * kind we do not know), and counted clusters that nothing names (leaks).
  *
  * The worker paces itself to the rate bound, takes one guest cluster at a
  * time (a request to it waits for at most one copy) and the metadata lock
@@ -39,6 +40,7 @@
 #include <time.h>
 
 #include "qcow2-format.h"
+#include "bitmap.h"
 #include "cleanup.h"
 #include "commit.h"
 #include "compact.h"
@@ -64,11 +66,13 @@
 #define ERROR_BACKOFF_SECONDS 30
 #define MAX_MISSES 64               /* items in a row that did not move */
 
-enum item_kind { ITEM_DATA, ITEM_L2, ITEM_BLOCK, ITEM_L1, ITEM_REFTABLE, ITEM_SNAPTABLE };
+enum item_kind { ITEM_DATA, ITEM_L2, ITEM_BLOCK, ITEM_L1, ITEM_REFTABLE, ITEM_SNAPTABLE,
+                 ITEM_BITMAP };
 
 struct item {
   uint64_t cluster;           /* the highest host cluster it occupies */
-  uint64_t arg;               /* guest offset, L1 index or refcount table index */
+  uint64_t arg;               /* guest offset, L1 index, refcount table index, or
+                               * what bitmap.c calls a bitmap cluster's reference */
   enum item_kind kind;
 };
 DEFINE_VECTOR_TYPE (item_vector, struct item);
@@ -298,6 +302,19 @@ static int plan_l2_entries (struct plan *p, uint64_t l1i, struct cache_entry *t)
   return 0;
 }
 
+/* A kept bitmap's directory, table or data cluster (bitmap.c knows
+ * which): movable, or waiting to be freed.
+ */
+static int plan_bitmap (void *opaque, uint64_t first, uint64_t n, uint64_t ref, bool freeing)
+{
+  struct plan *p = opaque;
+  uint64_t c;
+
+  for (c = first; c < first + n; c++)
+    mark (p, c, freeing ? MARK_FREEING : MARK_MOVABLE);
+  return freeing ? 0 : add_item (p, first + n - 1, ref, ITEM_BITMAP);
+}
+
 /* Tables first, then data in guest order: data goes to the lowest free
  * clusters one after another, so guest clusters that follow each other end
  * up side by side on the host (as far as the free space allows) instead of
@@ -380,11 +397,13 @@ static int plan_window (struct plan *p, uint64_t pinned[PINNED_KINDS])
   }
   {
     LOCK_FOR_SCOPE (&m->lock);
+    if (r == 0)
+      r = bitmap_clusters (img->bitmaps, p->lo, p->hi, plan_bitmap, p);
     for (i = 0; i < img->alloc.pending.len; i++)
       mark (p, img->alloc.pending.ptr[i] >> lay->cluster_bits, MARK_FREEING);
   }
-  /* Counted clusters nothing active names: persistent bitmaps, which
-   * stay where they are, the snapshots', or leaks.
+  /* Counted clusters nothing active names: persistent bitmaps left as
+   * they are, which stay where they are, the snapshots', or leaks.
    */
   for (c = p->lo; r == 0 && c < p->hi; c++) {
     uint8_t *s = mark_slot (p, c);
@@ -466,6 +485,12 @@ static int move_item (struct q2_image *img, const struct item *it, bool *moved,
     return r;
   case ITEM_SNAPTABLE:
     return snapshot_move_table (img, moved);
+  case ITEM_BITMAP: {
+    uint64_t n;
+    r = bitmap_move (img->bitmaps, &img->alloc, it->arg, it->cluster, moved, &n);
+    *bytes = n << lay->cluster_bits;
+    return r;
+  }
   default:
     return -EINVAL;
   }

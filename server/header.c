@@ -70,6 +70,7 @@ static int parse_extensions (struct layout *lay, const uint8_t *buf,
       lay->nb_bitmaps = be32_get (buf + off + 8);
       lay->bitmap_dir_size = be64_get (buf + off + 16);
       lay->bitmap_dir_offset = be64_get (buf + off + 24);
+      lay->bitmap_ext = off + 8;
     }
     off += 8 + ((l + 7) & ~7u);
   }
@@ -367,12 +368,24 @@ int header_write_snapshots (struct hostfile *hf, uint64_t offset, uint32_t count
   return host_pwrite (hf, b, sizeof b, HDR_NB_SNAPSHOTS);
 }
 
-static int write_table_field (struct hostfile *hf, enum header_table which,
-                              uint64_t offset, uint32_t size)
+/* The directory's offset is 8 bytes at an 8-byte boundary (extensions
+ * start at one), so inside one sector.
+ */
+static int write_bitmap_dir (struct hostfile *hf, const struct layout *lay, uint64_t offset)
+{
+  uint8_t b[8];
+
+  be64_put (b, offset);
+  return host_pwrite (hf, b, sizeof b, lay->bitmap_ext + 16);
+}
+
+static int write_table_field (struct hostfile *hf, const struct layout *lay,
+                              enum header_table which, uint64_t offset, uint32_t size)
 {
   int r = which == HEADER_L1 ? header_write_l1 (hf, offset, size)
     : which == HEADER_REFTABLE ? header_write_reftable (hf, offset, size)
-    : header_write_snapshots (hf, offset, size);
+    : which == HEADER_SNAPSHOTS ? header_write_snapshots (hf, offset, size)
+    : write_bitmap_dir (hf, lay, offset);
 
   return r < 0 ? r : host_sync (hf);
 }
@@ -382,15 +395,16 @@ int header_switch_table (struct hostfile *hf, const struct layout *lay,
                          uint64_t old_offset, uint32_t size, bool *unsure)
 {
   const char *what = which == HEADER_L1 ? "L1 table"
-    : which == HEADER_REFTABLE ? "refcount table" : "snapshot table";
-  int r = write_table_field (hf, which, new_offset, size);
+    : which == HEADER_REFTABLE ? "refcount table"
+    : which == HEADER_SNAPSHOTS ? "snapshot table" : "persistent bitmap directory";
+  int r = write_table_field (hf, lay, which, new_offset, size);
 
   *unsure = false;
   if (r == 0)
     return 0;
   log_error ("%s: cannot switch the header to the %s at 0x%" PRIx64 ": %s",
              lay->name, what, new_offset, strerror (-r));
-  if (write_table_field (hf, which, old_offset, size) < 0) {
+  if (write_table_field (hf, lay, which, old_offset, size) < 0) {
     log_error ("%s: the header may name either %s; no more metadata changes until "
                "the image is checked (qemu-img check -r all)", lay->name, what);
     *unsure = true;

@@ -36,10 +36,11 @@ int header_write_reftable (struct hostfile *hf, uint64_t offset, uint32_t cluste
 int header_write_l1 (struct hostfile *hf, uint64_t offset, uint32_t entries);
 int header_write_snapshots (struct hostfile *hf, uint64_t offset, uint32_t count);
 
-enum header_table { HEADER_L1, HEADER_REFTABLE, HEADER_SNAPSHOTS };
+enum header_table { HEADER_L1, HEADER_REFTABLE, HEADER_SNAPSHOTS, HEADER_BITMAP_DIR };
 
 /* Switches the header from one place of a table to another (size: L1
- * entries, refcount table clusters, or snapshots), synced.  The new table must be on
+ * entries, refcount table clusters, or snapshots; unused for the bitmap
+ * directory, whose offset is in its extension), synced.  The new table must be on
  * disk.  If the write or its sync fails, the disk may name either table, so
  * the old values are written back; *unsure says that failed too, and the
  * caller must stop changing metadata.

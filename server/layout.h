@@ -47,10 +47,12 @@ struct layout {
   uint32_t crypt_method;
   uint64_t crypto_offset, crypto_length;
   /* The persistent bitmaps' directory, when the autoclear bit says the
-   * extension is valid (0 bitmaps otherwise): only counted, never changed.
+   * extension is valid (0 bitmaps otherwise); bitmap_ext is where the
+   * extension's data starts in the first cluster (compaction moves the
+   * directory, and switches its offset there).
    */
   uint32_t nb_bitmaps;
-  uint64_t bitmap_dir_offset, bitmap_dir_size;
+  uint64_t bitmap_dir_offset, bitmap_dir_size, bitmap_ext;
 
   uint64_t l1_offset;
   uint64_t l1_entries;

@@ -1044,6 +1044,15 @@ class Replay:
                if r[0] == OP_WRITE and r[1] < SECTOR]
         for h in rng.sample(hdr, min(len(hdr), max(1, want // 12))):
             pts.update((h - 1, h))
+        # Compaction switches a bitmap to a table it moved, and the header
+        # to a directory it moved (its extension may lie past the first
+        # sector), with one 8-byte write each: around them (a few in a
+        # run; at most 6 when there are more).
+        if a.bitmaps:
+            sw = [i + 1 for i, r in enumerate(log.recs)
+                  if r[0] == OP_WRITE and r[1] >= SECTOR and r[2] == 8]
+            for h in rng.sample(sw, min(len(sw), max(6, want // 6))):
+                pts.update((h - 1, h))
         # Bitmaps become whole only in the close's last syncs: around
         # each of them, where a wrong order would show.
         if a.bitmaps:

@@ -169,33 +169,88 @@ grep -q 'cleared autoclear feature bits 0x1 (persistent bitmaps are no longer va
     fail "g.qcow2: the autoclear bit is still set"
 echo "ok: a bitmap we cannot keep clears the autoclear bit, said"
 
-# Compaction leaves the bitmaps where they are, counts them as pinned by
-# bitmaps (not as leaks), and sets no bit: it changes no guest data.  The
-# bitmap's clusters come after 64 MiB of data that the plugin then trims
-# (QEMU would move them into the freed space when it saves them), so they
-# lie past the target.
-qemu-img create -q -f qcow2 c.qcow2 "$SIZE"
-qemu-io -f qcow2 -c 'write -P 3 0 64M' c.qcow2 >/dev/null
-qemu-img bitmap --add c.qcow2 b0
-qemu-io -f qcow2 -c 'write -P 4 70M 1M' c.qcow2 >/dev/null
-start_server "$TMP/s.sock" c.log file=c.qcow2 compact=off
-pid=$LAST_SERVER_PID
-"$PYTHON" -c 'import nbd, sys
+# Compaction moves the bitmaps it keeps like other metadata, and sets no
+# bit: it changes no guest data.  The bitmap's directory, table and data
+# come after 64 MiB of data that the plugin then trims (QEMU would move
+# them into the freed space when it saves them), so they lie at the end
+# of the file; compaction, offline (qcow2reclaim compact) and by the
+# server's worker (compact=auto), must still shorten the file to within
+# 1.1 x its allocation + 1 MiB, and leave the bitmap whole, not in use,
+# with the same bits, and the check clean.
+MiB=$((1 << 20))
+length() { stat -c %s "$1"; }
+within_bound() {
+    [ "$(length "$1")" -le $(( $(stat -c %b "$1") * 512 * 11 / 10 + MiB )) ]
+}
+# bitmap_at_end IMG [CLUSTER-SIZE [BITMAP-OPTION...]]: b0 added after
+# 64 MiB of data, more data written, the 64 MiB trimmed through the plugin
+# (which sets their bits), b0's bits kept in IMG.before.
+bitmap_at_end() {
+    local img=$1 cs=${2:-65536}
+    shift $(( $# < 2 ? $# : 2 ))
+    set -- "$img" "$@"
+    qemu-img create -q -f qcow2 -o cluster_size="$cs" "$1" "$SIZE"
+    qemu-io -f qcow2 -c 'write -P 3 0 64M' "$1" >/dev/null
+    qemu-img bitmap --add "${@:2}" "$1" b0
+    qemu-io -f qcow2 -c 'write -P 4 70M 1M' "$1" >/dev/null
+    start_server "$TMP/s.sock" "$1.log" file="$1" compact=off
+    local pid=$LAST_SERVER_PID
+    "$PYTHON" -c 'import nbd, sys
 h = nbd.NBD(); h.connect_unix(sys.argv[1]); h.trim(64 << 20, 0); h.flush(); h.shutdown()' \
-    "$TMP/s.sock"
+        "$TMP/s.sock"
+    stop_server "$pid"
+    ! within_bound "$1" || fail "$1: the file is already short: this test shows nothing"
+    exported "$1" b0 "$1.before"
+}
+# moved IMG HOW: the file is short, and b0 as it was.
+moved() {
+    within_bound "$1" ||
+        fail "$1: $2 left it $(length "$1") bytes long for $(( $(stat -c %b "$1") * 512 )) allocated"
+    check_clean "$1"
+    "$TOOL" check "$1" >tool-check.out 2>&1 ||
+        { cat tool-check.out; fail "$1: qcow2reclaim check is not clean after $2"; }
+    [ "$(flags "$1" b0)" = auto ] || fail "$1: $2 left b0 with flags $(flags "$1" b0)"
+    exported "$1" b0 "$1.after"
+    cmp -s "$1.before" "$1.after" || fail "$1: $2 changed the bitmap"
+    echo "ok: $1: $2 moved the bitmap down ($(length "$1") bytes), whole and unchanged"
+}
+
+bitmap_at_end c.qcow2
+"$TOOL" compact --dry-run --output=json c.qcow2 >c.plan ||
+    { cat c.plan; fail "c.qcow2: the compaction plan failed"; }
+"$PYTHON" - c.plan <<'PY' || fail "c.qcow2: a kept bitmap is counted as pinned"
+import json, sys
+p = json.load(open(sys.argv[1]))["pinned"]
+sys.exit(0 if p.get("bitmaps", 0) == 0 and p["unreferenced"] == 0 else "pinned: %r" % p)
+PY
+"$TOOL" compact c.qcow2 >c.compact || { cat c.compact; fail "c.qcow2: compaction failed"; }
+moved c.qcow2 'qcow2reclaim compact'
+
+# 512-byte clusters and granules: 128 data clusters, a table of two
+# clusters.
+bitmap_at_end e.qcow2 512 -g 512
+"$TOOL" compact e.qcow2 >e.compact || { cat e.compact; fail "e.qcow2: compaction failed"; }
+moved e.qcow2 'qcow2reclaim compact'
+
+bitmap_at_end d.qcow2
+start_server "$TMP/s.sock" d.log file=d.qcow2 compact=auto
+pid=$LAST_SERVER_PID
+for i in $(seq 100); do within_bound d.qcow2 && break; sleep 0.1; done
 stop_server "$pid"
-exported c.qcow2 b0 c.before
-"$TOOL" compact --dry-run --output=json c.qcow2 >c.plan || [ $? = 2 ] ||
-    fail "c.qcow2: the compaction plan failed"
-"$PYTHON" - c.plan <<'PY' || fail "c.qcow2: the bitmaps are not counted as pinned by bitmaps"
+[ "$SERVER_STATUS" = 0 ] || { cat d.log; fail "d.qcow2: the server exited with $SERVER_STATUS"; }
+moved d.qcow2 'the compaction worker'
+
+# A bitmap left as it is (disabled: it records nothing) stays where it
+# is, counted as pinned by bitmaps, not as a leak.
+bitmap_at_end p.qcow2 65536 --disable
+"$TOOL" compact --output=json p.qcow2 >p.plan || [ $? = 2 ] ||
+    { cat p.plan; fail "p.qcow2: compaction failed"; }
+"$PYTHON" - p.plan <<'PY' || fail "p.qcow2: a disabled bitmap is not counted as pinned by bitmaps"
 import json, sys
 p = json.load(open(sys.argv[1]))["pinned"]
 sys.exit(0 if p.get("bitmaps", 0) > 0 and p["unreferenced"] == 0 else "pinned: %r" % p)
 PY
-"$TOOL" compact c.qcow2 >c.compact || [ $? = 2 ] || { cat c.compact; fail "c.qcow2: compaction failed"; }
-grep -q "persistent bitmaps 0\.[1-9]" c.compact || { cat c.compact; fail "c.qcow2: no word of the bitmaps pinned"; }
-check_clean c.qcow2
-[ "$(flags c.qcow2 b0)" = auto ] || fail "c.qcow2: compaction left b0 with flags $(flags c.qcow2 b0)"
-exported c.qcow2 b0 c.after
-cmp -s c.before c.after || fail "c.qcow2: compaction changed the bitmap"
-echo "ok: compaction keeps the bitmaps in place, counted as pinned by them, and sets no bit"
+check_clean p.qcow2
+exported p.qcow2 b0 p.qcow2.after
+cmp -s p.qcow2.before p.qcow2.after || fail "p.qcow2: compaction changed the disabled bitmap"
+echo "ok: a bitmap left as it is stays in place, counted as pinned by bitmaps"

@@ -40,7 +40,8 @@ started=$(date +%s)
 # 512-byte clusters, where the file outgrows the refcount table within a
 # few MiB, so the table moves and the header is switched mid-workload; and
 # compaction moving clusters while the workload runs; persistent bitmaps
-# kept current, each crash state leaving them in use or whole; and
+# kept current, each crash state leaving them in use or whole, and moved
+# down by compaction meanwhile; and
 # extended L2 entries, where subclusters are allocated, zeroed and trimmed
 # one by one and clusters whose subclusters all went are freed.
 SHAPES=${CRASH_SHAPES:-v3-64k v3-4k v2 backing snapshot v3-512 compact bitmaps extl2}
@@ -112,12 +113,18 @@ make_image() {
     bitmaps)
         # In use on disk from the open to the close, whose write-back
         # (bitmap data clusters claimed, tables, then the flag cleared) is
-        # crash points too; 4 KiB granules make many data clusters.
-        BITMAPS=b0,b4k
+        # crash points too; 4 KiB granules make many data clusters.  The
+        # bitmaps are added after the first data, and their data is saved
+        # after more, so their directory, tables and data lie above it:
+        # the worker (eager) moves them down into what the workload
+        # trims, and their copies, switched tables and directory are
+        # crash points.
+        BITMAPS=b0,b4k PARAMS=compact-rate=16M COMPACT_EAGER=1
         qemu-img create -q -f qcow2 -o cluster_size=64k "$img" $SIZE
+        qemu-io -f qcow2 -c 'write -P 0x98 0 4M' "$img" >/dev/null
         qemu-img bitmap --add "$img" b0
         qemu-img bitmap --add --granularity 4k "$img" b4k
-        qemu-io -f qcow2 -c 'write -P 0x99 0 4M' -c 'write -z 20M 1M' "$img" >/dev/null ;;
+        qemu-io -f qcow2 -c 'write -P 0x99 4M 2M' -c 'write -z 20M 1M' "$img" >/dev/null ;;
     extl2)
         CS=131072
         qemu-img create -q -f qcow2 -o extended_l2=on,cluster_size=128k "$img" $SIZE
@@ -161,6 +168,15 @@ for shape in $SHAPES; do
         moved=$(grep -o 'clusters_moved=[0-9]*' "$TMP/$shape.log" | tail -n 1)
         [ "${moved#*=}" -gt 0 ] || fail "$shape: compaction moved nothing during the workload"
         echo "$shape: compaction during the workload: $moved"
+    fi
+    # Where the bitmaps lie above the data, the worker moved them: the
+    # directory entry (or the table it names) is somewhere else now.
+    if [ -n "$BITMAPS" ] && [ -n "$COMPACT_EAGER" ]; then
+        b=${BITMAPS%%,*}
+        before=$("$PYTHON" "$srcdir/qcow2_patch.py" bitmap "$TMP/$shape.init.qcow2" "$b")
+        after=$("$PYTHON" "$srcdir/qcow2_patch.py" bitmap "$img" "$b")
+        [ "$before" != "$after" ] || fail "$shape: compaction moved no bitmap table nor directory"
+        echo "$shape: bitmap $b moved: $before -> $after"
     fi
 
     rc=0
