@@ -408,6 +408,11 @@ bool host_release_wait (struct hostfile *hf)
   return punchq_wait_job (&hf->pq);
 }
 
+bool host_release_pressed (struct hostfile *hf)
+{
+  return punchq_half_full (&hf->pq);
+}
+
 uint64_t host_release_mark (struct hostfile *hf)
 {
   return punchq_mark (&hf->pq);

@@ -104,6 +104,8 @@ int host_release_next (struct hostfile *hf, uint64_t upto, struct host_release_j
 void host_release_finish (struct hostfile *hf, const struct host_release_job *job);
 /* Waits for a job (true), or until the queue is off. */
 bool host_release_wait (struct hostfile *hf);
+/* The queue is half full: its jobs should not wait for a quiet moment. */
+bool host_release_pressed (struct hostfile *hf);
 uint64_t host_release_mark (struct hostfile *hf);
 uint64_t host_bytes_released (const struct hostfile *hf);
 uint64_t host_bytes_given_back (const struct hostfile *hf);

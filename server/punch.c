@@ -59,20 +59,27 @@ static unsigned run_jobs (struct q2_image *img, uint64_t upto)
   return n;
 }
 
-/* Woken by the first TRIM of a burst, the worker lets the burst go on
- * for a moment before it punches: one wake-up then takes dozens of
- * ranges, where waking for each TRIM of an fstrim cost a context switch
- * per request, on the CPUs the client needs.  Nothing waits for it
- * meanwhile: a request or a flush over a queued range punches it itself.
+/* Punches compete with the TRIMs that queue them, for the CPUs and for
+ * the host filesystem (a punch there may wait for the disk's own
+ * discard): while a burst goes on, a TRIM within the last QUIET, the
+ * worker waits, unless the queue is half full.  An fstrim then gets its
+ * answers as fast as if nothing were punched, and its space back a moment
+ * after its last TRIM; waking for each TRIM cost a context switch per
+ * request.  Nothing waits for the worker meanwhile: a request or a flush
+ * over a queued range punches it itself.
  */
-#define BATCH_MICROSECONDS 2000
+#define QUIET_MICROSECONDS 2000
 
 static void *worker (void *arg)
 {
   struct q2_image *img = arg;
+  uint64_t seen;
 
   while (host_release_wait (&img->m.hf)) {
-    usleep (BATCH_MICROSECONDS);
+    do {
+      seen = host_release_mark (&img->m.hf);
+      usleep (QUIET_MICROSECONDS);
+    } while (host_release_mark (&img->m.hf) != seen && !host_release_pressed (&img->m.hf));
     /* What went back shows in the counters only now, after the TRIMs
      * that asked for it were answered.
      */

@@ -70,6 +70,11 @@ static inline size_t punchq_live (struct punchq *q)
 {
   return __atomic_load_n (&q->live, __ATOMIC_ACQUIRE);
 }
+/* Past half its limit, the queue should not wait any longer. */
+static inline bool punchq_half_full (struct punchq *q)
+{
+  return punchq_live (q) >= q->limit / 2;
+}
 /* The queued punches over [offset, offset + len), after waiting for
  * those another thread is punching there: the caller punches them and
  * calls punchq_punched.
