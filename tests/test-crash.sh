@@ -9,6 +9,11 @@
 # was durable (flush or FUA reply) is still there.  This is the test of the
 # DESIGN.md invariants about write ordering; a normal test never sees them
 # broken because the final state after a clean exit is always consistent.
+# An encrypted image (the luks shape) is read with its key everywhere:
+# qemu-img check, convert and compare through a secret object read from a
+# file, the plugin with passphrase=+FILE; there a hole or zeros left under
+# an entry that still names them read as garbage, which the check of
+# in-flight bytes (old or new, nothing else) catches.
 #
 # CRASH_POINTS (default 100) crash points in total, spread over the image
 # shapes; CRASH_POINTS=1000 is the long run.  CRASH_SEED varies the
@@ -44,9 +49,9 @@ started=$(date +%s)
 # extended L2 entries, where subclusters are allocated, zeroed and trimmed
 # one by one and clusters whose subclusters all went are freed; and LUKS
 # encryption, where a write of part of a sector reads, decrypts and
-# rewrites it, copy-on-write writes whole encrypted clusters and zeroes
-# inside a cluster are written as ciphertext: every crash state is read
-# with the key, by qemu-img and the plugin alike.
+# rewrites it, copy-on-write writes whole encrypted clusters, zeroes
+# inside a cluster are written as ciphertext and whole clusters trimmed
+# are punched only once their new entries are synced.
 SHAPES=${CRASH_SHAPES:-v3-64k v3-4k v2 backing snapshot v3-512 compact bitmaps extl2 luks}
 nshapes=$(echo $SHAPES | wc -w)
 
