@@ -2,8 +2,10 @@
 /* Discard and write-zeroes (DESIGN.md, "Semantics").
  *
  * Whole clusters lose their L2 entry (or get the zero flag where a backing
- * file would show through); clusters only we reference are punched at once,
- * their refcount drops once the L2 change is on disk.  Parts of clusters are
+ * file would show through); clusters only we reference are punched at once
+ * (in an encrypted image only when their deferred free runs: the old entry
+ * would decrypt a hole to garbage), their refcount drops once the L2 change
+ * is on disk.  Parts of clusters are
  * punched on host block boundaries, and a cluster that has become all hole
  * is freed like a whole one.  For a TRIM that punch is deferred while a
  * worker takes it (host_release_later; punch.c): the request is answered
@@ -200,6 +202,12 @@ static int whole_owned (struct reclaim *rc, uint64_t guest, const struct mapping
   int r;
 
   if (rc->release && !rc->keep && zero_entry (img, &e, &bm)) {
+    /* Until the new entry is on disk a crash leaves the old one, which
+     * would decrypt a hole to garbage: the deferred free punches the
+     * cluster once the entry is synced (alloc_apply_pending).
+     */
+    if (img->crypto)
+      return set_entry (rc, guest, m->entry, e, bm, true, false);
     if (!img->m.lay.data_file && (r = u64_vector_append (&rc->unref, host)) < 0)
       return r;
     if ((r = punch_add (rc, host, cs, false)) < 0)
@@ -217,6 +225,14 @@ static int whole_owned (struct reclaim *rc, uint64_t guest, const struct mapping
   if (img->crypto && !v3) {
     not_freed (rc, &rc->counts.encrypted, cs);
     return rc->op == OP_ZERO ? write_zeros (rc, guest, cs) : 0;
+  }
+  /* The zero flag alone makes it read zeros; a hole or zeros under it
+   * would be garbage through the old entry, after a crash before the new
+   * one is on disk.  So the ciphertext stays.
+   */
+  if (img->crypto) {
+    not_freed (rc, &rc->counts.encrypted, cs);
+    return set_entry (rc, guest, m->entry, m->entry | QCOW_OFLAG_ZERO, 0, false, false);
   }
   if (rc->release) {
     /* keep mode, or a v2 image over a backing file: the hole reads zeros. */
@@ -430,7 +446,11 @@ static int sub_whole (struct reclaim *rc, uint64_t g, uint64_t mask)
     l2_bitmap_set (img, t, idx, nb);
     l2_put (img, t);
     rc->cleared |= ne == 0 && nb == 0;
-    if (!owned)
+    /* Encrypted: the host range keeps its ciphertext, which the old
+     * bitmap still names until the new one is on disk; a dropped cluster
+     * is punched by its deferred free, once the entry is synced.
+     */
+    if (!owned || img->crypto)
       return drop ? cluster_unref_later (img, m.entry, false) : 0;
   }
   if (drop) {

@@ -16,6 +16,8 @@ $PYTHON (see functions.sh); on Debian that is /usr/bin/python3.
       checks each: qemu-img check (leaks only), the plugin opens and reads
       it, durable data reads back as written, the plugin and qemu read the
       same bytes, and (some points) the plugin can go on writing to it.
+      With --secret-file F the image is encrypted: qemu-img gets the key as
+      a secret object read from F, the plugin passphrase=+F.
   kill-round --sock S --pid PID --state DIR [--verify-only] ...
       One round of test-kill.sh: check what the previous round made
       durable, then run parallel clients on distinct regions and SIGKILL the
@@ -327,6 +329,10 @@ class Client:
 
     def __init__(self, h, rng, model, lo, hi, cs, weights, fua_rate,
                  max_write, max_zero, trim_zero_clusters, tagname, note):
+        # An encrypted image advertises 512-byte blocks, but takes any
+        # request: smaller ones are where it reads, decrypts and rewrites
+        # a sector, so they are sent all the same.
+        h.set_strict_mode(h.get_strict_mode() & ~nbd.STRICT_ALIGN)
         self.h, self.rng, self.model = h, rng, model
         self.lo, self.hi, self.cs = lo, hi, cs
         self.names = list(weights)
@@ -718,8 +724,29 @@ def write_sparse(path, data):
 
 # ---- qemu-img and the plugin -----------------------------------------------
 
-def qemu_check(img, repair=False):
-    cmd = ["qemu-img", "check"] + (["-r", "leaks"] if repair else []) + [img]
+# An encrypted image is named to qemu-img by --image-opts, which is how the
+# key (a secret object read from a file) reaches its qcow2 driver; then
+# every image of the command is named that way, raw ones too.
+
+def qemu_secret(secret):
+    """The options of a qemu-img command whose images are given by
+    qemu_image, before any of them."""
+    if secret is None:
+        return []
+    return ["--object", "secret,id=s0,file=" + secret.replace(",", ",,"),
+            "--image-opts"]
+
+
+def qemu_image(path, fmt, secret):
+    if secret is None:
+        return path
+    opts = "driver=%s,file.filename=%s" % (fmt, path.replace(",", ",,"))
+    return opts + (",encrypt.key-secret=s0" if fmt == "qcow2" else "")
+
+
+def qemu_check(img, repair=False, secret=None):
+    cmd = ["qemu-img", "check"] + (["-r", "leaks"] if repair else []) + \
+        qemu_secret(secret) + [qemu_image(img, "qcow2", secret)]
     p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                        text=True)
     m = re.search(r"(\d+) leaked clusters were found", p.stdout)
@@ -996,6 +1023,11 @@ class Replay:
         with open(a.journal, "rb") as f:
             self.journal = pickle.load(f)
         self.size = self.journal["size"]
+        self.secret = a.secret_file
+        # nbdkit reads the same file (less a final newline, which QEMU
+        # would keep: the file has none).
+        self.plugin_args = ["passphrase=+" + a.secret_file] \
+            if a.secret_file else []
         os.makedirs(a.workdir, exist_ok=True)
         self.base = os.path.join(a.workdir, "base.qcow2")
         self.crash = os.path.join(a.workdir, "crash.qcow2")
@@ -1005,8 +1037,9 @@ class Replay:
         raw = os.path.join(a.workdir, "initial.raw")
         # qemu's reading of the initial image is the starting point, so the
         # plugin's own reading of backing files is checked too.
-        subprocess.run(["qemu-img", "convert", "-O", "raw", a.initial, raw],
-                       check=True)
+        subprocess.run(["qemu-img", "convert"] + qemu_secret(self.secret) +
+                       [qemu_image(a.initial, "qcow2", self.secret),
+                        "-O", "raw", raw], check=True)
         with open(raw, "rb") as f:
             initial = f.read()
         os.unlink(raw)
@@ -1163,7 +1196,8 @@ class Replay:
                                      for x in msg.splitlines())
         if extra:
             text += "\n" + extra
-        inputs = [self.a.initial, self.a.iolog, self.a.journal]
+        inputs = [self.a.initial, self.a.iolog, self.a.journal] + \
+            ([self.secret] if self.secret else [])
         if self.a.keep:
             # The inputs live in the test's temporary directory; keep them
             # (the initial image keeps its name: a backing file is named
@@ -1181,11 +1215,12 @@ class Replay:
             inputs = kept
         text += ("\n  reproduce: crash_replay.py replay --initial %s --iolog "
                  "%s --journal %s --seed %d --point %d --variant %d "
-                 "--cluster-size %d%s --workdir DIR"
+                 "--cluster-size %d%s%s --workdir DIR"
                  % (inputs[0], inputs[1], inputs[2], self.a.seed, k, variant,
                     self.a.cluster_size,
-                                    " --trim-zero-clusters"
-                                    if self.a.trim_zero_clusters else ""))
+                    " --trim-zero-clusters" if self.a.trim_zero_clusters
+                    else "",
+                    " --secret-file %s" % inputs[3] if self.secret else ""))
         self.failures.append(text)
         print(text, file=sys.stderr, flush=True)
 
@@ -1225,7 +1260,7 @@ class Replay:
             for v in range(1, a.variants + 1):
                 detail = self.build(k, v)
                 self.stats["variants"] += 1
-                rc, out, _ = qemu_check(self.crash)
+                rc, out, _ = qemu_check(self.crash, secret=self.secret)
                 if rc not in (0, 3):
                     self.fail(k, "qemu-img check reports corruption (exit %d)"
                               % rc, check_errors(out), detail, variant=v)
@@ -1234,7 +1269,7 @@ class Replay:
         detail = self.build(k, main)
         P = log.end(k)
 
-        rc, out, leaked = qemu_check(self.crash)
+        rc, out, leaked = qemu_check(self.crash, secret=self.secret)
         corrupt = rc not in (0, 3)
         if corrupt:
             self.fail(k, "qemu-img check reports corruption (exit %d)" % rc,
@@ -1244,7 +1279,8 @@ class Replay:
 
         # The plugin opens the image as it was left, leaks and all.
         try:
-            srv = Server(a.plugin, self.crash, a.workdir, readonly=True)
+            srv = Server(a.plugin, self.crash, a.workdir, readonly=True,
+                         extra=self.plugin_args)
         except ServeError as e:
             self.fail(k, "the plugin does not open the image", str(e), detail)
             return
@@ -1276,9 +1312,13 @@ class Replay:
         # Everything else may be old or new, but qemu must read the same.
         raw = os.path.join(a.workdir, "got.raw")
         write_sparse(raw, got)
-        p = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2",
-                            raw, self.crash], stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)
+        fmts = [] if self.secret else ["-f", "raw", "-F", "qcow2"]
+        p = subprocess.run(["qemu-img", "compare"] + fmts +
+                           qemu_secret(self.secret) +
+                           [qemu_image(raw, "raw", self.secret),
+                            qemu_image(self.crash, "qcow2", self.secret)],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True)
         os.unlink(raw)
         if p.returncode != 0:
             self.fail(k, "the plugin and qemu read different contents",
@@ -1289,7 +1329,7 @@ class Replay:
             self.stats["continued"] += 1
             if not self.go_on(k, got, detail):
                 return
-            rc, out, leaked = qemu_check(self.crash)
+            rc, out, leaked = qemu_check(self.crash, secret=self.secret)
             if rc not in (0, 3):
                 self.fail(k, "corruption after writing to the crashed image "
                           "(exit %d)" % rc, check_errors(out), detail)
@@ -1298,8 +1338,9 @@ class Replay:
         if rc == 3:
             self.stats["leaky"] += 1
             self.stats["leaked"] += leaked
-            rc2, out2, _ = qemu_check(self.crash, repair=True)
-            rc3, out3, _ = qemu_check(self.crash)
+            rc2, out2, _ = qemu_check(self.crash, repair=True,
+                                      secret=self.secret)
+            rc3, out3, _ = qemu_check(self.crash, secret=self.secret)
             if rc3 != 0:
                 self.fail(k, "not clean after qemu-img check -r leaks "
                           "(exit %d, repair exit %d)" % (rc3, rc2),
@@ -1339,7 +1380,8 @@ class Replay:
         allocator must cope with whatever the crash left (leaks)."""
         a = self.a
         try:
-            srv = Server(a.plugin, self.crash, a.workdir, readonly=False)
+            srv = Server(a.plugin, self.crash, a.workdir, readonly=False,
+                         extra=self.plugin_args)
         except ServeError as e:
             self.fail(k, "the plugin does not open the crashed image "
                       "read-write", str(e), detail)
@@ -1733,6 +1775,11 @@ def main():
     r.add_argument("--cluster-size", type=parse_size, default=64 * KiB)
     r.add_argument("--trim-zero-clusters", action="store_true")
     r.add_argument("--keep", help="copy failing crash images here")
+    r.add_argument("--secret-file",
+                   help="the image is encrypted: its passphrase is in this "
+                        "file, without a final newline (qemu-img reads it as "
+                        "a secret object's file=, the plugin as "
+                        "passphrase=+FILE)")
     r.add_argument("--bitmaps", help="persistent bitmaps (NAME,NAME) that each "
                    "crash state must have in use, or whole")
     r.add_argument("--verbose", action="store_true")

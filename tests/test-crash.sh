@@ -9,6 +9,11 @@
 # was durable (flush or FUA reply) is still there.  This is the test of the
 # DESIGN.md invariants about write ordering; a normal test never sees them
 # broken because the final state after a clean exit is always consistent.
+# An encrypted image (the luks shape) is read with its key everywhere:
+# qemu-img check, convert and compare through a secret object read from a
+# file, the plugin with passphrase=+FILE; there a hole or zeros left under
+# an entry that still names them read as garbage, which the check of
+# in-flight bytes (old or new, nothing else) catches.
 #
 # CRASH_POINTS (default 100) crash points in total, spread over the image
 # shapes; CRASH_POINTS=1000 is the long run.  CRASH_SEED varies the
@@ -43,18 +48,45 @@ started=$(date +%s)
 # kept current, each crash state leaving them in use or whole, and moved
 # down by compaction meanwhile; and
 # extended L2 entries, where subclusters are allocated, zeroed and trimmed
-# one by one and clusters whose subclusters all went are freed.
-SHAPES=${CRASH_SHAPES:-v3-64k v3-4k v2 backing snapshot v3-512 compact bitmaps extl2}
+# one by one and clusters whose subclusters all went are freed; and LUKS
+# encryption, where a write of part of a sector reads, decrypts and
+# rewrites it, copy-on-write writes whole encrypted clusters, zeroes
+# inside a cluster are written as ciphertext and whole clusters trimmed
+# are punched only once their new entries are synced.
+SHAPES=${CRASH_SHAPES:-v3-64k v3-4k v2 backing snapshot v3-512 compact bitmaps extl2 luks}
 nshapes=$(echo $SHAPES | wc -w)
+
+# The passphrase of the encrypted shape, in a file, so that it is on no
+# command line: QEMU's secret file= takes the file's bytes as they are, and
+# nbdkit's +FILE drops a final newline, so it has none.
+PASSFILE=$TMP/luks.pass
+printf %s crash-replay-passphrase >"$PASSFILE"
+# qemu_luks: the options that give qemu-img and qemu-io the key; the image
+# is then named by luks_opts IMG.
+qemu_luks=(--object "secret,id=s0,file=$PASSFILE" --image-opts)
+luks_opts() { echo "driver=qcow2,file.filename=$1,encrypt.key-secret=s0"; }
+
+# check_image IMG: qemu-img check finds no leak and no error, with the key
+# when the shape is encrypted.
+check_image() {
+    if [ -n "$SECRET" ]; then
+        local out
+        out=$(qemu-img check "${qemu_luks[@]}" "$(luks_opts "$1")" 2>&1) ||
+            { echo "$out" >&2; fail "qemu-img check $1 is not clean"; }
+    else
+        check_clean "$1"
+    fi
+}
 
 # make_image NAME: creates $TMP/NAME.qcow2 with some data already in it
 # (written by qemu-io, so the starting point is not the plugin's work) and
-# sets CS, PARAMS (extra plugin parameters), WORKLOAD_ARGS and TRIMZERO
+# sets CS, PARAMS (extra plugin parameters), WORKLOAD_ARGS, TRIMZERO
 # (trimmed whole clusters must read as zeros: everywhere but v2 over a
-# backing file).
+# backing file) and SECRET (the passphrase file of an encrypted image).
 make_image() {
     local img=$TMP/$1.qcow2
     CS=65536 PARAMS= TRIMZERO=--trim-zero-clusters WORKLOAD_ARGS= COMPACT_EAGER= BITMAPS=
+    SECRET=
     case $1 in
     v3-64k)
         qemu-img create -q -f qcow2 -o cluster_size=64k "$img" $SIZE
@@ -130,6 +162,24 @@ make_image() {
         qemu-img create -q -f qcow2 -o extended_l2=on,cluster_size=128k "$img" $SIZE
         qemu-io -f qcow2 -c 'write -P 0x91 0 4M' -c 'write -P 0x92 8196k 12k' \
             -c 'write -z 4100k 8k' -c 'write -c -P 0x93 16M 1M' "$img" >/dev/null ;;
+    luks)
+        # Data, some of it compressed (then encrypted), a zero cluster
+        # range, data at an offset that is no cluster's, and a discard.
+        SECRET=$PASSFILE PARAMS=passphrase=+$PASSFILE
+        local o=encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=100
+        # QEMU's PBKDF calibration can fail at a short iter-time on a
+        # loaded machine ("Unable to get accurate CPU usage"): one more try.
+        qemu-img create -q -f qcow2 --object "secret,id=s0,file=$PASSFILE" \
+            -o "$o" "$img" $SIZE ||
+            qemu-img create -q -f qcow2 --object "secret,id=s0,file=$PASSFILE" \
+                -o "$o" "$img" $SIZE
+        local out
+        out=$(qemu-io "${qemu_luks[@]}" -c 'write -P 0xa1 0 6M' \
+            -c 'write -c -P 0xa2 8M 1M' -c 'write -z 12M 1M' \
+            -c 'write -P 0xa3 5243392 300k' -c 'write -P 0xa4 40M 3M' \
+            -c 'discard 41M 512k' "$(luks_opts "$img")" 2>&1) ||
+            { echo "$out" >&2; fail "luks: qemu-io failed"; }
+        ! echo "$out" | grep -q failed || { echo "$out" >&2; fail "luks: a qemu-io write failed"; } ;;
     esac
 }
 
@@ -159,7 +209,7 @@ for shape in $SHAPES; do
     # A clean exit writes back the rest; those records are crash points too.
     stop_server "$server"
     [ $rc -eq 0 ] || fail "$shape: the workload failed (seed $seed, exit $rc)"
-    check_clean "$img"
+    check_image "$img"
     if [ -n "$BITMAPS" ] && qemu-img info "$img" | grep -q 'in-use'; then
         fail "$shape: a bitmap is still in use after the server stopped"
     fi
@@ -184,6 +234,7 @@ for shape in $SHAPES; do
         --journal "$journal" --plugin "$PLUGIN" --workdir "$TMP/$shape.work" \
         --name "$shape" --seed $seed --points "$n" --cluster-size $CS \
         $TRIMZERO ${KEEP:+--keep "$KEEP"} ${BITMAPS:+--bitmaps $BITMAPS} \
+        ${SECRET:+--secret-file "$SECRET"} \
         >"$TMP/$shape.replay" || rc=$?
     cat "$TMP/$shape.replay"
     grep '^crash_replay ' "$TMP/$shape.replay" >>"$TMP/summary" ||

@@ -11,11 +11,13 @@
 # many requests in flight, and it checks that a leaky image is served
 # and written to correctly afterwards.
 #
-# KILLS (default 200, 20 under valgrind) rounds in total, shared by four
+# KILLS (default 200, 20 under valgrind) rounds in total, shared by five
 # images: 64 KiB clusters; 4 KiB clusters with a metadata cache too small
 # for the image, so that evictions write L2 tables and refcount blocks back
 # in the middle of the load; one that compaction keeps moving, so that
-# kills land in the middle of moves; and extended L2 entries.  KILL_SEED varies the load and the
+# kills land in the middle of moves; extended L2 entries; and a
+# LUKS-encrypted one (passphrase=+FILE; qemu-img checks it with the key),
+# where requests below its 512-byte sectors read, decrypt and rewrite them.  KILL_SEED varies the load and the
 # kill times; KILL_KEEP=DIR keeps the image and journals of a failing round.
 set -eu
 srcdir=${srcdir:-$(cd "$(dirname "$0")" && pwd)}
@@ -42,23 +44,49 @@ SIZE=32M
 helper="$srcdir/crash_replay.py"
 started=$(date +%s)
 
-# Four images: the second is where evictions happen during the load; on
+# Five images: the second is where evictions happen during the load; on
 # the third, compaction moves clusters all the time (the eager test hook:
 # it looks every 50 ms and compacts past any free cluster), so kills land
-# in the middle of moves; the fourth has extended L2 entries (subclusters).
-NAMES="c64k c4k compact extl2"
+# in the middle of moves; the fourth has extended L2 entries (subclusters);
+# the fifth is encrypted.
+NAMES="c64k c4k compact extl2 luks"
 declare -A CS PARAMS EAGER OPTS
 CS[c64k]=65536 PARAMS[c64k]= EAGER[c64k]=
 CS[c4k]=4096 PARAMS[c4k]=cache-size=32k EAGER[c4k]=
 CS[compact]=65536 PARAMS[compact]=compact-rate=16M EAGER[compact]=1
 CS[extl2]=131072 PARAMS[extl2]= EAGER[extl2]= OPTS[extl2]=,extended_l2=on
+# The passphrase in a file without a final newline: QEMU's secret file=
+# takes its bytes as they are, nbdkit's +FILE drops a final newline.
+PASSFILE=$TMP/luks.pass
+printf %s kill-round-passphrase >"$PASSFILE"
+SECRET=(--object "secret,id=s0,file=$PASSFILE")
+CS[luks]=65536 PARAMS[luks]=passphrase=+$PASSFILE EAGER[luks]=
+OPTS[luks]=,encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=100
+
+# image_args NAME: sets IMG_ARGS, how qemu-img and qemu-io name NAME's
+# image: with the key when it is encrypted.
+image_args() {
+    if [ "$1" = luks ]; then
+        IMG_ARGS=("${SECRET[@]}" --image-opts
+                  "driver=qcow2,file.filename=$TMP/$1.qcow2,encrypt.key-secret=s0")
+    else
+        IMG_ARGS=(-f qcow2 "$TMP/$1.qcow2")
+    fi
+}
+
 for name in $NAMES; do
     img=$TMP/$name.qcow2
-    qemu-img create -q -f qcow2 -o cluster_size=${CS[$name]}${OPTS[$name]:-} "$img" $SIZE
+    # QEMU's PBKDF calibration can fail at a short iter-time on a loaded
+    # machine ("Unable to get accurate CPU usage"): one more try.
+    qemu-img create -q -f qcow2 "${SECRET[@]}" -o cluster_size=${CS[$name]}${OPTS[$name]:-} "$img" $SIZE ||
+        qemu-img create -q -f qcow2 "${SECRET[@]}" -o cluster_size=${CS[$name]}${OPTS[$name]:-} "$img" $SIZE
     # Some data from the start, some of it compressed, so that the clients
     # also overwrite in place and COW from compressed clusters.
-    qemu-io -f qcow2 -c 'write -P 0x11 0 3M' -c 'write -c -P 0x22 8M 1M' \
-        -c 'write -P 0x33 17M 2M' -c 'write -c -P 0x44 25M 1M' "$img" >/dev/null
+    image_args $name
+    out=$(qemu-io "${IMG_ARGS[@]}" -c 'write -P 0x11 0 3M' -c 'write -c -P 0x22 8M 1M' \
+        -c 'write -P 0x33 17M 2M' -c 'write -c -P 0x44 25M 1M' 2>&1) ||
+        { echo "$out" >&2; fail "$name: qemu-io failed"; }
+    ! echo "$out" | grep -q failed || { echo "$out" >&2; fail "$name: a qemu-io write failed"; }
     mkdir -p "$TMP/$name.state"
 done
 # The compacting image starts long: written whole, most of it discarded.
@@ -84,7 +112,7 @@ keep_round() {
 failures=0 leaky=0 leaked=0 rounds=0 moving=0
 for round in $(seq 1 "$KILLS"); do
     # Take the images in turn; each keeps its own state between its rounds.
-    case $((round % 4)) in 1) name=c64k ;; 2) name=c4k ;; 3) name=extl2 ;; *) name=compact ;; esac
+    case $((round % 5)) in 1) name=c64k ;; 2) name=c4k ;; 3) name=extl2 ;; 4) name=luks ;; *) name=compact ;; esac
     img=$TMP/$name.qcow2
     serve $name
     rc=0
@@ -116,15 +144,16 @@ for round in $(seq 1 "$KILLS"); do
     fi
     # A kill may leak clusters; it may never corrupt.
     crc=0
-    out=$(qemu-img check "$img" 2>&1) || crc=$?
+    image_args $name
+    out=$(qemu-img check "${IMG_ARGS[@]}" 2>&1) || crc=$?
     case $crc in
     0) ;;
     3)
         leaky=$((leaky + 1))
         n=$(echo "$out" | sed -n 's/^\([0-9]*\) leaked clusters were found.*/\1/p')
         leaked=$((leaked + ${n:-0}))
-        qemu-img check -q -r leaks "$img" >/dev/null 2>&1 || true
-        out=$(qemu-img check "$img" 2>&1) || {
+        qemu-img check -q -r leaks "${IMG_ARGS[@]}" >/dev/null 2>&1 || true
+        out=$(qemu-img check "${IMG_ARGS[@]}" 2>&1) || {
             echo "$out" >&2
             keep_round $name "$round"
             fail "round $round ($name): not clean after qemu-img check -r leaks"
@@ -147,7 +176,9 @@ if [ $failures -eq 0 ]; then
             --cluster-size ${CS[$name]} >>"$TMP/rounds.log" ||
             { tail -n 3 "$TMP/rounds.log" >&2; failures=$((failures + 1)); }
         stop_server "$SERVER"
-        check_clean "$TMP/$name.qcow2"
+        image_args $name
+        out=$(qemu-img check "${IMG_ARGS[@]}" 2>&1) ||
+            { echo "$out" >&2; fail "qemu-img check $TMP/$name.qcow2 is not clean"; }
     done
 fi
 
