@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: BSD-3-Clause */
 /* The queue of deferred punches against a model of 4 KiB blocks: random
  * additions inside 64 "clusters" of 16 blocks (the tag), claims of random
- * ranges (as host I/O makes them) and worker jobs.  Every block added is
+ * ranges (as host I/O makes them) and worker jobs, alone or two at once
+ * (the worker beside a flush).  Every block added is
  * handed out to punch exactly once before it leaves; a claimed range has
  * nothing left queued over it; the items stay sorted, disjoint and within
  * the limit; an image closed with punches queued is caught by an assert.
@@ -52,11 +53,16 @@ static void hand_out (const struct punchq_items *punch)
     }
 }
 
-static bool one_job (struct punchq *q, bool wait, uint64_t upto)
+struct job {
+  struct punchq_items punch;
+  uint64_t off, end;
+};
+
+static bool claim_job (struct punchq *q, bool wait, uint64_t upto, struct job *j)
 {
-  struct punchq_items punch = { 0 };
   uint64_t tag, off, end;
   size_t i;
+  struct punchq_items punch = { 0 };
 
   if (punchq_claim_next (q, wait, upto, &tag, &punch, &off, &end) != 1)
     return false;
@@ -66,9 +72,26 @@ static bool one_job (struct punchq *q, bool wait, uint64_t upto)
     CHECK (punch.ptr[i].tag == tag && punch.ptr[i].offset >= off &&
            punch.ptr[i].offset + punch.ptr[i].len <= end);
   hand_out (&punch);
-  punchq_punched (q, &punch);
-  punchq_finish (q, off, end);
-  punchq_items_reset (&punch);
+  j->punch = punch;
+  j->off = off;
+  j->end = end;
+  return true;
+}
+
+static void finish_job (struct punchq *q, struct job *j)
+{
+  punchq_punched (q, &j->punch);
+  punchq_finish (q, j->off, j->end);
+  punchq_items_reset (&j->punch);
+}
+
+static bool one_job (struct punchq *q, bool wait, uint64_t upto)
+{
+  struct job j;
+
+  if (!claim_job (q, wait, upto, &j))
+    return false;
+  finish_job (q, &j);
   return true;
 }
 
@@ -132,8 +155,24 @@ int main (void)
       for (uint64_t b = lo; b < lo + n && b < BLOCKS; b++)
         CHECK (!owed[b]);
     }
-    else
+    else if (op < 9)
       one_job (&q, false, UINT64_MAX);
+    else {
+      /* The worker and a flush's drain, each with a job: the second
+       * lies behind the first, and either may end first.
+       */
+      struct job a, b;
+      if (claim_job (&q, false, UINT64_MAX, &a)) {
+        if (claim_job (&q, false, UINT64_MAX, &b)) {
+          if (unit_random () % 2)
+            finish_job (&q, &b), finish_job (&q, &a);
+          else
+            finish_job (&q, &a), finish_job (&q, &b);
+        }
+        else
+          finish_job (&q, &a);
+      }
+    }
     structure (&q);
   }
   /* Seeks claim to the end of the file. */
