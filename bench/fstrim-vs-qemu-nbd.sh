@@ -15,7 +15,7 @@ export LC_ALL=C         # a '.' in $EPOCHREALTIME and in awk's numbers
 
 usage() {
     cat <<EOF
-Usage: $0 [-d DIR] [-o FILE] [-s SCENARIOS] [-n FILES] [-k]
+Usage: $0 [-d DIR] [-o FILE] [-s SCENARIOS] [-n FILES] [-R ROUNDS] [-m] [-k]
 
   -d DIR        where the images go (default \$BENCH_DIR, else /var/tmp); a
                 private directory is made under it and removed at the end.
@@ -28,6 +28,11 @@ Usage: $0 [-d DIR] [-o FILE] [-s SCENARIOS] [-n FILES] [-k]
                      fstrim
                   c  one NBD trim of 4 GiB - 64 KiB on a fully written image
   -n FILES      number of small files in scenario b (default 12000)
+  -R ROUNDS     run every scenario ROUNDS times per server and report the
+                medians (default 1)
+  -m            also nbdkit's memory plugin in scenarios a and b: the same
+                requests through nbdkit's own request path with a plugin
+                that does no disk work, the floor of any nbdkit plugin
   -k            keep the work directory (server logs, nbdfuse logs)
 
 Needs root (mount, losetup) and /dev/fuse.  Environment: PLUGIN (default
@@ -43,12 +48,16 @@ parent=${BENCH_DIR:-/var/tmp}
 csv=
 scenarios=abc
 nfiles=12000
-while getopts d:o:s:n:kh opt; do
+rounds=1
+with_memory=0
+while getopts d:o:s:n:R:mkh opt; do
     case $opt in
         d) parent=$OPTARG ;;
         o) csv=$OPTARG ;;
         s) scenarios=$OPTARG ;;
         n) nfiles=$OPTARG ;;
+        R) rounds=$OPTARG ;;
+        m) with_memory=1 ;;
         k) BENCH_KEEP=1 ;;
         h) usage; exit 0 ;;
         *) usage >&2; exit 2 ;;
@@ -58,6 +67,7 @@ shift $((OPTIND - 1))
 [ $# -eq 0 ] || { usage >&2; exit 2; }
 case $scenarios in ''|*[!abc]*) bench_die "-s wants letters among a, b, c, not '$scenarios'" ;; esac
 bench_count -n "$nfiles"
+bench_count -R "$rounds"
 [ "$nfiles" -le 200000 ] || bench_die "-n: at most 200000 files fit the 4 GiB filesystem"
 if [ -n "$csv" ]; then
     { : >"$csv"; } 2>/dev/null || bench_die "cannot write the CSV file $csv"
@@ -183,6 +193,8 @@ serve() {
     case $kind in
         qemu) serve_qemu "$img" "$SOCK" "$LOG" ;;
         plugin) serve_plugin "$img" "$SOCK" "$LOG" ;;
+        memory) bench_start nbdkit-memory "$SOCK" "$LOG" \
+                    nbdkit -f --exit-with-parent -U "$SOCK" memory "$IMAGE_SIZE" ;;
     esac
 }
 
@@ -191,9 +203,11 @@ unserve() {
     local kind=$1 img=$2 out
     stop_server "$SERVER_PID" ||
         bench_msg "warning: ${LABEL[$kind]} exited with an error (log: $LOG)"
-    if grep -E ' error: |Assertion|Sanitizer' "$LOG" >&2; then
+    # Our notices reach nbdkit's log as 'error: notice:': not errors.
+    if grep -E ' error: |Assertion|Sanitizer' "$LOG" | grep -v ' error: notice: ' >&2; then
         bench_msg "warning: (the messages above are from ${LABEL[$kind]}'s log $LOG)"
     fi
+    [ "$kind" != memory ] || return 0
     if [ "$kind" = plugin ]; then
         out=$(grep -o 'reclaim totals: .*' "$LOG" || true)
         [ -z "$out" ] || bench_msg "  ${LABEL[$kind]} $out"
@@ -272,17 +286,35 @@ settle_alloc() {
 
 # ---------------------------------------------------------------------------
 # Results: RES[scenario/metric/kind] = figure.
-declare -A LABEL=([qemu]=qemu-nbd [plugin]=qcow2reclaim)
+# A key gets one figure per round; the table shows their median.  The
+# memory plugin has no host file: it gets only the rows that do not
+# measure one.
+declare -A LABEL=([qemu]=qemu-nbd [plugin]=qcow2reclaim [memory]=nbdkit-memory)
 declare -A RES=()
 ROWS=()     # "key|scenario|metric|unit" in table order
 CHECK_FAILED=
 row() { ROWS+=("$1|$2|$3|$4"); }
+put() { RES[$1]="${RES[$1]:-} $2"; }
 
-# The order of the servers alternates from scenario to scenario, so neither
-# always goes first.
-ORDER=(qemu plugin)
+# The servers' order turns by one from round to round and scenario to
+# scenario, so none always goes first.
+KINDS=(qemu plugin)
+[ "$with_memory" = 0 ] || KINDS+=(memory)
+ORDER=("${KINDS[@]}")
 next_order() {
-    ORDER=("${ORDER[1]}" "${ORDER[0]}")
+    ORDER=("${ORDER[@]:1}" "${ORDER[0]}")
+}
+# each SCENARIO-FUNCTION [KIND...]: every round, every kind named (default
+# all), in the turning order.
+each() {
+    local f=$1 r kind; shift
+    local only=" ${*:-${KINDS[*]}} "
+    for ((r = 0; r < rounds; r++)); do
+        for kind in "${ORDER[@]}"; do
+            case $only in *" $kind "*) "$f" "$kind" ;; esac
+        done
+        next_order
+    done
 }
 
 # (a) 1 GiB of mixed-size files (16 KiB to 16 MiB, not block multiples),
@@ -328,13 +360,17 @@ EOF
     t0=$(now)
     out=$(fstrim -v "$MNT")
     t1=$(now)
-    read -r after settled <<<"$(settle_alloc "$IMG" "$t0" "$t1")"
     st=$(since "$t0" "$t1")
-    bench_msg "    host file: $(to_mib "$base") MiB after mkfs, $(to_mib "$before") MiB before fstrim, $(to_mib "$after") MiB after; fstrim ${st}s, settled at ${settled}s: ${out#*: }"
-    RES[a/before/$kind]=$(to_mib "$before")
-    RES[a/after/$kind]=$(to_mib "$after")
-    RES[a/fstrim/$kind]=$st
-    RES[a/settle/$kind]=$settled
+    put "a/fstrim/$kind" "$st"
+    if [ "$kind" = memory ]; then
+        bench_msg "    fstrim ${st}s: ${out#*: }"
+    else
+        read -r after settled <<<"$(settle_alloc "$IMG" "$t0" "$t1")"
+        bench_msg "    host file: $(to_mib "$base") MiB after mkfs, $(to_mib "$before") MiB before fstrim, $(to_mib "$after") MiB after; fstrim ${st}s, settled at ${settled}s: ${out#*: }"
+        put "a/before/$kind" "$(to_mib "$before")"
+        put "a/after/$kind" "$(to_mib "$after")"
+        put "a/settle/$kind" "$settled"
+    fi
     fs_down "$kind"
     rm -f "$IMG"
 }
@@ -374,14 +410,19 @@ EOF
     t0=$(now)
     out=$(fstrim -v "$MNT")
     t1=$(now)
-    read -r a2 settled <<<"$(settle_alloc "$IMG" "$t0" "$t1")"
     st=$(since "$t0" "$t1")
-    back=$((a1 - a2))
-    bench_msg "    df freed $(to_mib "$freed") MiB; host file $(to_mib "$a1") MiB before deleting, $(to_mib "$a2") MiB after fstrim: gave back $(to_mib "$back") MiB; fstrim ${st}s, settled at ${settled}s: ${out#*: }"
-    RES[b/freed/$kind]=$(to_mib "$freed")
-    RES[b/back/$kind]=$(to_mib "$back")
-    RES[b/pct/$kind]=$(awk -v b="$back" -v f="$freed" 'BEGIN { printf "%.1f", (f > 0 ? 100 * b / f : 0) }')
-    RES[b/fstrim/$kind]=$st
+    put "b/freed/$kind" "$(to_mib "$freed")"
+    put "b/fstrim/$kind" "$st"
+    if [ "$kind" = memory ]; then
+        bench_msg "    df freed $(to_mib "$freed") MiB; fstrim ${st}s: ${out#*: }"
+    else
+        read -r a2 settled <<<"$(settle_alloc "$IMG" "$t0" "$t1")"
+        back=$((a1 - a2))
+        bench_msg "    df freed $(to_mib "$freed") MiB; host file $(to_mib "$a1") MiB before deleting, $(to_mib "$a2") MiB after fstrim: gave back $(to_mib "$back") MiB; fstrim ${st}s, settled at ${settled}s: ${out#*: }"
+        put "b/back/$kind" "$(to_mib "$back")"
+        put "b/pct/$kind" "$(awk -v b="$back" -v f="$freed" 'BEGIN { printf "%.1f", (f > 0 ? 100 * b / f : 0) }')"
+        put "b/settle/$kind" "$settled"
+    fi
     fs_down "$kind"
     rm -f "$IMG"
 }
@@ -427,10 +468,10 @@ EOF
     [ -n "${flush:-}" ] || bench_die "the trim request to ${LABEL[$kind]} failed (log: $LOG)"
     read -r after settled <<<"$(settle_alloc "$img" "$t0" "$(now)")"
     bench_msg "    trim ${trim}s, flush ${flush}s; host file $(to_mib "$before") MiB -> $(to_mib "$after") MiB allocated (settled ${settled}s after the trim was sent), size $(to_mib "$(stat -c %s "$img")") MiB"
-    RES[c/before/$kind]=$(to_mib "$before")
-    RES[c/trim/$kind]=$trim
-    RES[c/flush/$kind]=$flush
-    RES[c/after/$kind]=$(to_mib "$after")
+    put "c/before/$kind" "$(to_mib "$before")"
+    put "c/trim/$kind" "$trim"
+    put "c/flush/$kind" "$flush"
+    put "c/after/$kind" "$(to_mib "$after")"
     unserve "$kind" "$img"
     rm -f "$img"
 }
@@ -448,24 +489,22 @@ bench_warn_if_busy
 started=$SECONDS
 
 case $scenarios in *a*)
-    for kind in "${ORDER[@]}"; do scenario_a "$kind"; done
-    next_order
+    each scenario_a
     row a/before "a ext4 1 GiB" "allocated before fstrim" MiB
     row a/after  "a ext4 1 GiB" "allocated after fstrim" MiB
     row a/fstrim "a ext4 1 GiB" "fstrim" s
     row a/settle "a ext4 1 GiB" "fstrim until settled" s
 esac
 case $scenarios in *b*)
-    for kind in "${ORDER[@]}"; do scenario_b "$kind"; done
-    next_order
+    each scenario_b
     row b/freed  "b fragmented" "freed in ext4 (df)" MiB
     row b/back   "b fragmented" "left host allocation" MiB
     row b/pct    "b fragmented" "left host allocation" "%"
     row b/fstrim "b fragmented" "fstrim" s
+    row b/settle "b fragmented" "fstrim until settled" s
 esac
 case $scenarios in *c*)
-    for kind in "${ORDER[@]}"; do scenario_c "$kind"; done
-    next_order
+    each scenario_c qemu plugin
     row c/before "c 4 GiB trim" "allocated before" MiB
     row c/trim   "c 4 GiB trim" "trim request" s
     row c/flush  "c 4 GiB trim" "flush" s
@@ -473,16 +512,28 @@ case $scenarios in *c*)
 esac
 bench_msg "done in $((SECONDS - started))s"
 
-fmt='%-14s %-24s %-4s %10s %13s\n'
-# shellcheck disable=SC2059
-printf "$fmt" scenario metric unit qemu-nbd qcow2reclaim
-[ -z "$csv" ] || echo "scenario,metric,unit,qemu_nbd,qcow2reclaim" >"$csv"
+[ "$rounds" = 1 ] || echo "medians of $rounds rounds"
+line=$(printf '%-14s %-24s %-4s' scenario metric unit)
+head=scenario,metric,unit
+for kind in "${KINDS[@]}"; do
+    line+=$(printf ' %14s' "${LABEL[$kind]}")
+    head+=,${LABEL[$kind]//-/_}
+done
+echo "$line"
+[ -z "$csv" ] || echo "$head" >"$csv"
 for r in "${ROWS[@]}"; do
     IFS='|' read -r key scen metric unit <<<"$r"
-    q=${RES[$key/qemu]:-} p=${RES[$key/plugin]:-}
-    # shellcheck disable=SC2059
-    printf "$fmt" "$scen" "$metric" "$unit" "${q:--}" "${p:--}"
-    [ -z "$csv" ] || echo "$scen,$metric,$unit,$q,$p" >>"$csv"
+    line=$(printf '%-14s %-24s %-4s' "$scen" "$metric" "$unit")
+    cells="$scen,$metric,$unit"
+    for kind in "${KINDS[@]}"; do
+        v=-
+        # shellcheck disable=SC2086 # one word per round
+        [ -z "${RES[$key/$kind]:-}" ] || v=$(bench_median ${RES[$key/$kind]})
+        line+=$(printf ' %14s' "$v")
+        cells+=,${v#-}
+    done
+    echo "$line"
+    [ -z "$csv" ] || echo "$cells" >>"$csv"
 done
 [ -z "$CHECK_FAILED" ] ||
     bench_msg "warning: qemu-img check was not clean after:$CHECK_FAILED"

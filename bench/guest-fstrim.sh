@@ -426,7 +426,8 @@ run_one() {
     point stopped
     line=$(grep -o 'reclaim totals: .*' "$log" || true)
     [ -z "$line" ] || bench_msg "  $line"
-    if grep -E ' error: |Assertion|Sanitizer' "$log" >&2; then
+    # Our notices reach nbdkit's log as 'error: notice:': not errors.
+    if grep -E ' error: |Assertion|Sanitizer' "$log" | grep -v ' error: notice: ' >&2; then
         bench_msg "  warning: (the messages above are from ${LABEL[$s]}'s log $log)"
     fi
     R[$s,trimmed]=$(sed -n 's/^Q2R-FSTRIM .*(\([0-9]*\) bytes) trimmed.*/\1/p' "$con.txt")

@@ -287,14 +287,14 @@ EOF
 }
 
 # bench_median NUMBER...: the median (the mean of the middle two for an even
-# count), printed like the inputs: with one decimal if any has one.
+# count), with as many decimals as the most precise of them.
 bench_median() {
     printf '%s\n' "$@" | sort -g | awk '
-        { v[NR] = $1; if ($1 ~ /\./) dec = 1 }
+        { v[NR] = $1; d = index($1, ".") ? length($1) - index($1, ".") : 0; if (d > dec) dec = d }
         END {
             if (NR == 0) exit 1
             m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
-            printf(dec ? "%.1f\n" : "%.0f\n", m)
+            printf("%." dec "f\n", m)
         }'
 }
 

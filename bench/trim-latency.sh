@@ -3,7 +3,8 @@
 # What a TRIM of part of a cluster costs the client, the request fstrim
 # sends most on a fragmented filesystem: qemu-nbd (which ignores it) against
 # the qcow2reclaim plugin (which punches it, deferred) and nbdkit's file
-# plugin on the same data raw (which punches it at once).  One client sends
+# plugin on the same data raw (which punches it at once), with nbdkit's
+# null plugin (which does nothing: nbdkit's own floor).  One client sends
 # two TRIMs per 64 KiB cluster (8 KiB and 4 KiB, host-block aligned) over
 # the first SIZE of a prefilled image, one request at a time as fstrim
 # does, then a flush.  Reported: microseconds per TRIM answered, seconds
@@ -77,30 +78,40 @@ EOF
 
 alloc_of() { echo $(($(stat -c %b "$1") * 512)); }
 
-declare -A LABEL=([qemu]=qemu-nbd [plugin]=qcow2reclaim [file]=nbdkit-file) LAT TOTAL FREED
+# nbdkit-null answers every TRIM without doing anything: what is left is
+# nbdkit's own request path, the floor of any nbdkit plugin.
+declare -A LABEL=([qemu]=qemu-nbd [plugin]=qcow2reclaim [file]=nbdkit-file [null]=nbdkit-null) LAT TOTAL FREED
 for ((r = 0; r < rounds; r++)); do
-    for s in qemu plugin file; do
+    for s in qemu plugin file null; do
+        img=
         case $s in
             file) img=$W/$s.raw; fresh_copy "$W/template.raw" "$img" ;;
+            null) ;;
             *)    img=$W/$s.qcow2; fresh_copy "$W/template.qcow2" "$img" ;;
         esac
         sync
-        before=$(alloc_of "$img")
+        [ -z "$img" ] || before=$(alloc_of "$img")
         case $s in
             qemu)   serve_qemu "$img" "$W/$s.sock" "$W/$s.log" ;;
             plugin) serve_plugin "$img" "$W/$s.sock" "$W/$s.log" compact=off ;;
             file)   serve_file "$img" "$W/$s.sock" "$W/$s.log" ;;
+            null)   bench_start nbdkit-null "$W/$s.sock" "$W/$s.log" \
+                        nbdkit -f --exit-with-parent -U "$W/$s.sock" null size="$size_bytes" ;;
         esac
         pid=$SERVER_PID
         read -r lat total < <("$PYTHON" "$W/trims.py" "$W/$s.sock" "$size_bytes") ||
             bench_die "the TRIMs to ${LABEL[$s]} failed"
         stop_server "$pid" || bench_die "${LABEL[$s]} exited with an error (log: $W/$s.log)"
-        freed=$(((before - $(alloc_of "$img")) / 1048576))
         LAT[$s]="${LAT[$s]:-} $lat"
         TOTAL[$s]="${TOTAL[$s]:-} $total"
-        FREED[$s]="${FREED[$s]:-} $freed"
-        bench_msg "round $((r + 1)) ${LABEL[$s]}: ${lat} us a TRIM, ${total} s with the flush, $freed MiB given back"
-        rm -f "$img"
+        if [ -n "$img" ]; then
+            freed=$(((before - $(alloc_of "$img")) / 1048576))
+            FREED[$s]="${FREED[$s]:-} $freed"
+            bench_msg "round $((r + 1)) ${LABEL[$s]}: ${lat} us a TRIM, ${total} s with the flush, $freed MiB given back"
+            rm -f "$img"
+        else
+            bench_msg "round $((r + 1)) ${LABEL[$s]}: ${lat} us a TRIM, ${total} s with the flush"
+        fi
     done
 done
 
@@ -108,11 +119,11 @@ n=$((size_bytes / 65536 * 2))
 echo
 echo "$n TRIMs of 8 or 4 KiB inside 64 KiB clusters, one at a time, then a flush (median of $rounds):"
 echo
-echo "| | qemu-nbd | qcow2reclaim | nbdkit-file (raw) |"
-echo "|---|---|---|---|"
+echo "| | qemu-nbd | qcow2reclaim | nbdkit-file (raw) | nbdkit-null |"
+echo "|---|---|---|---|---|"
 # shellcheck disable=SC2086 # separate words
-echo "| µs per TRIM answered | $(bench_median ${LAT[qemu]}) | $(bench_median ${LAT[plugin]}) | $(bench_median ${LAT[file]}) |"
+echo "| µs per TRIM answered | $(bench_median ${LAT[qemu]}) | $(bench_median ${LAT[plugin]}) | $(bench_median ${LAT[file]}) | $(bench_median ${LAT[null]}) |"
 # shellcheck disable=SC2086
-echo "| s until the flush returned | $(bench_median ${TOTAL[qemu]}) | $(bench_median ${TOTAL[plugin]}) | $(bench_median ${TOTAL[file]}) |"
+echo "| s until the flush returned | $(bench_median ${TOTAL[qemu]}) | $(bench_median ${TOTAL[plugin]}) | $(bench_median ${TOTAL[file]}) | $(bench_median ${TOTAL[null]}) |"
 # shellcheck disable=SC2086
-echo "| MiB given back | $(bench_median ${FREED[qemu]}) | $(bench_median ${FREED[plugin]}) | $(bench_median ${FREED[file]}) |"
+echo "| MiB given back | $(bench_median ${FREED[qemu]}) | $(bench_median ${FREED[plugin]}) | $(bench_median ${FREED[file]}) | - |"
