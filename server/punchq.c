@@ -268,22 +268,18 @@ bool punchq_wait_job (struct punchq *q)
 int punchq_claim_next (struct punchq *q, bool wait, uint64_t upto, uint64_t *tag,
                        struct punchq_items *punch, uint64_t *offset, uint64_t *end)
 {
-  bool worker = upto == UINT64_MAX;
   size_t first, n, i;
   int r = 0;
 
   pthread_mutex_lock (&q->lock);
-  /* The worker waits for work until the queue is off; a drain, until
-   * nothing numbered up to its mark is left, done by itself or by whoever
-   * holds it.
+  /* A drain waits until nothing numbered up to its mark is left, done by
+   * itself or by whoever holds it.
    */
   while (!next_job (q, upto, &first, &n)) {
-    if (!wait || (worker ? !q->accepting : !any_upto (q, upto)))
+    if (!wait || !any_upto (q, upto))
       goto out;
     pthread_cond_wait (&q->cond, &q->lock);
   }
-  if (worker && !q->accepting)
-    goto out;
   if ((r = punchq_items_reserve (punch, n)) < 0)
     goto out;
   *tag = q->items.ptr[first].tag;

@@ -86,9 +86,9 @@ void punchq_punched (struct punchq *q, const struct punchq_items *done);
  * job holds and that has an item numbered 'upto' or lower; those still
  * to punch are in 'punch', marked punching, and the caller punches them
  * and calls punchq_punched.  [offset, end) is where the run lies.  With
- * 'wait', the worker (upto UINT64_MAX) waits for a job until the queue
- * is turned off, and a drain (upto a mark) until nothing numbered up to
- * it is left.  1: a job; 0: none; -ENOMEM.
+ * 'wait' it waits, while a job up to the mark is held by another thread,
+ * until nothing numbered up to it is left (the worker itself waits in
+ * punchq_wait_job).  1: a job; 0: none; -ENOMEM.
  */
 int punchq_claim_next (struct punchq *q, bool wait, uint64_t upto, uint64_t *tag,
                        struct punchq_items *punch, uint64_t *offset, uint64_t *end);
