@@ -15,7 +15,7 @@ export LC_ALL=C         # a '.' in $EPOCHREALTIME and in awk's numbers
 
 usage() {
     cat <<EOF
-Usage: $0 [-d DIR] [-o FILE] [-s SCENARIOS] [-n FILES] [-R ROUNDS] [-m] [-k]
+Usage: $0 [-d DIR] [-o FILE] [-s SCENARIOS] [-n FILES] [-R ROUNDS] [-m] [-B SO] [-k]
 
   -d DIR        where the images go (default \$BENCH_DIR, else /var/tmp); a
                 private directory is made under it and removed at the end.
@@ -33,6 +33,9 @@ Usage: $0 [-d DIR] [-o FILE] [-s SCENARIOS] [-n FILES] [-R ROUNDS] [-m] [-k]
   -m            also nbdkit's memory plugin in scenarios a and b: the same
                 requests through nbdkit's own request path with a plugin
                 that does no disk work, the floor of any nbdkit plugin
+  -B SO         also serve with this other build of the plugin (say, of an
+                earlier commit), as a column of its own: before and after
+                in one run
   -k            keep the work directory (server logs, nbdfuse logs)
 
 Needs root (mount, losetup) and /dev/fuse.  Environment: PLUGIN (default
@@ -50,7 +53,8 @@ scenarios=abc
 nfiles=12000
 rounds=1
 with_memory=0
-while getopts d:o:s:n:R:mkh opt; do
+other=
+while getopts d:o:s:n:R:mB:kh opt; do
     case $opt in
         d) parent=$OPTARG ;;
         o) csv=$OPTARG ;;
@@ -58,6 +62,7 @@ while getopts d:o:s:n:R:mkh opt; do
         n) nfiles=$OPTARG ;;
         R) rounds=$OPTARG ;;
         m) with_memory=1 ;;
+        B) other=$OPTARG ;;
         k) BENCH_KEEP=1 ;;
         h) usage; exit 0 ;;
         *) usage >&2; exit 2 ;;
@@ -97,6 +102,11 @@ case $scenarios in
         ;;
 esac
 plugin_available || bench_die "the qcow2reclaim plugin is not built: $PLUGIN"
+if [ -n "$other" ]; then
+    [ -f "$other" ] || bench_die "-B $other: no such plugin build"
+    nbdkit "$other" --dump-plugin >/dev/null 2>&1 ||
+        bench_die "-B $other: nbdkit cannot load it (try: nbdkit $other --dump-plugin)"
+fi
 
 GiB=$((1 << 30))
 IMAGE_SIZE=4G
@@ -193,6 +203,7 @@ serve() {
     case $kind in
         qemu) serve_qemu "$img" "$SOCK" "$LOG" ;;
         plugin) serve_plugin "$img" "$SOCK" "$LOG" ;;
+        other) PLUGIN=$other serve_plugin "$img" "$SOCK" "$LOG" ;;
         memory) bench_start nbdkit-memory "$SOCK" "$LOG" \
                     nbdkit -f --exit-with-parent -U "$SOCK" memory "$IMAGE_SIZE" ;;
     esac
@@ -208,7 +219,7 @@ unserve() {
         bench_msg "warning: (the messages above are from ${LABEL[$kind]}'s log $LOG)"
     fi
     [ "$kind" != memory ] || return 0
-    if [ "$kind" = plugin ]; then
+    if [ "$kind" = plugin ] || [ "$kind" = other ]; then
         out=$(grep -o 'reclaim totals: .*' "$LOG" || true)
         [ -z "$out" ] || bench_msg "  ${LABEL[$kind]} $out"
     fi
@@ -289,7 +300,7 @@ settle_alloc() {
 # A key gets one figure per round; the table shows their median.  The
 # memory plugin has no host file: it gets only the rows that do not
 # measure one.
-declare -A LABEL=([qemu]=qemu-nbd [plugin]=qcow2reclaim [memory]=nbdkit-memory)
+declare -A LABEL=([qemu]=qemu-nbd [plugin]=qcow2reclaim [other]=other-build [memory]=nbdkit-memory)
 declare -A RES=()
 ROWS=()     # "key|scenario|metric|unit" in table order
 CHECK_FAILED=
@@ -299,6 +310,7 @@ put() { RES[$1]="${RES[$1]:-} $2"; }
 # The servers' order turns by one from round to round and scenario to
 # scenario, so none always goes first.
 KINDS=(qemu plugin)
+[ -z "$other" ] || KINDS+=(other)
 [ "$with_memory" = 0 ] || KINDS+=(memory)
 ORDER=("${KINDS[@]}")
 next_order() {
@@ -485,6 +497,10 @@ esac
 # Serve a copy of the plugin, so a rebuild during the run does not disturb it.
 cp "$PLUGIN" "$BENCH_WORK/plugin.so"
 PLUGIN=$BENCH_WORK/plugin.so
+if [ -n "$other" ]; then
+    cp "$other" "$BENCH_WORK/other.so"
+    other=$BENCH_WORK/other.so
+fi
 bench_warn_if_busy
 started=$SECONDS
 
@@ -504,7 +520,7 @@ case $scenarios in *b*)
     row b/settle "b fragmented" "fstrim until settled" s
 esac
 case $scenarios in *c*)
-    each scenario_c qemu plugin
+    each scenario_c qemu plugin other
     row c/before "c 4 GiB trim" "allocated before" MiB
     row c/trim   "c 4 GiB trim" "trim request" s
     row c/flush  "c 4 GiB trim" "flush" s
