@@ -40,9 +40,13 @@ static void job_done (struct q2_image *img, const struct host_release_job *job)
 }
 
 /* Jobs until 'upto' says there are no more; out of memory for a job's
- * list only delays it.  How many ran.
+ * list only delays it.  With 'yield', also until a new TRIM queued
+ * something, unless the queue is half full: a pause of a few ms in an
+ * fstrim (between block groups, a journal commit) must not set the
+ * worker punching thousands of ranges beside the rest of the burst.
+ * How many ran.
  */
-static unsigned run_jobs (struct q2_image *img, uint64_t upto)
+static unsigned run_jobs (struct q2_image *img, uint64_t upto, bool yield)
 {
   struct host_release_job job;
   unsigned n = 0;
@@ -55,6 +59,9 @@ static unsigned run_jobs (struct q2_image *img, uint64_t upto)
     }
     job_done (img, &job);
     n++;
+    if (yield && host_release_mark (&img->m.hf) != upto &&
+        !host_release_pressed (&img->m.hf))
+      break;
   }
   return n;
 }
@@ -83,7 +90,7 @@ static void *worker (void *arg)
     /* What went back shows in the counters only now, after the TRIMs
      * that asked for it were answered.
      */
-    if (run_jobs (img, host_release_mark (&img->m.hf)) && img->notify)
+    if (run_jobs (img, host_release_mark (&img->m.hf), true) && img->notify)
       img->notify (img->notify_opaque, false);
   }
   return NULL;
@@ -129,5 +136,5 @@ void punch_stop (struct q2_image *img)
 
 void punch_drain (struct q2_image *img)
 {
-  run_jobs (img, host_release_mark (&img->m.hf));
+  run_jobs (img, host_release_mark (&img->m.hf), false);
 }
