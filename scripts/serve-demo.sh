@@ -108,16 +108,19 @@ Give space back (the demo image only: this trims the whole disk, all of its data
     nbdsh -u '$uri' -c 'for o in range(0, h.get_size(), 1 << 30): h.trim(min(1 << 30, h.get_size() - o), o)' -c 'h.flush()'
 MSG
 else
+    # The last line waits for nbdfuse to go: nbdkit (1.32) keeps serving
+    # a client still connected after Ctrl-C, and nbdfuse stays connected
+    # until the loop device lets go of its file, which can take a moment.
     cat <<MSG
 Give space back: trim the filesystems on it through a client.  In a VM
   attached to the socket (README.md, "Attaching"), run fstrim -av.  Or, on
   this host as root, through a FUSE file and a loop device:
     d=$qdir; mkdir -p "\$d/fuse" "\$d/mnt"
-    nbdfuse "\$d/fuse/disk" --unix "\$d/nbd.sock" &
+    nbdfuse "\$d/fuse/disk" --unix "\$d/nbd.sock" & f=\$!
     for i in \$(seq 100); do [ -e "\$d/fuse/disk" ] && break; sleep 0.1; done
     dev=\$(losetup -P -f --show "\$d/fuse/disk"); lsblk -o NAME,FSTYPE,SIZE "\$dev"
     for p in \$(lsblk -lnpo NAME "\$dev"); do mount "\$p" "\$d/mnt" 2>/dev/null || continue; fstrim -v "\$d/mnt"; umount "\$d/mnt"; done
-    losetup -d "\$dev"; fusermount3 -u -z "\$d/fuse"
+    losetup -d "\$dev"; fusermount3 -u -z "\$d/fuse"; wait \$f
 MSG
 fi
 cat <<MSG

@@ -143,7 +143,16 @@ stop_demo() {
     kids=$(family "$SPID")
     kill -INT -- "$target"
     for i in $(seq 1 $((300 * SLOW))); do _running "$SPID" || break; sleep 0.1; done
-    _running "$SPID" && fail "$name: the script did not exit after SIGINT"
+    if _running "$SPID"; then
+        # What still runs, and who is still connected: a client left over
+        # (nbdfuse behind a loop device the kernel has not let go) keeps
+        # nbdkit from exiting.
+        ps -o pid,ppid,stat,wchan:20,etime,args -p "$(echo "$kids" | tr -s ' \n' ',' | sed 's/,$//')" >&2 || true
+        pgrep -a nbdfuse >&2 || true
+        losetup -a >&2 || true
+        cat "$ERR" >&2
+        fail "$name: the script did not exit after SIGINT"
+    fi
     forget_server "$SPID"
     local rc=0
     wait "$SPID" || rc=$?
