@@ -68,13 +68,16 @@ section() {
 
 # start_demo NAME ARGS...: the script in the background, in a process
 # group of its own as a terminal's job would be (and so without SIGINT
-# ignored, which a job of a shell without job control would have).
+# ignored, which a job of a shell without job control would have).  A
+# suite started under nohup or in the background of a script has SIGINT
+# ignored already, which no shell can undo for its children (and the
+# script's trap would never run): env puts it back to the default.
 # Waits for the banner's last section; SPID is the script.
 start_demo() {
     local name=$1 i; shift
     OUT=$TMP/$name.out ERR=$TMP/$name.err
     set -m
-    "$SCRIPT" "$@" >"$OUT" 2>"$ERR" &
+    env --default-signal=INT "$SCRIPT" "$@" >"$OUT" 2>"$ERR" &
     SPID=$!
     set +m
     track_pid "$SPID"
