@@ -108,9 +108,7 @@ else
     bench_msg "qcow2reclaim plugin not found at $PLUGIN: skipping its column (build it, or set PLUGIN=)"
 fi
 if [ -n "$other" ]; then
-    [ -f "$other" ] || bench_die "-B $other: no such plugin build"
-    nbdkit "$other" --dump-plugin >/dev/null 2>&1 ||
-        bench_die "-B $other: nbdkit cannot load it (try: nbdkit $other --dump-plugin)"
+    bench_check_other "$other"
     RUN+=(other)
 fi
 if [ "$with_file" = 1 ]; then RUN+=(file); fi

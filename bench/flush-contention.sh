@@ -61,7 +61,7 @@ size_bytes=$(bench_size_bytes "$size")
 bench_require_tools fio qemu-nbd qemu-img nbdkit "$PYTHON"
 plugin_available || bench_die "the qcow2reclaim plugin is not built: $PLUGIN"
 "$PYTHON" -c 'import nbd' 2>/dev/null || bench_die "$PYTHON has no nbd module (Debian: python3-libnbd)"
-[ -z "$other" ] || [ -f "$other" ] || bench_die "-B $other: no such plugin build"
+[ -z "$other" ] || bench_check_other "$other"
 
 RUN=(plugin)
 declare -A LABEL=([plugin]=qcow2reclaim [other]=other-build [qemu]=qemu-nbd [file]=nbdkit-file)

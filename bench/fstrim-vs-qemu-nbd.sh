@@ -102,11 +102,7 @@ case $scenarios in
         ;;
 esac
 plugin_available || bench_die "the qcow2reclaim plugin is not built: $PLUGIN"
-if [ -n "$other" ]; then
-    [ -f "$other" ] || bench_die "-B $other: no such plugin build"
-    nbdkit "$other" --dump-plugin >/dev/null 2>&1 ||
-        bench_die "-B $other: nbdkit cannot load it (try: nbdkit $other --dump-plugin)"
-fi
+[ -z "$other" ] || bench_check_other "$other"
 
 GiB=$((1 << 30))
 IMAGE_SIZE=4G
@@ -214,8 +210,7 @@ unserve() {
     local kind=$1 img=$2 out
     stop_server "$SERVER_PID" ||
         bench_msg "warning: ${LABEL[$kind]} exited with an error (log: $LOG)"
-    # Our notices reach nbdkit's log as 'error: notice:': not errors.
-    if grep -E ' error: |Assertion|Sanitizer' "$LOG" | grep -v ' error: notice: ' >&2; then
+    if bench_log_problems "$LOG"; then
         bench_msg "warning: (the messages above are from ${LABEL[$kind]}'s log $LOG)"
     fi
     [ "$kind" != memory ] || return 0

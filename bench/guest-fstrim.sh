@@ -426,8 +426,7 @@ run_one() {
     point stopped
     line=$(grep -o 'reclaim totals: .*' "$log" || true)
     [ -z "$line" ] || bench_msg "  $line"
-    # Our notices reach nbdkit's log as 'error: notice:': not errors.
-    if grep -E ' error: |Assertion|Sanitizer' "$log" | grep -v ' error: notice: ' >&2; then
+    if bench_log_problems "$log"; then
         bench_msg "  warning: (the messages above are from ${LABEL[$s]}'s log $log)"
     fi
     R[$s,trimmed]=$(sed -n 's/^Q2R-FSTRIM .*(\([0-9]*\) bytes) trimmed.*/\1/p' "$con.txt")

@@ -193,6 +193,22 @@ serve_qemu() {
 # plugin_available: the qcow2reclaim plugin has been built.
 plugin_available() { [ -f "$PLUGIN" ]; }
 
+# bench_check_other SO: the build given with -B exists and nbdkit loads it;
+# otherwise the script stops, saying which.
+bench_check_other() {
+    [ -f "$1" ] || bench_die "-B $1: no such plugin build"
+    nbdkit "$1" --dump-plugin >/dev/null 2>&1 ||
+        bench_die "-B $1: nbdkit cannot load it (try: nbdkit $1 --dump-plugin)"
+}
+
+# bench_log_problems LOG: prints the lines of a server's log that say
+# something went wrong (errors, failed asserts, sanitizer reports) to
+# stderr; true when there was one.  Our notices reach nbdkit's log as
+# 'error: notice:' and are not among them.
+bench_log_problems() {
+    grep -E ' error: |Assertion|Sanitizer' "$1" | grep -v ' error: notice: ' >&2
+}
+
 # serve_plugin IMAGE SOCK LOG [PLUGIN-PARAMS...]: nbdkit with qcow2reclaim.
 serve_plugin() {
     local image=$1 sock=$2 log=$3; shift 3

@@ -67,7 +67,7 @@ if [ -n "$csv" ]; then
 fi
 bench_require_tools fio qemu-nbd qemu-img nbdkit "$PYTHON"
 plugin_available || bench_die "the qcow2reclaim plugin is not built: $PLUGIN"
-[ -z "$other" ] || [ -f "$other" ] || bench_die "-B $other: no such plugin build"
+[ -z "$other" ] || bench_check_other "$other"
 
 # The phases: name, fio rw, block size, depth, jobs (one NBD connection
 # each), region.  Sequential phases stay in the first 4 GiB, so that a
