@@ -147,10 +147,12 @@ stop_demo() {
     kill -INT -- "$target"
     for i in $(seq 1 $((300 * SLOW))); do _running "$SPID" || break; sleep 0.1; done
     if _running "$SPID"; then
-        # What still runs, and who is still connected: a client left over
-        # (nbdfuse behind a loop device the kernel has not let go) keeps
-        # nbdkit from exiting.
+        # What still runs and why: a signal ignored since the suite
+        # started (SigIgn bit 1 is SIGINT) never reaches the trap, and a
+        # client still connected (nbdfuse behind a loop device the kernel
+        # has not let go) keeps nbdkit serving after its SIGTERM.
         ps -o pid,ppid,stat,wchan:20,etime,args -p "$(echo "$kids" | tr -s ' \n' ',' | sed 's/,$//')" >&2 || true
+        grep -H SigIgn "/proc/$SPID/status" >&2 || true
         pgrep -a nbdfuse >&2 || true
         losetup -a >&2 || true
         cat "$ERR" >&2
