@@ -134,6 +134,14 @@ static int read_directory (struct meta *m, struct bitmaps *b)
                 " bytes) is not inside the file", lay->name, off, size);
     return -EINVAL;
   }
+  /* Each entry takes at least its fixed part: a count past what the
+   * directory can hold is a bad header, not a reason to allocate for it.
+   */
+  if (lay->nb_bitmaps > size / BITMAP_ENTRY_FIXED) {
+    log_notice ("%s: the header counts %" PRIu32 " persistent bitmaps, more than a "
+                "directory of %" PRIu64 " bytes holds", lay->name, lay->nb_bitmaps, size);
+    return -EINVAL;
+  }
   uint8_t *dir = malloc (size);
   if (!dir || !(b->entries = calloc (lay->nb_bitmaps, sizeof *b->entries))) {
     free (dir);
