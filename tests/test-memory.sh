@@ -15,7 +15,7 @@
 # connections send 1 MiB reads and writes: while they last, resident memory
 # may pass the bound by nbdkit's buffers (16 threads x 4 connections x
 # 1 MiB) and no more; once they are gone it must be back within the bound.
-# Opening this image frees buffers of many MiB, which raises glibc's mmap
+# Opening this image frees buffers of a few MiB, which raises glibc's mmap
 # threshold, so this is what catches freed request buffers kept in the
 # worker threads' malloc arenas.
 #
@@ -75,11 +75,22 @@ def sampler():
 t = threading.Thread(target=sampler, daemon=True)
 t.start()
 
-handles = []
-for i in range(4):
-    h = nbd.NBD()
-    h.connect_unix(sock)
-    handles.append(h)
+def connect(n):
+    hs = []
+    for i in range(n):
+        h = nbd.NBD()
+        h.connect_unix(sock)
+        hs.append(h)
+    return hs
+
+def drain(hs):
+    """Waits for every request in flight, then flushes each connection."""
+    for h in hs:
+        while h.aio_in_flight() > 0:
+            h.poll(-1)
+        h.flush()
+
+handles = connect(4)
 size = handles[0].get_size()
 rng = random.Random(7)
 tables = set()
@@ -123,10 +134,7 @@ while time.time() < deadline and not errors:
                 counts["flush"] += 1
             tables.add(off // L2_SPAN)
         h.poll(-1)
-for h in handles:
-    while h.aio_in_flight() > 0:
-        h.poll(-1)
-    h.flush()
+drain(handles)
 if errors:
     sys.exit("FAIL: a request failed with errno %d" % errors[0])
 phase[0] = "idle"
@@ -149,11 +157,7 @@ MIB = 1 << 20
 NBDKIT_BUFFERS_MIB = 16 * 4
 peak[:] = [0, 0, ""]
 phase[0] = "1 MiB requests"
-handles = []
-for i in range(4):
-    h = nbd.NBD()
-    h.connect_unix(sock)
-    handles.append(h)
+handles = connect(4)
 data1m = bytearray(data64 * 16)
 big = 0
 deadline = time.time() + min(seconds, 5)
@@ -167,10 +171,8 @@ while time.time() < deadline and not errors:
                 h.aio_pread(nbd.Buffer(MIB), off, completion=done)
             big += 1
         h.poll(-1)
+drain(handles)
 for h in handles:
-    while h.aio_in_flight() > 0:
-        h.poll(-1)
-    h.flush()
     h.shutdown()
 del handles
 if errors:
