@@ -132,16 +132,13 @@ make_prefilled_images() {
 }
 
 # page_cache_even FILE...: every FILE in the host page cache in the same
-# shape, whatever wrote it.  ext4 on recent kernels caches a file in large
-# folios, as large as the write or the readahead that brought the pages in,
-# and a 4 KiB write walks every block of the folio it lands in.  On the
-# 2-core machine nbdkit-file's random 4 KiB writes ran at 63,000-75,000 IOPS
-# into pages read 1 MiB at a time with readahead off, 50,000-65,000 into
-# pages cp had written, and 10,000 after a sequential read.  Each image has
-# its own history (fio, qemu-img convert, cp), so without this the write
-# rows compare page caches, not servers.  The pages are written back,
-# dropped, and read again with readahead off, which caches them as single
-# pages.
+# shape, whatever wrote it.  ext4 on recent kernels caches a file in folios
+# as large as the write or readahead that brought the pages in, and a 4 KiB
+# write walks every block of the folio it lands in, so images with
+# different histories (fio, qemu-img convert, cp) take small writes at
+# different speeds whoever serves them (bench/README.md, "Fairness: the
+# page cache", has the figures).  The pages are written back, dropped, and
+# read again with readahead off, which caches them as single pages.
 page_cache_even() {
     sync
     "$PYTHON" - "$@" <<'EOF' || bench_die "cannot read $* back into the page cache"
