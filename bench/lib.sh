@@ -360,9 +360,11 @@ bench_warn_if_busy() {
 # while a build runs beside the benchmark.
 BENCH_HZ=$(getconf CLK_TCK 2>/dev/null || echo 100)
 _bench_cpu_sample() {
-    local user nice sys irq sirq line srv self
-    read -r _ user nice sys _ _ irq sirq _ </proc/stat
+    local user nice sys idle iowait irq sirq steal line srv self
+    read -r _ user nice sys idle iowait irq sirq steal _ </proc/stat
     _BENCH_BUSY=$((user + nice + sys + irq + sirq))
+    _BENCH_STEAL=${steal:-0}
+    _BENCH_ALL=$((user + nice + sys + idle + iowait + irq + sirq + ${steal:-0}))
     # Fields 14 and 15 of /proc/PID/stat are utime and stime, 16 and 17 the
     # same for waited-for children; counted from 3, after "(comm) ".
     line=$(cat "/proc/$1/stat" 2>/dev/null) || line=
@@ -375,13 +377,26 @@ _bench_cpu_sample() {
 }
 bench_cpu_mark() {
     _bench_cpu_sample "$1"
-    _BENCH_MARK="$_BENCH_BUSY $_BENCH_SRV $_BENCH_KIDS $_BENCH_T"
+    _BENCH_MARK="$_BENCH_BUSY $_BENCH_SRV $_BENCH_KIDS $_BENCH_T $_BENCH_STEAL $_BENCH_ALL"
 }
 bench_cpu_other() {
     local b0 s0 k0 t0
-    read -r b0 s0 k0 t0 <<<"$_BENCH_MARK"
+    read -r b0 s0 k0 t0 _ _ <<<"$_BENCH_MARK"
     _bench_cpu_sample "$1"
     awk -v b=$((_BENCH_BUSY - b0)) -v s=$((_BENCH_SRV - s0)) -v k=$((_BENCH_KIDS - k0)) \
         -v t0="$t0" -v t1="$_BENCH_T" -v hz="$BENCH_HZ" 'BEGIN {
         o = (b - s - k) / hz / (t1 - t0); if (o < 0) o = 0; printf "%.2f\n", o }'
+}
+
+# Steal time since the last bench_cpu_mark, as a whole percentage of all
+# CPUs' time: the hypervisor ran someone else while this VM's CPUs wanted
+# to run.  It comes in bursts, takes from whichever server is being
+# measured at the time, and is not seen by bench_cpu_other (bench/README.md,
+# "Fairness: steal time").
+bench_cpu_steal() {
+    local _b0 _s0 _k0 _t0 st0 all0
+    read -r _b0 _s0 _k0 _t0 st0 all0 <<<"$_BENCH_MARK"
+    _bench_cpu_sample $$
+    awk -v st=$((_BENCH_STEAL - st0)) -v all=$((_BENCH_ALL - all0)) 'BEGIN {
+        printf "%d\n", (all > 0 ? st * 100 / all + 0.5 : 0) }'
 }
