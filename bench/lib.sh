@@ -394,8 +394,8 @@ bench_cpu_other() {
 # measured at the time, and is not seen by bench_cpu_other (bench/README.md,
 # "Fairness: steal time").
 bench_cpu_steal() {
-    local _b0 _s0 _k0 _t0 st0 all0
-    read -r _b0 _s0 _k0 _t0 st0 all0 <<<"$_BENCH_MARK"
+    local st0 all0
+    read -r _ _ _ _ st0 all0 <<<"$_BENCH_MARK"
     _bench_cpu_sample $$
     awk -v st=$((_BENCH_STEAL - st0)) -v all=$((_BENCH_ALL - all0)) 'BEGIN {
         printf "%d\n", (all > 0 ? st * 100 / all + 0.5 : 0) }'
