@@ -191,28 +191,29 @@ rec2=$("$TOOL" info --output=json dense.qcow2 | sed -n 's/.*"reclaimable": \([0-
 check_clean dense.qcow2
 echo "ok: a non-sparse copy: info called $rec bytes reclaimable, compact punched $punched, $rec2 left"
 
+# The copy's pages are written out first: on a loaded machine a punch
+# over dirty pages waits for their writeback, which is not the worker's
+# time.  Then the stats file says when the worker's first pass is over
+# (no client ever connects, so only the worker can have written it), and
+# only then is the allocation read: a deadline on the allocation alone
+# measured the machine's load (CI once read it before the pass ended).
+sync served.qcow2
 start_server "$TMP/served.sock" "$TMP/served.log" file="$TMP/served.qcow2" \
     statsfile="$TMP/served.stats"
-for i in $(seq 1 50); do
-    [ "$(( $(stat -c %b served.qcow2) * 512 ))" -lt $((24 << 20)) ] && break
-    sleep 0.1
-done
-after=$(( $(stat -c %b served.qcow2) * 512 ))
-# No client ever connected: only the worker can have written the stats
-# file, and it must show what the worker did and the length it left.
-for j in $(seq 1 50); do
+for i in $(seq 1 300); do
     grep -qx "file_length=$(length served.qcow2)" served.stats 2>/dev/null &&
         grep -q '^free_bytes_punched=[1-9]' served.stats && break
     sleep 0.1
 done
 grep -qx "file_length=$(length served.qcow2)" served.stats 2>/dev/null &&
     grep -q '^free_bytes_punched=[1-9]' served.stats ||
-    { cat served.stats >&2 2>/dev/null || true; fail "a non-sparse copy served: the stats file does not show the worker's work (length $(length served.qcow2))"; }
+    { cat served.stats >&2 2>/dev/null || true; fail "a non-sparse copy served: the stats file does not show the worker's work after 30 s (length $(length served.qcow2))"; }
+after=$(( $(stat -c %b served.qcow2) * 512 ))
 stop_server "$LAST_SERVER_PID"
 [ "$after" -lt $((24 << 20)) ] ||
-    fail "a non-sparse copy served: still $after bytes allocated after 5 s"
+    fail "a non-sparse copy served: the worker's pass is over and $after bytes are still allocated"
 check_clean served.qcow2
-echo "ok: a non-sparse copy served: allocation fell to $after bytes within $((i / 10)).$((i % 10)) s"
+echo "ok: a non-sparse copy served: allocation fell to $after bytes, pass over within $((i / 10)).$((i % 10)) s"
 
 # The largest clusters and the widest refcounts.
 qemu-img create -q -f qcow2 -o cluster_size=2M,refcount_bits=64 c2m.qcow2 1G
