@@ -21,6 +21,8 @@
 #include "rangelock.h"
 #include "writeback.h"
 
+#define L2_HINTS 256
+
 struct backing;
 struct bitmaps;
 struct compact;
@@ -61,6 +63,12 @@ struct q2_image {
    */
   struct crypto *crypto;
   struct rangelock guest_lock;
+  /* Where the L2 table of an L1 slot (index modulo L2_HINTS) was last
+   * found in the cache.  Written under m.lock, read without it, and only
+   * to prefetch the entry a request will look up (l2_prefetch): a stale
+   * pointer costs a wasted prefetch, never a wrong answer.
+   */
+  const void *l2_hints[L2_HINTS];
 
   bool readonly;
   bool repair;                /* opened for q2_repair: no guest writes */

@@ -31,6 +31,7 @@
 #include "extents.h"
 #include "header.h"
 #include "hostlock.h"
+#include "l2.h"
 #include "log.h"
 #include "map.h"
 #include "read.h"
@@ -584,6 +585,7 @@ int q2_write (struct q2_image *img, const void *buf, uint64_t count,
 
   if (img->readonly || img->repair)
     return -EROFS;
+  l2_prefetch (img, offset);
   if ((r = request_check (img, count, offset)) < 0 || (r = refuse_changes (img)) < 0 ||
       (r = refuse_without_key (img, "write guest data")) < 0)
     return r;

@@ -73,7 +73,32 @@ int l2_get (struct q2_image *img, uint64_t guest, struct cache_entry **ep)
   *ep = NULL;
   if ((r = l1_entry_offset (img, guest, &off)) < 0 || off == 0)
     return r;
-  return cache_get (&img->m.cache, META_L2, off, ep);
+  if ((r = cache_get (&img->m.cache, META_L2, off, ep)) < 0)
+    return r;
+  /* Stored only when it changed: a store on every lookup would move the
+   * line between the CPUs that read it.
+   */
+  const void **hint = &img->l2_hints[layout_l1_index (&img->m.lay, guest) % L2_HINTS];
+  if (__atomic_load_n (hint, __ATOMIC_RELAXED) != (*ep)->buf)
+    __atomic_store_n (hint, (*ep)->buf, __ATOMIC_RELAXED);
+  return 0;
+}
+
+/* A random request's L2 entry is a cache miss (the page-cache copies of
+ * the requests before it evicted the table), and its load stalled the
+ * lookup; issued here, the miss overlaps the range lock and the checks.
+ * The table's buffer may have been evicted and reused since the hint was
+ * stored: a prefetch of the wrong line is harmless, and of a freed one
+ * too (prefetches do not fault).
+ */
+void l2_prefetch (struct q2_image *img, uint64_t guest)
+{
+  const struct layout *lay = &img->m.lay;
+  const uint8_t *buf =
+    __atomic_load_n (&img->l2_hints[layout_l1_index (lay, guest) % L2_HINTS], __ATOMIC_RELAXED);
+
+  if (buf)
+    __builtin_prefetch (buf + layout_l2_index (lay, guest) * layout_l2_entry_bytes (lay));
 }
 
 int l2_get_writable (struct q2_image *img, uint64_t guest, struct cache_entry **ep)

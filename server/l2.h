@@ -19,6 +19,11 @@ int l2_get (struct q2_image *img, uint64_t guest, struct cache_entry **ep);
  */
 int l2_get_writable (struct q2_image *img, uint64_t guest, struct cache_entry **ep);
 void l2_put (struct q2_image *img, struct cache_entry *e);
+/* Without the lock, at the start of a request: asks the CPU to bring in
+ * the L2 entry of guest, if its table was in the cache when last looked
+ * up, while the request's checks and locks run.
+ */
+void l2_prefetch (struct q2_image *img, uint64_t guest);
 
 /* Compaction's moves: the L2 table of L1 entry l1i, and the L1 table
  * itself, to the lowest free place if it is below the old one (*moved).

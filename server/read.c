@@ -11,6 +11,7 @@
 #include "compress.h"
 #include "crypto.h"
 #include "engine.h"
+#include "l2.h"
 #include "read.h"
 #include "request.h"
 
@@ -52,6 +53,7 @@ int read_range (struct q2_image *img, void *buf, uint64_t count, uint64_t offset
   struct mapping m;
   int r;
 
+  l2_prefetch (img, offset);
   if ((r = request_check (img, count, offset)) < 0)
     return r;
   request_lock (img, &h, count, offset, false);
