@@ -31,12 +31,17 @@ CANARY=QCOW2RECLAIM-LUKS-CLEARTEXT-CANARY
 opts() { echo "driver=qcow2,file.filename=$1,encrypt.key-secret=s0"; }
 
 # QEMU's PBKDF calibration can fail at a short iter-time on a loaded
-# machine ("Unable to get accurate CPU usage"): one more try.
+# machine ("Unable to get accurate CPU usage"), twice in a row in one CI
+# run, where the case then ended without a word: up to five tries, a
+# second apart, and a failure that says what it was.
 luks_create() {
-    local img=$1 size=$2; shift 2
+    local img=$1 size=$2 try; shift 2
     local o=encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=100
-    qemu-img create -q -f qcow2 "${SECRET[@]}" -o "$o" "$@" "$img" "$size" ||
-        qemu-img create -q -f qcow2 "${SECRET[@]}" -o "$o" "$@" "$img" "$size"
+    for try in 1 2 3 4 5; do
+        qemu-img create -q -f qcow2 "${SECRET[@]}" -o "$o" "$@" "$img" "$size" && return 0
+        sleep 1
+    done
+    fail "qemu-img could not create the encrypted image $img in five tries"
 }
 
 to_raw() { qemu-img convert "${SECRET[@]}" --image-opts "$(opts "$1")" -O raw "$2"; }
