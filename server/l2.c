@@ -64,6 +64,12 @@ static int l1_entry_offset (struct q2_image *img, uint64_t guest, uint64_t *off)
                               table_start);
 }
 
+/* The hint (engine.h, l2_hints) for the table of guest's L1 slot. */
+static const void **hint_slot (struct q2_image *img, uint64_t guest)
+{
+  return &img->l2_hints[layout_l1_index (&img->m.lay, guest) % L2_HINTS];
+}
+
 int l2_get (struct q2_image *img, uint64_t guest, struct cache_entry **ep)
 {
   uint64_t off;
@@ -78,7 +84,7 @@ int l2_get (struct q2_image *img, uint64_t guest, struct cache_entry **ep)
   /* Stored only when it changed: a store on every lookup would move the
    * line between the CPUs that read it.
    */
-  const void **hint = &img->l2_hints[layout_l1_index (&img->m.lay, guest) % L2_HINTS];
+  const void **hint = hint_slot (img, guest);
   if (__atomic_load_n (hint, __ATOMIC_RELAXED) != (*ep)->buf)
     __atomic_store_n (hint, (*ep)->buf, __ATOMIC_RELAXED);
   return 0;
@@ -94,8 +100,7 @@ int l2_get (struct q2_image *img, uint64_t guest, struct cache_entry **ep)
 void l2_prefetch (struct q2_image *img, uint64_t guest)
 {
   const struct layout *lay = &img->m.lay;
-  const uint8_t *buf =
-    __atomic_load_n (&img->l2_hints[layout_l1_index (lay, guest) % L2_HINTS], __ATOMIC_RELAXED);
+  const uint8_t *buf = __atomic_load_n (hint_slot (img, guest), __ATOMIC_RELAXED);
 
   if (buf)
     __builtin_prefetch (buf + layout_l2_index (lay, guest) * layout_l2_entry_bytes (lay));

@@ -200,13 +200,15 @@ echo "ok: a non-sparse copy: info called $rec bytes reclaimable, compact punched
 sync served.qcow2
 start_server "$TMP/served.sock" "$TMP/served.log" file="$TMP/served.qcow2" \
     statsfile="$TMP/served.stats"
-for i in $(seq 1 300); do
+worker_pass_shown() {
     grep -qx "file_length=$(length served.qcow2)" served.stats 2>/dev/null &&
-        grep -q '^free_bytes_punched=[1-9]' served.stats && break
+        grep -q '^free_bytes_punched=[1-9]' served.stats
+}
+for i in $(seq 1 300); do
+    worker_pass_shown && break
     sleep 0.1
 done
-grep -qx "file_length=$(length served.qcow2)" served.stats 2>/dev/null &&
-    grep -q '^free_bytes_punched=[1-9]' served.stats ||
+worker_pass_shown ||
     { cat served.stats >&2 2>/dev/null || true; fail "a non-sparse copy served: the stats file does not show the worker's work after 30 s (length $(length served.qcow2))"; }
 after=$(( $(stat -c %b served.qcow2) * 512 ))
 stop_server "$LAST_SERVER_PID"
