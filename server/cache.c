@@ -199,6 +199,7 @@ static int insert (struct meta_cache *c, enum meta_kind kind, uint64_t offset,
   }
   e->offset = offset;
   e->kind = kind;
+  e->note = 0;
   e->pins = 1;
   b = bucket_of (c, offset);
   e->hnext = c->buckets[b];
@@ -259,6 +260,7 @@ int cache_get_new (struct meta_cache *c, enum meta_kind kind, uint64_t offset,
   else if ((r = insert (c, kind, offset, &e)) < 0)
     return r;
   memset (e->buf, 0, c->entry_size);
+  e->note = 0;
   cache_mark_dirty (c, e);
   *ep = e;
   return 0;

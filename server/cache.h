@@ -25,6 +25,11 @@ struct cache_entry {
   unsigned pins;              /* users between get and put: never evicted */
   bool overflow;              /* allocated past the budget, freed on eviction */
   void *buf;
+  /* The cache's user's own note about what buf holds; 0 whenever buf is
+   * filled anew (read, zeroed or copied), so a note never outlives the
+   * contents it describes.
+   */
+  uint64_t note;
   struct cache_entry *hnext;              /* hash chain */
   struct cache_entry *lru_prev, *lru_next;
 };

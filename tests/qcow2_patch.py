@@ -23,13 +23,16 @@ outside the image's own limits (l1_size, header_length, a bad magic).
   qcow2_patch.py refcount IMG HOST_OFFSET [NEWVALUE]
   qcow2_patch.py truncate IMG SIZE
   qcow2_patch.py bitmap IMG NAME [FIELD [NEWVALUE]]
+  qcow2_patch.py run-tables IMG               how many L2 tables are one run
 
 l1, l2 and refcount-table accept --json to print the entry decoded, with the
 file offset where it is stored.  l2 accepts --bitmap to read or write the
 second word of an extended L2 entry (the subcluster bitmap).  bitmap prints
 a persistent bitmap's directory entry as JSON (FIELD: one of its fields), or
 writes one field of it (table_offset, table_size, flags, type,
-granularity_bits).
+granularity_bits).  run-tables counts the L2 tables whose every entry names
+the host cluster after the one before, COPIED and nothing else set: the
+tables whose entries the server computes instead of loading (server/l2.c).
 """
 
 import argparse
@@ -437,6 +440,22 @@ def bitmap_entries(img):
     return out
 
 
+def cmd_run_tables(img, args):
+    n, cs, runs = img.l2_entries, img.cluster_size, 0
+    for i in range(img.h["l1_size"]):
+        table = img.read_u64(img.l1_entry_offset(i)) & L1_OFFSET_MASK
+        if not table or img.extended_l2:
+            continue
+        data = img.pread(table, n * 8)
+        if len(data) != n * 8:
+            raise Qcow2Error("L1[%d] points beyond the end of the file" % i)
+        entries = struct.unpack(">%dQ" % n, data)
+        first = entries[0] & ~COPIED
+        runs += first != 0 and all(e == (first + j * cs) | COPIED
+                                   for j, e in enumerate(entries))
+    print(runs)
+
+
 def cmd_bitmap(img, args):
     found = [(loc, e) for loc, e in bitmap_entries(img) if e["name"] == args.name]
     if not found:
@@ -523,6 +542,10 @@ def main(argv=None):
     s.add_argument("field", nargs="?")
     s.add_argument("value", type=parse_int, nargs="?")
     s.set_defaults(fn=cmd_bitmap)
+
+    s = sub.add_parser("run-tables", help="count the L2 tables that are one run")
+    s.add_argument("image")
+    s.set_defaults(fn=cmd_run_tables, writes=False)
 
     s = sub.add_parser("truncate", help="set the file's length")
     s.add_argument("image")

@@ -41,7 +41,7 @@ esac
 SEED=${SEED:-4217}
 OPS=${OPS:-2000}
 OPS_MIX=${OPS_MIX:-}
-ALL_VARIANTS="v2 v3 c4k c64k c2m rc1 rc64 zlib zstd chain rawback snap datafile dataraw lazy extl2 extl2back extl2snap extl2data extl2raw"
+ALL_VARIANTS="v2 v3 c4k c64k c2m rc1 rc64 zlib zstd chain rawback snap datafile dataraw lazy extl2 extl2back extl2snap extl2data extl2raw prealloc conv"
 VARIANTS=${VARIANTS:-$ALL_VARIANTS}
 SIZE=64M
 DRIVER=$srcdir/nbd_random_ops.py
@@ -110,6 +110,33 @@ with open(out, "wb") as f:
         f.seek(i * cs)
         f.write((rng.randbytes(nrand) + filler)[:cs])
 EOF
+}
+
+# run_tables IMG: how many of IMG's L2 tables are one run, the tables
+# whose entries the server computes instead of loading (server/l2.c).
+run_tables() { "$PYTHON" "$srcdir/qcow2_patch.py" run-tables "$1"; }
+
+# Tables that are one run (preallocated, or converted from a full raw
+# image), with 4 KiB clusters so that a 64 MiB disk has 32 whole tables:
+# the server computes their entries, and the prefill, the trims and the
+# zeroes must end a table's run wherever they change an entry.
+prepare_runs() {
+    [ "$(run_tables "$IMG")" -gt 8 ] || fail "$IMG has too few L2 tables that are one run"
+    prefill "$IMG"
+    [ "$(run_tables "$IMG")" -gt 0 ] || fail "the prefill left no L2 table that is one run"
+    MIX=write:45,read:30,flush:5,zero:10,trim:10
+}
+prepare_prealloc() {
+    prepare_plain "$1" -o preallocation=metadata,cluster_size=4096; CS=4096
+    prepare_runs
+}
+prepare_conv() {
+    local dir=$1
+    IMG=$dir/img.qcow2 CS=4096
+    head -c $((64 << 20)) /dev/urandom >"$dir/src.raw"
+    qemu-img convert -O qcow2 -o cluster_size=4096 "$dir/src.raw" "$IMG"
+    rm -f "$dir/src.raw"
+    prepare_runs
 }
 
 # Each prepare_* sets IMG (absolute path), CS (cluster size), TRIM_ARG, and
