@@ -178,6 +178,8 @@ done_runs=0
 busy_runs=0
 retried_runs=0
 stolen_runs=0
+refilled=0
+bench_warn_cpu_speed "before the runs"
 for ((i = 0; i < ${#TESTS[@]}; i++)); do
     read -r name rw bs depth jobs metric <<<"${TESTS[$i]}"
     unit=$([ "$metric" = iops ] && echo IOPS || echo MiB/s)
@@ -190,6 +192,7 @@ for ((i = 0; i < ${#TESTS[@]}; i++)); do
             best=
             for try in 1 2 3; do
                 sync    # earlier writes reach the disk before, not during, this run
+                refilled=$((refilled + $(page_cache_refill "${IMAGE[$s]}")))
                 json=$W/$name.$s.$r.$try.json
                 bench_cpu_mark "${PID[$s]}"
                 run_fio "$(nbd_uri "${SOCK[$s]}")" "$rw" "$bs" "$depth" "$runtime" "$ramp" "$json" \
@@ -228,6 +231,9 @@ for ((i = 0; i < ${#TESTS[@]}; i++)); do
         P99[$name.$s]=$(bench_median ${P99S[$name.$s]})
     done
 done
+bench_warn_cpu_speed "after the runs"
+[ "$refilled" = 0 ] ||
+    bench_msg "$((refilled / 1048576)) MiB of the images had left the page cache between runs and were read back before the runs that needed them"
 [ "$busy_runs" = 0 ] ||
     bench_msg "warning: other processes took CPU time during $busy_runs of $runs runs: those figures are low; rerun on a quiet machine"
 [ "$retried_runs" = 0 ] ||

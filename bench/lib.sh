@@ -158,6 +158,89 @@ for path in sys.argv[1:]:
 EOF
 }
 
+# page_cache_refill FILE...: reads back, with readahead off, the pages of
+# each FILE that have left the page cache since page_cache_even, and prints
+# how many bytes that was.  Some hosts reclaim page cache that has not been
+# touched for a few seconds even with most of the memory free (the DAMON
+# "pageout" scheme of the machines bench/README.md was measured on), so the
+# image of a server that sat idle through the other servers' runs loses
+# pages, and its next run would pay disk reads the others do not.  Pages
+# still cached are left as they are: their shape is page_cache_even's.
+page_cache_refill() {
+    "$PYTHON" - "$@" <<'EOF' || bench_die "cannot read $* back into the page cache"
+import ctypes, mmap, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_int, ctypes.c_long]
+libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+page = os.sysconf("SC_PAGE_SIZE")
+total = 0
+for path in sys.argv[1:]:
+    fd = os.open(path, os.O_RDONLY)
+    size = os.fstat(fd).st_size
+    pages = (size + page - 1) // page
+    if pages == 0:
+        os.close(fd)
+        continue
+    # mincore looks at the pages of a mapping without faulting them in.
+    addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    if addr is None or addr == ctypes.c_void_p(-1).value:
+        sys.exit("cannot map %s: %s" % (path, os.strerror(ctypes.get_errno())))
+    vec = (ctypes.c_ubyte * pages)()
+    if libc.mincore(addr, size, vec) != 0:
+        sys.exit("mincore of %s: %s" % (path, os.strerror(ctypes.get_errno())))
+    libc.munmap(addr, size)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+    i = 0
+    while i < pages:
+        if vec[i] & 1:
+            i += 1
+            continue
+        j = i
+        while j < pages and not vec[j] & 1 and j - i < 256:
+            j += 1
+        n = os.preadv(fd, [bytearray((j - i) * page)], i * page)
+        total += max(n, 0)
+        i = j
+    os.close(fd)
+print(total)
+EOF
+}
+
+# bench_cpu_speed: the spread of the time one fixed loop takes, ten times,
+# as "FASTEST SLOWEST" milliseconds.  Some hosts give a VM's CPUs less speed
+# at times without counting it as steal (a busy sibling hyperthread, other
+# tenants); on a quiet machine the ten stay within a few percent of each
+# other, and a wide spread means single runs differ by as much, whoever they
+# measure.
+bench_cpu_speed() {
+    "$PYTHON" - <<'EOF'
+import time
+times = []
+for _ in range(10):
+    t = time.perf_counter()
+    x = 0
+    for i in range(300000):
+        x += i
+    times.append((time.perf_counter() - t) * 1000)
+print("%.1f %.1f" % (min(times), max(times)))
+EOF
+}
+
+# bench_warn_cpu_speed WHEN: bench_cpu_speed, said, with a warning when the
+# slowest loop took more than 1.25 times the fastest.
+bench_warn_cpu_speed() {
+    local fast slow
+    read -r fast slow <<<"$(bench_cpu_speed)"
+    if awk -v f="$fast" -v s="$slow" 'BEGIN { exit !(s > 1.25 * f) }'; then
+        bench_msg "warning: $1, the same CPU loop took $fast to $slow ms: the host is changing this VM's CPU speed (not counted as steal), so single runs differ by as much; use more rounds (-R) and trust only large gaps"
+    else
+        bench_msg "$1, the same CPU loop took $fast to $slow ms (steady)"
+    fi
+}
+
 # fresh_copy SRC DST: an independent copy, holes kept as holes.
 fresh_copy() {
     cp --sparse=always "$1" "$2" || bench_die "cannot copy $1 to $2"

@@ -73,7 +73,9 @@ rm -f "$W/template.raw"
 fresh_copy "$W/template.qcow2" "$W/qemu.qcow2"
 fresh_copy "$W/template.qcow2" "$W/plugin.qcow2"
 rm -f "$W/template.qcow2"
-sync
+# Both copies cached in the same shape (bench/README.md, "Fairness: the
+# page cache"), and what the host takes back between runs read back first.
+page_cache_even "$W/qemu.qcow2" "$W/plugin.qcow2"
 
 opts() { echo "driver=qcow2,file.filename=$1,file.aio=io_uring,encrypt.key-secret=s0"; }
 bench_start qemu-nbd "$W/qemu.sock" "$W/qemu.log" \
@@ -90,6 +92,7 @@ for t in "${TESTS[@]}"; do
         pid=$([ $s = qemu ] && echo "$QEMU_PID" || echo "$PLUGIN_PID")
         server_check "$pid"
         sync
+        page_cache_refill "$W/$s.qcow2" >/dev/null
         json=$W/$name.$s.json
         bench_cpu_mark "$pid"
         run_fio "$(nbd_uri "$W/$s.sock")" "$rw" "$bs" "$depth" "$runtime" "$ramp" "$json"
