@@ -320,11 +320,13 @@ bench_log_problems() {
 }
 
 # serve_plugin IMAGE SOCK LOG [PLUGIN-PARAMS...]: nbdkit with qcow2reclaim.
+# NBDKIT_THREADS, when set, is nbdkit's --threads for it and serve_file.
 serve_plugin() {
     local image=$1 sock=$2 log=$3; shift 3
     plugin_available || bench_die "the qcow2reclaim plugin is not built: $PLUGIN"
     bench_start qcow2reclaim "$sock" "$log" \
-        nbdkit -f --exit-with-parent -U "$sock" "$PLUGIN" file="$image" "$@"
+        nbdkit -f --exit-with-parent ${NBDKIT_THREADS:+--threads "$NBDKIT_THREADS"} \
+               -U "$sock" "$PLUGIN" file="$image" "$@"
 }
 
 # serve_file RAW SOCK LOG [PLUGIN-PARAMS...]: nbdkit's file plugin on a raw
@@ -332,7 +334,8 @@ serve_plugin() {
 serve_file() {
     local image=$1 sock=$2 log=$3; shift 3
     bench_start nbdkit-file "$sock" "$log" \
-        nbdkit -f --exit-with-parent -U "$sock" file file="$image" "$@"
+        nbdkit -f --exit-with-parent ${NBDKIT_THREADS:+--threads "$NBDKIT_THREADS"} \
+               -U "$sock" file file="$image" "$@"
 }
 
 # stop_server PID: SIGTERM, then wait (nbdkit writes metadata back on exit);

@@ -82,6 +82,10 @@ PHASES=(
     "randrw-64k-x4 randrw    64k 8  4 all"
 )
 
+# nbdkit's worker threads a connection, given to both nbdkit servers
+# (nbdkit's default, said here so the bound below uses what was served).
+NBDKIT_THREADS=16
+
 declare -A LABEL KIND ARGS
 RUN=()
 for c in "${CACHES[@]}"; do
@@ -205,7 +209,6 @@ echo
 # plus what nbdkit's core holds for the phase's requests in any plugin (one
 # buffer per worker thread, NBDKIT_THREADS a connection, as large as the
 # largest request); nothing more once the connections are gone.
-NBDKIT_THREADS=16
 status=0
 for s in "${RUN[@]}"; do
     case ${KIND[$s]} in plugin|other) ;; *) continue ;; esac

@@ -13,7 +13,7 @@
 # x connections x request size, the same for every nbdkit plugin), which is
 # nbdkit's memory and not bounded by any plugin parameter.  Then four new
 # connections send 1 MiB reads and writes: while they last, resident memory
-# may pass the bound by nbdkit's buffers (16 threads x 4 connections x
+# may pass the bound by nbdkit's buffers (THREADS x 4 connections x
 # 1 MiB) and no more; once they are gone it must be back within the bound.
 # Opening this image frees buffers of a few MiB, which raises glibc's mmap
 # threshold, so this is what catches freed request buffers kept in the
@@ -32,6 +32,9 @@ requires "$PYTHON" -c 'import nbd'
 SECONDS_OF_LOAD=${MEM_SECONDS:-20}
 CACHE_MIB=8
 LIMIT_MIB=$((CACHE_MIB + 16))
+# nbdkit's worker threads a connection, passed to nbdkit: its buffers in
+# the 1 MiB phase are bounded by this.
+THREADS=16
 
 img=$TMP/big.qcow2
 qemu-img create -q -f qcow2 -o preallocation=metadata,cluster_size=64k "$img" 1T
@@ -39,7 +42,7 @@ qemu-img create -q -f qcow2 -o preallocation=metadata,cluster_size=64k "$img" 1T
 sock=$TMP/sock log=$TMP/nbdkit.log
 rm -f "$sock"
 # Without -v: a debug line per request would only slow the load down.
-nbdkit -f -U "$sock" "$PLUGIN" file="$img" cache-size=${CACHE_MIB}M compact=off \
+nbdkit -f --threads "$THREADS" -U "$sock" "$PLUGIN" file="$img" cache-size=${CACHE_MIB}M compact=off \
     >"$log" 2>&1 &
 track_server $! "$sock" "$log" nbdkit
 pid=$LAST_SERVER_PID
@@ -49,6 +52,7 @@ import random, sys, threading, time
 import nbd
 
 sock, pid, seconds, limit_mib = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+threads = int(sys.argv[5])
 CS = 65536
 L2_SPAN = CS * (CS // 8)
 
@@ -154,7 +158,7 @@ if max(peak[0], r) > limit_mib * 1024:
 
 # 1 MiB requests on four new connections, sequential in the first 4 GiB.
 MIB = 1 << 20
-NBDKIT_BUFFERS_MIB = 16 * 4
+NBDKIT_BUFFERS_MIB = threads * 4
 peak[:] = [0, 0, ""]
 phase[0] = "1 MiB requests"
 handles = connect(4)
@@ -196,7 +200,7 @@ if r > limit_mib * 1024:
         r / 1024, limit_mib))
 EOF
 
-"$PYTHON" "$TMP/load.py" "$sock" "$pid" "$SECONDS_OF_LOAD" "$LIMIT_MIB" ||
+"$PYTHON" "$TMP/load.py" "$sock" "$pid" "$SECONDS_OF_LOAD" "$LIMIT_MIB" "$THREADS" ||
     { tail -n 20 "$log" >&2; fail "memory is not bounded by cache-size=${CACHE_MIB}M"; }
 stop_server "$pid"
 [ "$SERVER_STATUS" = 0 ] || { cat "$log" >&2; fail "nbdkit exited with status $SERVER_STATUS"; }
